@@ -1,0 +1,225 @@
+"""The torch lowering: the default that runs anywhere torch does (CPU and CUDA).
+
+Each attend op of the plan becomes: a strided *view* of the rows its branch selects (no gather copy where the
+layout allows), one fused SDPA kernel that also returns the log-sum-exp, and a write of the result into its rows
+(grouped mode) or a log-sum-exp merge into them (all mode). Backward calls the matching fused SDPA backward per
+attend op.
+
+[Note: gradient of lse, and the all-mode merge]
+A fused attention backward computes dS = P * (dP - delta) with delta_i = rowsum(dO_i * O_i). When the
+result's lse also receives a gradient g, the exact rule is dS = P * (dP - (delta - g)). For a branch b merged in
+all mode with weight w_b = exp(lse_b - lse), its own out receives w_b * dO and its lse receives
+w_b * (dO . (O_b - O) + g); substituting gives delta_b - g_b = w_b * (dO . O - g), O the *merged* out. So each
+branch's backward is called with grad_out = w_b * dO and out = O (merged), and a nonzero g is carried by one
+extra zero-padded feature column: out gets -g there and grad_out gets w_b, so the kernel's own rowsum produces
+w_b * (dO . O - g). q, k, v get zero columns there, which change no score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from ..planner import Plan
+from .base import BackendError, aux_shape, register_lowering, softmax_scale
+
+__all__ = ["TorchLowering"]
+
+_PAD = 8  # extra feature columns for the lse gradient (8 keeps 16-byte alignment for fp16/bf16)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Task:
+    branch: int
+    w: int
+    r: int
+    offset: int
+    heads: slice
+    region: str
+    start: int
+    segments: int
+    rows: int
+
+    @property
+    def code(self) -> str:
+        h = self.heads
+        heads = f"{h.start}:{h.stop}" + (f":{h.step}" if h.step != 1 else "")
+        if self.region == "full":
+            return (f"x[:, :{self.segments * self.w}].unflatten(1, ({self.segments}, {self.w}))"
+                    f"[:, :, {self.offset}::{self.r}, {heads}]")
+        return f"x[:, {self.start + self.offset}::{self.r}, {heads}].unsqueeze(1)"
+
+
+def _rows(x: torch.Tensor, t: _Task) -> torch.Tensor:
+    """View of x (B, N, H, ...) at the task's selected rows and heads: (B, S, L, Hg, ...). No copy."""
+    if t.region == "full":
+        y = x[:, : t.segments * t.w].unflatten(1, (t.segments, t.w))[:, :, t.offset :: t.r]
+    else:
+        y = x[:, t.start + t.offset :: t.r].unsqueeze(1)
+    return y[:, :, :, t.heads]
+
+
+def _to_kernel(x5: torch.Tensor) -> torch.Tensor:
+    """(B, S, L, Hg, D) -> (B*S, Hg, L, D), a view whenever strides allow."""
+    B, S, L, Hg = x5.shape[:4]
+    return x5.reshape(B * S, L, Hg, *x5.shape[4:]).transpose(1, 2)
+
+
+def _from_kernel(y: torch.Tensor, B: int) -> torch.Tensor:
+    """(B*S, Hg, L, ...) -> (B, S, L, Hg, ...) view."""
+    return y.transpose(1, 2).unflatten(0, (B, -1))
+
+
+# ---- fused SDPA kernels with lse, per device ------------------------------------------------------------------
+
+
+def _cpu_forward(q, k, v, causal, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _cpu_backward(g, q, k, v, o, lse, causal, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g, q, k, v, o, lse, 0.0, causal, scale=scale)
+
+
+def _cuda_forward(q, k, v, causal, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
+                                                                      scale=scale)[:2]
+    return out, lse[..., : q.shape[-2]]
+
+
+def _cuda_backward(g, q, k, v, o, lse, causal, scale):
+    L = q.shape[-2]
+    padded = -(-L // 32) * 32
+    lse = F.pad(lse, (0, padded - L)) if padded != L else lse
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        g, q, k, v, None, o, lse.contiguous(), zero, zero, 0.0, [True, True, True, False], causal, scale=scale)
+    return dq, dk, dv
+
+
+_KERNELS = {"cpu": (_cpu_forward, _cpu_backward), "cuda": (_cuda_forward, _cuda_backward)}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class TorchLowering:
+    """A plan lowered to plain torch ops. See the module docstring."""
+
+    name = "torch"
+
+    def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype):
+        if not plan.is_concrete:
+            raise ValueError("the torch lowering needs a plan with concrete shapes")
+        if device.type not in _KERNELS:
+            raise BackendError(f"backend 'torch' runs on devices {sorted(_KERNELS)}; got {device.type!r}")
+        if dtype not in _DTYPES:
+            raise BackendError(f"backend 'torch' supports dtypes {[str(d) for d in _DTYPES]}; got {dtype}")
+        if device.type == "cuda" and dtype == torch.float64:
+            raise BackendError("backend 'torch' on CUDA supports float16, bfloat16 and float32; got float64")
+        self.plan = plan
+        self.scale = softmax_scale(plan)
+        self.causal = plan.spec.causal
+        self.merge = plan.spec.head_assignment == "all"
+        self._fwd, self._bwd = _KERNELS[device.type]
+        self.tasks = [
+            _Task(a.branch, a.segment_length, a.dilation, a.offset,
+                  slice(int(a.head_start), int(a.head_start) + (int(a.head_count) - 1) * a.head_step + 1, a.head_step),
+                  a.region, int(a.start), int(a.num_segments), int(a.rows))
+            for a in plan.attend_ops
+        ]
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+    def _expand_kv(self, x: torch.Tensor) -> torch.Tensor:
+        H = int(self.plan.heads)
+        return x if x.shape[2] == H else x.repeat_interleave(H // x.shape[2], dim=2)
+
+    def _reduce_kv(self, dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        B, N, H, D = dx.shape
+        return dx if H == kv_heads else dx.view(B, N, kv_heads, H // kv_heads, D).sum(3)
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def forward(self, q, k, v):
+        B, N, H, D = q.shape
+        k, v = self._expand_kv(k), self._expand_kv(v)
+        lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
+        aux = torch.full(aux_shape(self.plan.spec, B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
+        acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) and self.merge else q.dtype
+        out = torch.zeros((B, N, H, D), dtype=acc_dtype, device=q.device)
+        lse_rows = lse.transpose(1, 2)  # (B, N, H) view
+        for t in self.tasks:
+            o, l = self._fwd(_to_kernel(_rows(q, t)), _to_kernel(_rows(k, t)), _to_kernel(_rows(v, t)),
+                             self.causal, self.scale)
+            o5 = _from_kernel(o, B)  # (B, S, L, Hg, D)
+            l4 = _from_kernel(l, B)  # (B, S, L, Hg)
+            if not self.merge:
+                _rows(out, t).copy_(o5)
+                _rows(lse_rows, t).copy_(l4)
+                continue
+            _rows(aux[t.branch].transpose(1, 2), t).copy_(l4)
+            cur_l, cur_o = _rows(lse_rows, t), _rows(out, t)
+            new_l = torch.logaddexp(cur_l, l4)
+            keep = torch.where(torch.isinf(cur_l), 0.0, torch.exp(cur_l - new_l))
+            take = torch.where(torch.isinf(l4), 0.0, torch.exp(l4 - new_l))
+            cur_o.copy_(cur_o * keep[..., None] + o5.to(acc_dtype) * take[..., None])
+            cur_l.copy_(new_l)
+        return out.to(q.dtype), lse, aux
+
+    # ---- backward -------------------------------------------------------------------------------------------
+    def backward(self, dout, dlse, q, k, v, out, lse, aux):
+        B, N, H, D = q.shape
+        kv_heads = k.shape[2]
+        k, v = self._expand_kv(k), self._expand_kv(v)
+        acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        dq = torch.zeros((B, N, H, D), dtype=acc_dtype, device=q.device)
+        dk = torch.zeros_like(dq)
+        dv = torch.zeros_like(dq)
+        dout = dout.to(q.dtype)
+        lse_rows = lse.transpose(1, 2)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # what the kernels expect
+        dlse_rows = dlse.transpose(1, 2) if dlse is not None else None
+        for t in self.tasks:
+            qk, kk, vk = _to_kernel(_rows(q, t)), _to_kernel(_rows(k, t)), _to_kernel(_rows(v, t))
+            g5 = _rows(dout, t)
+            if self.merge:
+                l_b = _rows(aux[t.branch].transpose(1, 2), t)
+                l_all = _rows(lse_rows, t)
+                weight = torch.where(torch.isinf(l_b), 0.0, torch.exp(l_b - l_all))  # (B, S, L, Hg)
+                g5 = (g5 * weight[..., None]).to(q.dtype)
+            else:
+                l_b = _rows(lse_rows, t)
+                weight = None
+            o5 = _rows(out, t)
+            lk = _to_kernel(l_b).to(lse_dtype).contiguous()
+            if dlse_rows is None:
+                dqi, dki, dvi = self._bwd(_to_kernel(g5), qk, kk, vk, _to_kernel(o5), lk, self.causal, self.scale)
+            else:
+                g_lse = _rows(dlse_rows, t)
+                o_aug = F.pad(o5, (0, _PAD))
+                o_aug[..., D] = -g_lse
+                g_aug = F.pad(g5, (0, _PAD))
+                g_aug[..., D] = 1.0 if weight is None else weight
+                pad = [_to_kernel(F.pad(_rows(x, t), (0, _PAD))) for x in (q, k, v)]
+                dqi, dki, dvi = (x[..., :D] for x in self._bwd(_to_kernel(g_aug), *pad, _to_kernel(o_aug), lk,
+                                                               self.causal, self.scale))
+            _rows(dq, t).add_(_from_kernel(dqi, B))
+            _rows(dk, t).add_(_from_kernel(dki, B))
+            _rows(dv, t).add_(_from_kernel(dvi, B))
+        dk, dv = self._reduce_kv(dk, kv_heads), self._reduce_kv(dv, kv_heads)
+        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+    # ---- for people --------------------------------------------------------------------------------------
+    def source(self) -> str:
+        lines = [self.plan.explain(), "", "# torch lowering: per attend op, x in {q, k, v, out, lse}",
+                 f"# kernel: fused SDPA with lse, causal={self.causal}, scale={self.scale:.6g}"]
+        for t, a in zip(self.tasks, self.plan.attend_ops):
+            lines.append(f"{a.name}: rows = {t.code}  # (B, {t.segments}, {t.rows}, heads, D)")
+        lines.append("combine: " + ("log-sum-exp merge into out/lse (fp32)" if self.merge
+                                    else "copy into out; unselected rows stay 0, lse -inf"))
+        return "\n".join(lines)
+
+
+@register_lowering("torch")
+def lower_torch(plan: Plan, device: torch.device, dtype: torch.dtype) -> TorchLowering:
+    return TorchLowering(plan, device, dtype)

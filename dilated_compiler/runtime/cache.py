@@ -1,0 +1,88 @@
+"""The compiled-plan cache: (spec key, backend, shapes, dtype, device) -> lowered plan. Thread-safe bounded LRU."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+
+from ..lowering import get_lowering
+from ..planner import build_plan
+from ..spec import AttentionSpec
+
+__all__ = ["CacheInfo", "cache_info", "clear_cache", "set_cache_size", "lowered", "register_spec", "spec_for"]
+
+
+class CacheInfo(NamedTuple):
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
+
+
+_SPECS: dict[str, AttentionSpec] = {}  # spec key -> spec; tiny, never evicted
+_lock = threading.Lock()
+_cache: "OrderedDict[tuple, object]" = OrderedDict()
+_stats = {"hits": 0, "misses": 0}
+_maxsize = int(os.environ.get("DILATED_COMPILER_CACHE_SIZE", "128"))
+
+
+def register_spec(spec: AttentionSpec) -> str:
+    key = spec.key
+    with _lock:
+        _SPECS.setdefault(key, spec)
+    return key
+
+
+def spec_for(key: str) -> AttentionSpec:
+    try:
+        return _SPECS[key]
+    except KeyError:
+        raise KeyError(f"no spec registered under key {key!r}; build the module with compile_attention") from None
+
+
+def lowered(spec_key: str, backend: str, q_shape: tuple, kv_heads: int, dtype: torch.dtype,
+            device: torch.device):
+    """The lowered plan for these inputs, compiled on first use and cached."""
+    key = (spec_key, backend, tuple(q_shape), kv_heads, dtype, device)
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            _stats["hits"] += 1
+            return hit
+    B, N, H, D = q_shape
+    plan = build_plan(spec_for(spec_key), N, H, D, batch=B, kv_heads=kv_heads,
+                      dtype_bytes=torch.empty((), dtype=dtype).element_size())
+    result = get_lowering(backend)(plan, device, dtype)
+    with _lock:
+        _stats["misses"] += 1
+        _cache[key] = result
+        _cache.move_to_end(key)
+        while len(_cache) > _maxsize:
+            _cache.popitem(last=False)
+    return result
+
+
+def cache_info() -> CacheInfo:
+    with _lock:
+        return CacheInfo(_stats["hits"], _stats["misses"], _maxsize, len(_cache))
+
+
+def clear_cache() -> None:
+    with _lock:
+        _cache.clear()
+        _stats["hits"] = _stats["misses"] = 0
+
+
+def set_cache_size(maxsize: int) -> None:
+    global _maxsize
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+        raise ValueError(f"cache size must be an integer >= 1; got {maxsize!r}")
+    with _lock:
+        _maxsize = maxsize
+        while len(_cache) > _maxsize:
+            _cache.popitem(last=False)
