@@ -3,9 +3,12 @@
 A lowering turns a concrete :class:`~dilated_compiler.planner.Plan` into callables the runtime's custom op
 invokes:
 
-* ``forward(q, k, v) -> (out, lse, aux)``: out like q; lse (B, H, N) float32; aux holds what backward needs
-  beyond out and lse (all mode: per-branch lse (G, B, H, N) float32; grouped mode: an empty tensor).
-* ``backward(dout, dlse, q, k, v, out, lse, aux) -> (dq, dk, dv)``; ``dlse`` may be None.
+* ``forward(q, k, v, key_padding_mask=None) -> (out, lse, aux)``: out like q; lse (B, H, N) float32; aux
+  holds what backward needs beyond out and lse (all mode: per-branch lse (G, B, H, N) float32; grouped mode:
+  an empty tensor). k, v may have fewer heads than q (grouped-query attention: q head h reads kv head
+  h // (H // Hkv)). key_padding_mask: (B, N) bool, True = that key is ignored.
+* ``backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None) -> (dq, dk, dv)``; ``dlse`` may be
+  None (no gradient flows into lse).
 * ``source() -> str``: what the lowering generated, for people to read.
 """
 
@@ -28,9 +31,9 @@ class BackendError(ValueError):
 class LoweredPlan(Protocol):
     plan: Plan
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor): ...
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask=None): ...
 
-    def backward(self, dout, dlse, q, k, v, out, lse, aux): ...
+    def backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None): ...
 
     def source(self) -> str: ...
 

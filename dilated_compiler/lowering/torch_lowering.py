@@ -52,13 +52,27 @@ class _Task:
         return f"x[:, {self.start + self.offset}::{self.r}, {heads}].unsqueeze(1)"
 
 
+def _positions(x: torch.Tensor, t: _Task) -> torch.Tensor:
+    """View of x (B, N, ...) at the task's selected positions: (B, S, L, ...). No copy."""
+    if t.region == "full":
+        return x[:, : t.segments * t.w].unflatten(1, (t.segments, t.w))[:, :, t.offset :: t.r]
+    return x[:, t.start + t.offset :: t.r].unsqueeze(1)
+
+
 def _rows(x: torch.Tensor, t: _Task) -> torch.Tensor:
     """View of x (B, N, H, ...) at the task's selected rows and heads: (B, S, L, Hg, ...). No copy."""
-    if t.region == "full":
-        y = x[:, : t.segments * t.w].unflatten(1, (t.segments, t.w))[:, :, t.offset :: t.r]
-    else:
-        y = x[:, t.start + t.offset :: t.r].unsqueeze(1)
-    return y[:, :, :, t.heads]
+    return _positions(x, t)[:, :, :, t.heads]
+
+
+def _key_mask(key_padding_mask: torch.Tensor | None, t: _Task, causal: bool, dtype: torch.dtype):
+    """For a task: the additive key mask (B*S, 1, 1, L) and which rows keep at least one key (B, S, L, 1)."""
+    if key_padding_mask is None:
+        return None, None
+    keep = ~_positions(key_padding_mask, t)  # (B, S, L)
+    B, S, L = keep.shape
+    additive = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+    has_key = keep.cummax(dim=-1).values if causal else keep.any(dim=-1, keepdim=True).expand(B, S, L)
+    return additive.reshape(B * S, 1, 1, L), has_key[..., None]
 
 
 def _to_kernel(x5: torch.Tensor) -> torch.Tensor:
@@ -75,28 +89,35 @@ def _from_kernel(y: torch.Tensor, B: int) -> torch.Tensor:
 # ---- fused SDPA kernels with lse, per device ------------------------------------------------------------------
 
 
-def _cpu_forward(q, k, v, causal, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+def _cpu_forward(q, k, v, mask, causal, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                      scale=scale)
 
 
-def _cpu_backward(g, q, k, v, o, lse, causal, scale):
+def _cpu_backward(g, q, k, v, o, lse, mask, causal, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        g, q, k, v, o, lse, 0.0, causal, scale=scale)
+        g, q, k, v, o, lse, 0.0, causal, attn_mask=mask, scale=scale)
 
 
-def _cuda_forward(q, k, v, causal, scale):
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
-                                                                      scale=scale)[:2]
+def _cuda_bias(mask, q):
+    # memory-efficient attention wants a bias broadcastable to (B, H, Lq, Lk) with an aligned last dim
+    return None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], mask.shape[-1])
+
+
+def _cuda_forward(q, k, v, mask, causal, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, _cuda_bias(mask, q), True, 0.0,
+                                                                      causal, scale=scale)[:2]
     return out, lse[..., : q.shape[-2]]
 
 
-def _cuda_backward(g, q, k, v, o, lse, causal, scale):
+def _cuda_backward(g, q, k, v, o, lse, mask, causal, scale):
     L = q.shape[-2]
     padded = -(-L // 32) * 32
     lse = F.pad(lse, (0, padded - L)) if padded != L else lse
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        g, q, k, v, None, o, lse.contiguous(), zero, zero, 0.0, [True, True, True, False], causal, scale=scale)
+        g, q, k, v, _cuda_bias(mask, q), o, lse.contiguous(), zero, zero, 0.0, [True, True, True, False], causal,
+        scale=scale)
     return dq, dk, dv
 
 
@@ -140,7 +161,7 @@ class TorchLowering:
         return dx if H == kv_heads else dx.view(B, N, kv_heads, H // kv_heads, D).sum(3)
 
     # ---- forward --------------------------------------------------------------------------------------------
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, key_padding_mask=None):
         B, N, H, D = q.shape
         k, v = self._expand_kv(k), self._expand_kv(v)
         lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
@@ -149,10 +170,14 @@ class TorchLowering:
         out = torch.zeros((B, N, H, D), dtype=acc_dtype, device=q.device)
         lse_rows = lse.transpose(1, 2)  # (B, N, H) view
         for t in self.tasks:
-            o, l = self._fwd(_to_kernel(_rows(q, t)), _to_kernel(_rows(k, t)), _to_kernel(_rows(v, t)),
+            mask, has_key = _key_mask(key_padding_mask, t, self.causal, q.dtype)
+            o, l = self._fwd(_to_kernel(_rows(q, t)), _to_kernel(_rows(k, t)), _to_kernel(_rows(v, t)), mask,
                              self.causal, self.scale)
             o5 = _from_kernel(o, B)  # (B, S, L, Hg, D)
             l4 = _from_kernel(l, B)  # (B, S, L, Hg)
+            if has_key is not None:  # rows whose keys are all padding: out 0, lse -inf
+                o5 = torch.where(has_key[..., None], o5, 0.0)
+                l4 = torch.where(has_key, l4, float("-inf"))
             if not self.merge:
                 _rows(out, t).copy_(o5)
                 _rows(lse_rows, t).copy_(l4)
@@ -167,7 +192,7 @@ class TorchLowering:
         return out.to(q.dtype), lse, aux
 
     # ---- backward -------------------------------------------------------------------------------------------
-    def backward(self, dout, dlse, q, k, v, out, lse, aux):
+    def backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None):
         B, N, H, D = q.shape
         kv_heads = k.shape[2]
         k, v = self._expand_kv(k), self._expand_kv(v)
@@ -191,18 +216,21 @@ class TorchLowering:
                 l_b = _rows(lse_rows, t)
                 weight = None
             o5 = _rows(out, t)
-            lk = _to_kernel(l_b).to(lse_dtype).contiguous()
+            mask, _ = _key_mask(key_padding_mask, t, self.causal, q.dtype)
+            # rows with no key (lse -inf) carry no gradient; any finite lse keeps the kernel's exp() at 0 there
+            lk = _to_kernel(torch.where(torch.isinf(l_b), 0.0, l_b)).to(lse_dtype).contiguous()
             if dlse_rows is None:
-                dqi, dki, dvi = self._bwd(_to_kernel(g5), qk, kk, vk, _to_kernel(o5), lk, self.causal, self.scale)
+                dqi, dki, dvi = self._bwd(_to_kernel(g5), qk, kk, vk, _to_kernel(o5), lk, mask, self.causal,
+                                          self.scale)
             else:
-                g_lse = _rows(dlse_rows, t)
+                g_lse = torch.where(torch.isinf(l_b), 0.0, _rows(dlse_rows, t))
                 o_aug = F.pad(o5, (0, _PAD))
                 o_aug[..., D] = -g_lse
                 g_aug = F.pad(g5, (0, _PAD))
                 g_aug[..., D] = 1.0 if weight is None else weight
                 pad = [_to_kernel(F.pad(_rows(x, t), (0, _PAD))) for x in (q, k, v)]
                 dqi, dki, dvi = (x[..., :D] for x in self._bwd(_to_kernel(g_aug), *pad, _to_kernel(o_aug), lk,
-                                                               self.causal, self.scale))
+                                                               mask, self.causal, self.scale))
             _rows(dq, t).add_(_from_kernel(dqi, B))
             _rows(dk, t).add_(_from_kernel(dki, B))
             _rows(dv, t).add_(_from_kernel(dvi, B))

@@ -37,9 +37,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 class CompiledAttention(nn.Module):
-    """Dilated attention compiled from a spec. Call as ``attn(q, k, v, return_lse=False)`` with q of shape
-    (batch, seq, heads, head_dim) and k, v of shape (batch, seq, kv_heads, head_dim), kv_heads dividing heads.
-    Returns out (shape of q), or (out, lse) with lse (batch, heads, seq) float32 in natural log."""
+    """Dilated attention compiled from a spec. Call as ``attn(q, k, v, key_padding_mask=None,
+    return_lse=False)`` with q of shape (batch, seq, heads, head_dim) and k, v of shape
+    (batch, seq, kv_heads, head_dim), kv_heads dividing heads (grouped-query attention). key_padding_mask:
+    (batch, seq) bool, True = ignore that key. Returns out (shape of q), or (out, lse) with lse
+    (batch, heads, seq) float32 in natural log."""
 
     def __init__(self, spec: AttentionSpec, backend: str = "auto"):
         super().__init__()
@@ -83,10 +85,19 @@ class CompiledAttention(nn.Module):
             raise ValueError(f"grouped mode needs heads >= number of branches; got heads={H}, branches={G}. "
                              "Use more heads, fewer branches, or head_assignment: all")
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mask=None,
+                return_lse: bool = False):
         self._check(q, k, v)
+        if key_padding_mask is not None:
+            m = key_padding_mask
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != tuple(q.shape[:2]):
+                got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, torch.Tensor) else type(m).__name__
+                raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch, seq) = "
+                                 f"{tuple(q.shape[:2])}, True = ignore that key; got {got}")
+            if m.device != q.device:
+                raise ValueError(f"key_padding_mask is on {m.device}, q on {q.device}")
         backend = resolve_backend(self.backend, q.device)
-        out, lse, _ = _op.attention(q, k, v, self.spec_key, backend)
+        out, lse, _ = _op.attention(q, k, v, key_padding_mask, self.spec_key, backend)
         return (out, lse) if return_lse else out
 
     # ---- for people --------------------------------------------------------------------------------------

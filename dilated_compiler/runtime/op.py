@@ -17,15 +17,16 @@ __all__ = ["attention", "attention_backward"]
 
 
 @torch.library.custom_op("dilated_compiler::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec_key: str,
-              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+              spec_key: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dilated attention per the spec registered under ``spec_key``. Returns (out, lse, aux)."""
-    out, lse, aux = lowered(spec_key, backend, q.shape, k.shape[2], q.dtype, q.device).forward(q, k, v)
+    plan = lowered(spec_key, backend, q.shape, k.shape[2], q.dtype, q.device)
+    out, lse, aux = plan.forward(q, k, v, key_padding_mask)
     return out, lse, aux
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, spec_key, backend):
+def _attention_fake(q, k, v, key_padding_mask, spec_key, backend):
     B, N, H, D = q.shape
     return (torch.empty_like(q), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty(aux_shape(spec_for(spec_key), B, H, N), dtype=torch.float32))
@@ -33,31 +34,34 @@ def _attention_fake(q, k, v, spec_key, backend):
 
 @torch.library.custom_op("dilated_compiler::attention_backward", mutates_args=())
 def attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-                       v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, aux: torch.Tensor, spec_key: str,
+                       v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, aux: torch.Tensor,
+                       key_padding_mask: Optional[torch.Tensor], spec_key: str,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = lowered(spec_key, backend, q.shape, k.shape[2], q.dtype, q.device).backward(dout, dlse, q, k, v, out, lse, aux)
+    plan = lowered(spec_key, backend, q.shape, k.shape[2], q.dtype, q.device)
+    dq, dk, dv = plan.backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask)
     return dq, dk, dv
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(dout, dlse, q, k, v, out, lse, aux, spec_key, backend):
+def _attention_backward_fake(dout, dlse, q, k, v, out, lse, aux, key_padding_mask, spec_key, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, spec_key, backend = inputs
+    q, k, v, key_padding_mask, spec_key, backend = inputs
     out, lse, aux = output
-    ctx.save_for_backward(q, k, v, out, lse, aux)
+    ctx.save_for_backward(q, k, v, out, lse, aux, key_padding_mask)
     ctx.spec_key, ctx.backend = spec_key, backend
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse, daux):
-    q, k, v, out, lse, aux = ctx.saved_tensors
+    q, k, v, out, lse, aux, key_padding_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, aux, ctx.spec_key, ctx.backend)
-    return dq, dk, dv, None, None
+    dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask, ctx.spec_key,
+                                    ctx.backend)
+    return dq, dk, dv, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

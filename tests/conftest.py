@@ -1,0 +1,88 @@
+"""Shared test helpers: inputs, per-dtype tolerances, comparison against the float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dilated_compiler import reference
+
+# Tolerances per dtype for |x - ref| <= atol + rtol * |ref|, compared in float64.
+# float64 inputs still go through a float32 lse (the op's lse is float32 by contract), hence 1e-5.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-5, rtol=1e-5),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+}
+# Gradients accumulate more rounding than outputs.
+GRAD_TOLERANCES = {dt: dict(atol=t["atol"] * 5, rtol=t["rtol"] * 5) for dt, t in TOLERANCES.items()}
+
+
+def make_qkv(batch, seq, heads, head_dim, dtype=torch.float32, device="cpu", kv_heads=None, seed=0,
+             requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    kv_heads = kv_heads or heads
+    q = torch.randn(batch, seq, heads, head_dim, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, seq, kv_heads, head_dim, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, seq, kv_heads, head_dim, generator=g, dtype=torch.float64)
+    return [t.to(dtype=dtype, device=device).requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def assert_close(actual, expected, dtype, what="out", grad=False):
+    """Compare in float64 with the tolerance of ``dtype``; -inf must match -inf exactly; no NaN anywhere."""
+    tol = (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != reference {tuple(e.shape)}"
+    assert not torch.isnan(a).any(), f"{what}: NaN in result"
+    inf_a, inf_e = torch.isinf(a), torch.isinf(e)
+    assert torch.equal(inf_a, inf_e), f"{what}: infinities differ from the reference at {(inf_a != inf_e).sum()} places"
+    if inf_e.any():
+        assert torch.equal(a[inf_e], e[inf_e]), f"{what}: sign of infinities differs"
+    a, e = torch.where(inf_e, 0.0, a), torch.where(inf_e, 0.0, e)
+    err = (a - e).abs()
+    bound = tol["atol"] + tol["rtol"] * e.abs()
+    worst = (err - bound).max().item() if err.numel() else -1.0
+    assert worst <= 0, (f"{what} ({dtype}): max abs error {err.max().item():.3g} exceeds atol={tol['atol']} "
+                        f"rtol={tol['rtol']}")
+
+
+def check_against_reference(attn, spec, q, k, v, key_padding_mask=None, check_grad=True, lse_grad=True, seed=1):
+    """Run ``attn`` and the reference; compare out, lse and (optionally) gradients of q, k, v."""
+    dtype = q.dtype
+    out, lse = attn(q, k, v, key_padding_mask=key_padding_mask, return_lse=True)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    qr, kr, vr = [t.detach().double().cpu().requires_grad_(check_grad) for t in (q, k, v)]
+    mask_cpu = None if key_padding_mask is None else key_padding_mask.cpu()
+    ref_out, ref_lse = reference.attention(qr, kr, vr, spec, key_padding_mask=mask_cpu, return_lse=True)
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(lse, ref_lse, dtype if dtype != torch.bfloat16 else torch.float16, "lse")
+    if not check_grad:
+        return
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(ref_out.shape, generator=g, dtype=torch.float64)
+    dlse = torch.randn(ref_lse.shape, generator=g, dtype=torch.float64) if lse_grad else None
+
+    def loss(o, l):
+        total = (o * dout.to(o.device, o.dtype)).sum()
+        if dlse is not None:
+            total = total + (torch.where(torch.isinf(l), 0.0, l) * dlse.to(l.device, l.dtype)).sum()
+        return total
+
+    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), (qr, kr, vr))
+    for name, a, e in zip("qkv", grads, ref_grads):
+        assert_close(a, e, dtype, f"grad {name}", grad=True)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
