@@ -1,0 +1,139 @@
+"""The float64 reference against a per-query loop written from the definition, and known special cases."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from dilated_compiler import AttentionSpec, Branch, reference
+from conftest import make_qkv
+
+
+def _loop_reference(q, k, v, spec, key_padding_mask=None):
+    """Per (batch, head, query) loops, straight from the README's wording; tiny sizes only."""
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    scale = spec.scale if spec.scale is not None else 1 / math.sqrt(D)
+    G = len(spec.branches)
+    out = torch.zeros(B, N, H, D, dtype=torch.float64)
+    lse = torch.full((B, H, N), -math.inf, dtype=torch.float64)
+
+    def selected(p, w, r, off):
+        s = p // w
+        local = p - s * w
+        return local >= off and (local - off) % r == 0
+
+    def head_branches(h):
+        if spec.head_assignment == "all":
+            return [(b.segment_length, b.dilation, h % b.dilation) for b in spec.branches]
+        sizes = [H // G + (1 if i < H % G else 0) for i in range(G)]
+        i = next(i for i in range(G) if h < sum(sizes[: i + 1]))
+        b = spec.branches[i]
+        return [(b.segment_length, b.dilation, b.offset if b.offset is not None else i % b.dilation)]
+
+    for b in range(B):
+        for h in range(H):
+            kvh = h // (H // Hkv)
+            for i in range(N):
+                parts = []  # (lse_i, out_i) per branch that selects i
+                for (w, r, off) in head_branches(h):
+                    if not selected(i, w, r, off):
+                        continue
+                    keys = [j for j in range(N) if j // w == i // w and selected(j, w, r, off)
+                            and (not spec.causal or j <= i)
+                            and (key_padding_mask is None or not key_padding_mask[b, j])]
+                    if not keys:
+                        continue
+                    s = torch.stack([q[b, i, h].double() @ k[b, j, kvh].double() * scale for j in keys])
+                    p = torch.softmax(s, 0)
+                    parts.append((torch.logsumexp(s, 0), sum(p[t] * v[b, j, kvh].double() for t, j in enumerate(keys))))
+                if parts:
+                    total = torch.logsumexp(torch.stack([l for l, _ in parts]), 0)
+                    lse[b, h, i] = total
+                    out[b, i, h] = sum(torch.exp(l - total) * o for l, o in parts)
+    return out, lse
+
+
+@st.composite
+def small_cases(draw):
+    mode = draw(st.sampled_from(["grouped", "all"]))
+    n_branches = draw(st.integers(1, 3))
+    branches = []
+    for _ in range(n_branches):
+        w = draw(st.integers(1, 9))
+        r = draw(st.integers(1, w))
+        off = draw(st.one_of(st.none(), st.integers(0, r - 1))) if mode == "grouped" else None
+        branches.append(Branch(w, r, off))
+    spec = AttentionSpec(tuple(branches), head_assignment=mode, causal=draw(st.booleans()),
+                         scale=draw(st.one_of(st.none(), st.floats(0.1, 2))))
+    kv_heads = draw(st.integers(1, 2))
+    heads = kv_heads * draw(st.integers(max(1, -(-n_branches // kv_heads)), 3))
+    n = draw(st.integers(1, 13))
+    return spec, n, heads, kv_heads, draw(st.booleans()), draw(st.integers(0, 10**6))
+
+
+@given(small_cases())
+@settings(max_examples=40, deadline=None)
+def test_reference_matches_definition_loops(case):
+    spec, n, heads, kv_heads, use_mask, seed = case
+    q, k, v = make_qkv(2, n, heads, 3, dtype=torch.float64, kv_heads=kv_heads, seed=seed)
+    mask = (torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) < 0.3) if use_mask else None
+    out, lse = reference.attention(q, k, v, spec, key_padding_mask=mask, return_lse=True)
+    want_out, want_lse = _loop_reference(q, k, v, spec, key_padding_mask=mask)
+    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=1e-10)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    torch.testing.assert_close(torch.where(torch.isinf(lse), 0, lse), torch.where(torch.isinf(lse), 0, want_lse))
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_single_dense_segment_is_sdpa(causal):
+    q, k, v = make_qkv(2, 20, 3, 8, dtype=torch.float64)
+    spec = AttentionSpec((Branch(32, 1),), causal=causal)
+    out, lse = reference.attention(q, k, v, spec, return_lse=True)
+    want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal).transpose(1, 2)
+    torch.testing.assert_close(out, want)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(8)
+    if causal:
+        scores = scores.masked_fill(torch.ones(20, 20, dtype=torch.bool).triu(1), -math.inf)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
+
+
+def test_grouped_unselected_rows_are_zero_with_lse_minus_inf():
+    q, k, v = make_qkv(1, 16, 2, 4, dtype=torch.float64)
+    spec = AttentionSpec((Branch(8, 1), Branch(8, 4)))  # head 1: offset 1 % 4 = 1
+    out, lse = reference.attention(q, k, v, spec, return_lse=True)
+    picked = torch.tensor([p % 8 in (1, 5) for p in range(16)])
+    assert (out[0, ~picked, 1] == 0).all() and torch.isinf(lse[0, 1, ~picked]).all()
+    assert torch.isfinite(lse[0, 1, picked]).all() and torch.isfinite(lse[0, 0]).all()
+
+
+def test_all_mode_equals_attention_over_union_of_keys_with_multiplicity():
+    # head 0 with r=1 and r=2 (offset 0): even keys of the segment count twice.
+    q, k, v = make_qkv(1, 8, 1, 4, dtype=torch.float64, seed=3)
+    spec = AttentionSpec((Branch(8, 1), Branch(8, 2)), head_assignment="all")
+    out = reference.attention(q, k, v, spec)
+    s = (q[0, :, 0] @ k[0, :, 0].T) / 2
+    weights = torch.exp(s) * torch.tensor([2.0 if j % 2 == 0 else 1.0 for j in range(8)])
+    weights_odd_rows = torch.exp(s)  # odd queries are selected by r=1 only
+    for i in range(8):
+        w = weights[i] if i % 2 == 0 else weights_odd_rows[i]
+        torch.testing.assert_close(out[0, i, 0], (w / w.sum()) @ v[0, :, 0])
+
+
+def test_fully_padded_rows_are_zero_not_nan_and_gradients_finite():
+    q, k, v = make_qkv(1, 8, 2, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    out, lse = reference.attention(q, k, v, AttentionSpec((Branch(4, 1), Branch(8, 2)), head_assignment="all"),
+                                   key_padding_mask=mask, return_lse=True)
+    assert (out == 0).all() and torch.isinf(lse).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_grouped_requires_enough_heads():
+    q, k, v = make_qkv(1, 8, 1, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="heads >= branches"):
+        reference.attention(q, k, v, AttentionSpec((Branch(4), Branch(8))))

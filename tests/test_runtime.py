@@ -1,0 +1,205 @@
+"""Runtime: input checks, backend selection, the plan cache, the custom op, torch.compile."""
+
+import threading
+
+import pytest
+import torch
+
+import dilated_compiler as dc
+from dilated_compiler import AttentionSpec, Branch, compile_attention, runtime
+from dilated_compiler.lowering import BackendError
+from dilated_compiler.runtime import op as ops
+from conftest import make_qkv
+
+SPEC = AttentionSpec((Branch(8, 1), Branch(16, 2)))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    runtime.clear_cache()
+    yield
+    runtime.set_cache_size(128)
+
+
+def test_compile_attention_accepts_every_source(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(SPEC.to_yaml())
+    for source in (SPEC, SPEC.to_dict(), SPEC.to_yaml(), str(path), path):
+        attn = compile_attention(source, backend="torch")
+        assert isinstance(attn, torch.nn.Module) and attn.spec == SPEC
+
+
+def test_returns_out_or_out_and_lse():
+    attn = compile_attention(SPEC, backend="torch")
+    q, k, v = make_qkv(1, 16, 2, 8)
+    out = attn(q, k, v)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
+    out2, lse = attn(q, k, v, return_lse=True)
+    assert torch.equal(out, out2) and lse.shape == (1, 2, 16) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, "q must have shape"),
+        (lambda q, k, v: (q, k[:, :8], v[:, :8]), ValueError, "must match q in batch, seq and head_dim"),
+        (lambda q, k, v: (q, k, v[..., :4]), ValueError, "k and v must have the same shape"),
+        (lambda q, k, v: (q, k.double(), v), TypeError, "share one dtype"),
+        (lambda q, k, v: (q.int(), k.int(), v.int()), TypeError, "dtype torch.int32"),
+        (lambda q, k, v: (q, k.to("meta"), v), ValueError, "one device"),
+        (lambda q, k, v: (q[:, :, :1], k[:, :, :1], v[:, :, :1]), ValueError, "heads >= number of branches"),
+        (lambda q, k, v: (q[:, :, :3].contiguous(), k[:, :, :2], v[:, :, :2]), ValueError, r"kv heads \(2\) must divide heads \(3\)"),
+        (lambda q, k, v: (q[:, :0], k[:, :0], v[:, :0]), ValueError, "every dimension must be >= 1"),
+        (lambda q, k, v: ("q", k, v), TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_before_work(make, error, match):
+    attn = compile_attention(SPEC, backend="torch")
+    q, k, v = make_qkv(1, 16, 4, 8)
+    with pytest.raises(error, match=match):
+        attn(*make(q, k, v))
+    assert runtime.cache_info().misses == 0  # nothing was compiled
+
+
+def test_bad_key_padding_mask():
+    attn = compile_attention(SPEC, backend="torch")
+    q, k, v = make_qkv(1, 16, 2, 8)
+    with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
+        attn(q, k, v, key_padding_mask=torch.zeros(1, 16))
+    with pytest.raises(ValueError, match=r"\(1, 16\)"):
+        attn(q, k, v, key_padding_mask=torch.zeros(1, 15, dtype=torch.bool))
+
+
+def test_unknown_backend():
+    with pytest.raises(BackendError, match="unknown backend 'cuda'"):
+        compile_attention(SPEC, backend="cuda")
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_an_error():
+    import os
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the Triton interpreter runs CPU tensors")
+    q, k, v = make_qkv(1, 16, 2, 8)
+    try:
+        attn = compile_attention(SPEC, backend="triton")
+    except BackendError as e:
+        assert "triton" in str(e)
+        return
+    with pytest.raises(BackendError, match="triton"):
+        attn(q, k, v)
+
+
+def test_auto_is_torch_on_cpu():
+    assert runtime.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_cache_hits_misses_and_keys():
+    attn = compile_attention(SPEC, backend="torch")
+    q, k, v = make_qkv(1, 16, 2, 8)
+    attn(q, k, v)
+    attn(q, k, v)
+    assert runtime.cache_info()[:2] == (1, 1)
+    attn(q.double(), k.double(), v.double())  # new dtype
+    q2, k2, v2 = make_qkv(1, 24, 2, 8)
+    attn(q2, k2, v2)  # new shape
+    compile_attention(AttentionSpec(SPEC.branches, causal=True), backend="torch")(q, k, v)  # new spec
+    compile_attention(SPEC.to_yaml(), backend="torch")(q, k, v)  # same spec, another module: a hit
+    info = runtime.cache_info()
+    assert (info.hits, info.misses, info.currsize) == (2, 4, 4)
+
+
+def test_cache_is_bounded_lru():
+    runtime.set_cache_size(2)
+    attn = compile_attention(SPEC, backend="torch")
+    shapes = [make_qkv(1, n, 2, 8) for n in (8, 9, 10)]
+    for qkv in shapes:
+        attn(*qkv)
+    assert runtime.cache_info().currsize == 2
+    attn(*shapes[2])
+    assert runtime.cache_info().hits == 1
+    attn(*shapes[0])  # evicted: a miss
+    assert runtime.cache_info().misses == 4
+    with pytest.raises(ValueError, match="cache size"):
+        runtime.set_cache_size(0)
+
+
+def test_cache_is_thread_safe():
+    attn = compile_attention(SPEC, backend="torch")
+    inputs = [make_qkv(1, n, 2, 8, seed=n) for n in range(8, 16)]
+    expected = [attn(*x) for x in inputs]
+    runtime.clear_cache()
+    errors, results = [], {}
+
+    def work(i):
+        try:
+            for _ in range(5):
+                results[i] = attn(*inputs[i % len(inputs)])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, out in results.items():
+        assert torch.equal(out, expected[i % len(inputs)])
+    info = runtime.cache_info()
+    assert info.currsize == len(inputs) and info.hits + info.misses == 16 * 5
+
+
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_opcheck(mode):
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 2)), head_assignment=mode, causal=True)
+    attn = compile_attention(spec, backend="torch")
+    q, k, v = make_qkv(2, 20, 3, 8, requires_grad=True)
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[0, 3] = True
+    for m in (None, mask):
+        torch.library.opcheck(ops.attention, (q, k, v, m, attn.spec_key, "torch"))
+
+
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_torch_compile_fullgraph_matches_eager(mode):
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 4)), head_assignment=mode)
+    attn = compile_attention(spec, backend="torch")
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.attn = attn
+
+        def forward(self, q, k, v):
+            out, lse = self.attn(self.proj(q), k, v, return_lse=True)
+            return out.sum() + torch.where(torch.isinf(lse), 0, lse).sum()
+
+    model = Model()
+    q, k, v = make_qkv(2, 24, 4, 8, requires_grad=True)
+    eager = model(q, k, v)
+    eager_grads = torch.autograd.grad(eager, (q, k, v))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k, v)
+    got_grads = torch.autograd.grad(got, (q, k, v))
+    torch.testing.assert_close(got, eager)
+    for a, b in zip(got_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_inductor_fullgraph():
+    attn = compile_attention(SPEC, backend="torch")
+    q, k, v = make_qkv(1, 16, 2, 8, requires_grad=True)
+    fn = torch.compile(lambda q, k, v: attn(q, k, v) * 2, fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), attn(q, k, v) * 2)
+    fn(q, k, v).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_kernel_source_and_plan_are_readable():
+    attn = compile_attention(SPEC, backend="torch")
+    text = attn.kernel_source(40, 4, 16)
+    assert "attend_b0_w8_r1_o0_full" in text and "unflatten" in text and "useful FLOPs" in text
+    plan = attn.plan(40, 4, 16)
+    assert plan.flops > 0
+    assert "compile_attention" in dc.__all__
