@@ -1,0 +1,111 @@
+"""The planner: named passes, DAG structure, symbolic and concrete costs."""
+
+import networkx as nx
+import pytest
+import sympy
+
+from dilated_compiler import AttentionSpec, Branch, PlanError, build_plan, reference
+from dilated_compiler.planner import PASSES
+
+FOUR = AttentionSpec((Branch(2048, 1), Branch(4096, 2), Branch(8192, 4), Branch(16384, 8)))
+
+
+def _pairs_by_mask(spec, n, heads):
+    """Attended (query, key) pairs summed over heads, counted from the reference's masks."""
+    total = 0
+    for branches in reference.head_branches(spec, heads):
+        for (w, r, off) in branches:
+            total += int(reference.allowed_pairs(n, w, r, off, spec.causal).sum())
+    return total
+
+
+def test_passes_are_named_and_applied_in_order():
+    plan = build_plan(FOUR, 65536, 16, 128)
+    assert plan.passes == list(PASSES) == ["expand_heads", "split_ragged", "drop_empty", "annotate_costs", "verify"]
+    assert all(PASSES[name].__doc__ for name in PASSES)
+
+
+def test_graph_is_a_dag_from_inputs_to_output():
+    plan = build_plan(FOUR, 65536, 16, 128)
+    g = plan.graph
+    assert nx.is_directed_acyclic_graph(g)
+    assert nx.has_path(g, "inputs", "output")
+    attends = [n for n in g.nodes if g.nodes[n]["op"] == "attend"]
+    assert len(attends) == 4  # N divisible by every w: no tail nodes
+    assert {g.nodes[n]["op"] for n in g.nodes} == {"inputs", "attend", "scatter", "output"}
+
+
+def test_four_branch_flops_at_64k():
+    plan = build_plan(FOUR, 65536, 16, 128)
+    # each branch: 4 heads, N/w segments of 2048 rows: 4 * D * 4 heads * (N/w) * 2048^2
+    expected = sum(4 * 128 * 4 * (65536 // w) * 2048 ** 2 for w in (2048, 4096, 8192, 16384))
+    assert plan.flops == expected
+    assert plan.flops_backward == expected * 5 // 2
+    assert plan.attended_pairs == sum(4 * (65536 // w) * 2048 ** 2 for w in (2048, 4096, 8192, 16384))
+
+
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 37, 64, 100])
+def test_pairs_match_the_reference_masks(mode, causal, n):
+    spec = AttentionSpec((Branch(8, 1), Branch(12, 3), Branch(32, 4)), head_assignment=mode, causal=causal)
+    plan = build_plan(spec, n, 5, 16)
+    assert plan.attended_pairs == _pairs_by_mask(spec, n, 5)
+    assert plan.flops == 4 * 16 * _pairs_by_mask(spec, n, 5)
+
+
+def test_symbolic_plan_substitutes_to_concrete_values():
+    spec = AttentionSpec((Branch(8, 1), Branch(12, 3)), causal=True)
+    sym = build_plan(spec, None, 4, None)
+    N, D = sympy.Symbol("N", integer=True, positive=True), sympy.Symbol("D", integer=True, positive=True)
+    assert sym.flops.free_symbols == {N, D}
+    for n in (5, 24, 50, 97):
+        assert sym.flops.subs({N: n, D: 16}) == build_plan(spec, n, 4, 16).flops
+    text = sym.explain()
+    assert "floor(N/8)" in text and "passes:" in text
+
+
+def test_symbolic_heads():
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 2), Branch(16, 4)))
+    sym = build_plan(spec, 64, None, 8)
+    H = sympy.Symbol("H", integer=True, positive=True)
+    for h in (3, 4, 5, 7, 11):
+        assert sym.flops.subs(H, h) == build_plan(spec, 64, h, 8).flops
+
+
+def test_ragged_tail_nodes():
+    spec = AttentionSpec((Branch(16, 4, offset=3),))
+    plan = build_plan(spec, 37, 2, 8)
+    ops = {a.region: a for a in plan.attend_ops}
+    assert ops["full"].num_segments == 2 and ops["full"].rows == 4
+    assert ops["tail"].start == 32 and ops["tail"].extent == 5 and ops["tail"].rows == 1  # position 35
+    assert "tail" not in {a.region for a in build_plan(spec, 34, 2, 8).attend_ops}  # tail 32..33, offset 3: empty
+
+
+def test_all_mode_head_sets_and_merge_node():
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 4)), head_assignment="all")
+    plan = build_plan(spec, 32, 6, 8)
+    assert "merge" in plan.graph
+    sets = sorted((a.branch, a.offset, a.head_start, a.head_count, a.head_step) for a in plan.attend_ops)
+    assert sets == [(0, 0, 0, 6, 1), (1, 0, 0, 2, 4), (1, 1, 1, 2, 4), (1, 2, 2, 1, 4), (1, 3, 3, 1, 4)]
+
+
+def test_grouped_head_split_gives_extra_heads_to_first_groups():
+    spec = AttentionSpec((Branch(8), Branch(8, 2), Branch(8, 4)))
+    plan = build_plan(spec, 32, 8, 8)
+    assert [(a.head_start, a.head_count) for a in plan.attend_ops] == [(0, 3), (3, 3), (6, 2)]
+
+
+def test_plan_errors():
+    with pytest.raises(PlanError, match="heads >= number of branches"):
+        build_plan(FOUR, 1024, 3, 64)
+    with pytest.raises(PlanError, match="must divide"):
+        build_plan(FOUR, 1024, 8, 64, kv_heads=3)
+    with pytest.raises(PlanError, match="N: got 0"):
+        build_plan(FOUR, 0, 8, 64)
+
+
+def test_explain_lists_nodes_and_costs():
+    text = build_plan(FOUR, 65536, 16, 128).explain()
+    for fragment in ("attend_b3_w16384_r8_o3_full", "useful FLOPs fwd", "fraction of dense", "scatter"):
+        assert fragment in text
