@@ -1,0 +1,111 @@
+"""Tile configurations and a small autotuner whose choices are cached per device and shape bucket.
+
+Tile sizes change the tile tables, so this is not ``triton.autotune``: each candidate gets its own tables and
+is timed on the real inputs the first time a (device, pass, shape bucket) is seen; the winner is kept in memory
+and in ``autotune-<device>.json`` in the disk cache folder. Under the interpreter (or with
+``DILATED_COMPILER_AUTOTUNE=0``) the first candidate is used, untimed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from typing import Callable, NamedTuple
+
+from .diskcache import cache_dir, read_verified, with_checksum, write_atomic
+
+__all__ = ["TileConfig", "candidates", "choose"]
+
+
+class TileConfig(NamedTuple):
+    block: int          # rows of the program's own tile (query tile for fwd/dq, key tile for dkdv)
+    partner: int        # rows of the tiles its inner loop walks
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"{self.block}x{self.partner}/w{self.num_warps}/s{self.num_stages}"
+
+
+INTERPRETER_CONFIG = TileConfig(16, 16, 1, 1)
+
+# (pass, head_dim bucket) -> candidates, best first guess first. Kept small on purpose.
+_CANDIDATES = {
+    ("fwd", 64): [TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3)],
+    ("fwd", 128): [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3)],
+    ("fwd", 256): [TileConfig(64, 64, 4, 2), TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)],
+    ("dkdv", 64): [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 4, 4), TileConfig(64, 64, 4, 3)],
+    ("dkdv", 128): [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 3)],
+    ("dkdv", 256): [TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)],
+    ("dq", 64): [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 4, 4), TileConfig(64, 64, 4, 3)],
+    ("dq", 128): [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 3)],
+    ("dq", 256): [TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)],
+}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def candidates(pass_name: str, head_dim: int) -> list[TileConfig]:
+    if interpreting():
+        return [INTERPRETER_CONFIG]
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return list(_CANDIDATES[(pass_name, bucket)])
+
+
+def shape_bucket(seq_len: int, heads_times_batch: int) -> str:
+    return f"N{1 << max(0, (seq_len - 1).bit_length())}_BH{1 << max(0, (heads_times_batch - 1).bit_length())}"
+
+
+_lock = threading.Lock()
+_memory: dict[str, dict[str, list[int]]] = {}
+
+
+def _file(device_name: str):
+    return cache_dir() / f"autotune-{re.sub(r'[^A-Za-z0-9_.-]+', '_', device_name)}.json"
+
+
+def _load(device_name: str) -> dict[str, list[int]]:
+    if device_name not in _memory:
+        body = read_verified(_file(device_name))
+        data = {}
+        if body is not None:
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = {}
+        _memory[device_name] = data
+    return _memory[device_name]
+
+
+def choose(device_name: str, key: str, configs: list[TileConfig], time_one: Callable[[TileConfig], float]
+           ) -> TileConfig:
+    """The cached choice for ``key``, or the fastest of ``configs`` by ``time_one`` (which returns ms, or
+    raises for a config that does not fit the device)."""
+    if len(configs) == 1 or os.environ.get("DILATED_COMPILER_AUTOTUNE", "1") == "0":
+        return configs[0]
+    with _lock:
+        known = _load(device_name).get(key)
+    if known is not None and TileConfig(*known) in configs:
+        return TileConfig(*known)
+    best, best_ms = None, float("inf")
+    for cfg in configs:
+        try:
+            ms = time_one(cfg)
+        except Exception:  # out of shared memory / registers on this device: not a candidate here
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"no tile configuration of {[str(c) for c in configs]} runs for {key} on {device_name}")
+    with _lock:
+        data = _load(device_name)
+        data[key] = list(best)
+        try:
+            write_atomic(_file(device_name), with_checksum(json.dumps(data, indent=1, sort_keys=True)))
+        except OSError:
+            pass  # a read-only cache folder only costs re-tuning in the next process
+    return best

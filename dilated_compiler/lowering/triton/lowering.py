@@ -1,0 +1,271 @@
+"""The Triton lowering: a plan -> generated Triton kernels (see :mod:`.generator`) + launchers.
+
+Per pass, one launch covers every branch, segment, head and tile of the plan, driven by a tile table
+(:mod:`.tables`):
+
+* forward: ``dilated_fwd`` (grouped: out/lse directly; all: per-branch out_b/lse_b, then ``dilated_merge``);
+* backward: ``dilated_bwd_preprocess`` (delta), ``dilated_bwd_dkdv``, ``dilated_bwd_dq``. Recomputes the
+  probabilities; nothing of size N*w is ever stored.
+
+Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
+imported; for tests). Producing the source (``source()``) needs neither.
+
+Precision: fp16/bf16 use the tensor cores with fp32 accumulation; fp32 inputs use exact fp32 products
+(``input_precision="ieee"``), slower but within the float32 tolerances of the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import triton  # noqa: F401  (an ImportError here keeps the backend unregistered)
+
+from ...planner import Plan
+from ..base import BackendError, aux_shape, register_lowering, softmax_scale
+from . import autotune
+from .autotune import TileConfig, candidates, interpreting
+from .diskcache import load_module
+from .generator import generate_source, generator_fingerprint
+from .tables import tile_table
+
+__all__ = ["TritonLowering"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_ROWS_PER_PROGRAM = 64  # rows of the elementwise kernels (merge, preprocess)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+class TritonLowering:
+    """A plan lowered to generated Triton kernels. See the module docstring."""
+
+    name = "triton"
+
+    def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype):
+        if not plan.is_concrete:
+            raise ValueError("the triton lowering needs a plan with concrete shapes")
+        if device.type not in ("cuda", "cpu"):
+            raise BackendError(f"backend 'triton' runs on CUDA devices (or CPU under TRITON_INTERPRET=1); "
+                               f"got {device.type!r}")
+        if dtype not in _DTYPES:
+            raise BackendError(f"backend 'triton' supports dtypes {[str(d) for d in _DTYPES]}; got {dtype}")
+        D = int(plan.head_dim)
+        if D > _MAX_HEAD_DIM:
+            raise BackendError(f"backend 'triton' supports head_dim up to {_MAX_HEAD_DIM}; got {D}")
+        self.plan = plan
+        self.device = device
+        self.dtype = dtype
+        self.spec = plan.spec
+        self.scale = softmax_scale(plan)
+        self.causal = plan.spec.causal
+        self.merge = plan.spec.head_assignment == "all"
+        self.heads, self.kv_heads = int(plan.heads), int(plan.kv_heads)
+        self.gqa = self.heads // self.kv_heads
+        self.head_dim = D
+        self.block_d = max(16, _next_pow2(D))
+        self.dot_precision = "ieee" if dtype == torch.float32 else None
+        self.specialisation = {
+            "heads": self.heads, "kv_heads": self.kv_heads, "GQA": self.gqa, "HEAD_DIM": D,
+            "BLOCK_D": self.block_d, "dtype": str(dtype).replace("torch.", ""), "CAUSAL": self.causal,
+            "mode": self.spec.head_assignment, "scale": f"{self.scale:.8g}",
+            "dot": self.dot_precision or "native",
+        }
+        self._text = generate_source(self.spec, self.specialisation, self.dot_precision)
+        key_src = "|".join([self.spec.key, repr(sorted(self.specialisation.items())), generator_fingerprint(),
+                            torch.__version__, triton.__version__])
+        self.cache_key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
+        self._module = None
+        self._tables: dict[tuple, torch.Tensor] = {}
+        self._configs: dict[str, TileConfig] = {}
+
+    # ---- plumbing -----------------------------------------------------------------------------------------
+    @property
+    def kernels(self):
+        if self._module is None:
+            self._module = load_module(self.cache_key, self._text)
+        return self._module
+
+    def _check_device(self, t: torch.Tensor) -> None:
+        if t.device.type == "cuda":
+            return
+        if t.device.type == "cpu" and interpreting():
+            return
+        raise BackendError(
+            f"backend 'triton' runs on CUDA tensors; got {t.device.type} tensors. (CPU tensors run only under "
+            "Triton's interpreter: TRITON_INTERPRET=1 set before triton is imported, for tests.) "
+            "Use backend='torch' or 'auto' on CPU.")
+
+    def _table(self, kind: str, cfg: TileConfig, device: torch.device) -> torch.Tensor:
+        key = (kind, cfg.block, cfg.partner, device)
+        t = self._tables.get(key)
+        if t is None:
+            t = tile_table(self.plan, kind, cfg.block, cfg.partner).to(device)
+            self._tables[key] = t
+        return t
+
+    def _tune_key(self, pass_name: str, batch: int, has_kpm: bool) -> str:
+        return "|".join([pass_name, self.spec.key, f"D{self.head_dim}", self.specialisation["dtype"],
+                         f"gqa{self.gqa > 1}", f"kpm{has_kpm}",
+                         autotune.shape_bucket(int(self.plan.seq_len), batch * self.heads)])
+
+    def _config(self, pass_name: str, device: torch.device, batch: int, has_kpm: bool, time_one) -> TileConfig:
+        key = self._tune_key(pass_name, batch, has_kpm)
+        cfg = self._configs.get(key)
+        if cfg is None:
+            configs = candidates(pass_name, self.head_dim)
+            dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+            cfg = autotune.choose(dev_name, key, configs, time_one)
+            self._configs[key] = cfg
+        return cfg
+
+    @staticmethod
+    def _bench(fn) -> float:
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+    def _kpm(self, key_padding_mask, q):
+        if key_padding_mask is None:
+            return torch.zeros(1, dtype=torch.uint8, device=q.device), False
+        return key_padding_mask.contiguous().view(torch.uint8), True
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def _launch_fwd(self, cfg, q, k, v, kpm, has_kpm, out, lse):
+        table = self._table("q", cfg, q.device)
+        T = table.shape[0]
+        if T == 0:
+            return
+        B, N, H, D = q.shape
+        if self.merge:
+            stride_og, stride_lg = out.stride(0), lse.stride(0)
+            ob, lb = out[0], lse[0]
+        else:
+            stride_og, stride_lg = 0, 0
+            ob, lb = out, lse
+        self.kernels.dilated_fwd[(T, B)](
+            q, k, v, kpm, out, lse, table, self.scale * math.log2(math.e),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            stride_og, ob.stride(0), ob.stride(1), ob.stride(2), stride_lg, lb.stride(0), lb.stride(1), N,
+            HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.block, BLOCK_N=cfg.partner, GQA=self.gqa,
+            CAUSAL=self.causal, HAS_KPM=has_kpm, MERGE=self.merge,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        self._check_device(q)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, N, H, D = q.shape
+        kpm, has_kpm = self._kpm(key_padding_mask, q)
+        G = self.spec.num_branches
+        aux = torch.full(aux_shape(self.spec, B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
+        if self.merge:
+            out_b = torch.empty((G, B, N, H, D), dtype=q.dtype, device=q.device)
+            dest, dest_lse = out_b, aux
+        else:
+            out = torch.zeros_like(q)
+            lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
+            dest, dest_lse = out, lse
+
+        def time_one(cfg):
+            return self._bench(lambda: self._launch_fwd(cfg, q, k, v, kpm, has_kpm, dest, dest_lse))
+
+        cfg = self._config("fwd", q.device, B, has_kpm, time_one)
+        self._launch_fwd(cfg, q, k, v, kpm, has_kpm, dest, dest_lse)
+        if not self.merge:
+            return out, lse, aux
+        out = torch.empty_like(q)
+        lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+        R = B * N * H
+        self.kernels.dilated_merge[(triton.cdiv(R, _ROWS_PER_PROGRAM),)](
+            out_b, aux, out, lse, R, N, H, out_b.stride(0), aux.stride(0),
+            G=G, HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_R=_ROWS_PER_PROGRAM, num_warps=4)
+        return out, lse, aux
+
+    # ---- backward -----------------------------------------------------------------------------------------
+    def _launch_dq(self, cfg, q, k, v, kpm, has_kpm, dout, lse, delta, dq, atomic):
+        table = self._table("q", cfg, q.device)
+        if table.shape[0] == 0:
+            return
+        B, N, H, D = q.shape
+        self.kernels.dilated_bwd_dq[(table.shape[0], B)](
+            q, k, v, kpm, dout, lse, delta, dq, table, self.scale * math.log2(math.e), self.scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), lse.stride(0),
+            lse.stride(1), N,
+            HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.block, BLOCK_N=cfg.partner, GQA=self.gqa,
+            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def _launch_dkdv(self, cfg, q, k, v, kpm, has_kpm, dout, lse, delta, dk, dv, atomic):
+        table = self._table("k", cfg, q.device)
+        if table.shape[0] == 0:
+            return
+        B, N, H, D = q.shape
+        self.kernels.dilated_bwd_dkdv[(table.shape[0], B)](
+            q, k, v, kpm, dout, lse, delta, dk, dv, table, self.scale * math.log2(math.e), self.scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), lse.stride(0),
+            lse.stride(1), N,
+            HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.partner, BLOCK_N=cfg.block, GQA=self.gqa,
+            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None):
+        self._check_device(q)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = out.contiguous(), lse.contiguous()
+        dout = dout.to(q.dtype).contiguous()
+        B, N, H, D = q.shape
+        kpm, has_kpm = self._kpm(key_padding_mask, q)
+        # delta = rowsum(dO * O) - dlse
+        delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+        R = B * N * H
+        has_dlse = dlse is not None
+        dlse_t = dlse.to(torch.float32).contiguous() if has_dlse else delta
+        self.kernels.dilated_bwd_preprocess[(triton.cdiv(R, _ROWS_PER_PROGRAM),)](
+            out, dout, dlse_t, delta, R, N, H, HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_R=_ROWS_PER_PROGRAM,
+            HAS_DLSE=has_dlse, num_warps=4)
+        atomic_q = self.merge
+        atomic_kv = self.merge or self.gqa > 1
+        dq = torch.zeros(q.shape, dtype=torch.float32 if atomic_q else q.dtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32 if atomic_kv else k.dtype, device=q.device)
+        dv = torch.zeros_like(dk)
+        args = (q, k, v, kpm, has_kpm, dout, lse, delta)
+
+        def time_dkdv(cfg):
+            sk, sv = torch.zeros_like(dk), torch.zeros_like(dv)
+            return self._bench(lambda: self._launch_dkdv(cfg, *args, sk, sv, atomic_kv))
+
+        def time_dq(cfg):
+            s = torch.zeros_like(dq)
+            return self._bench(lambda: self._launch_dq(cfg, *args, s, atomic_q))
+
+        cfg_kv = self._config("dkdv", q.device, B, has_kpm, time_dkdv)
+        cfg_q = self._config("dq", q.device, B, has_kpm, time_dq)
+        self._launch_dkdv(cfg_kv, *args, dk, dv, atomic_kv)
+        self._launch_dq(cfg_q, *args, dq, atomic_q)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    # ---- for people ---------------------------------------------------------------------------------------
+    def source(self) -> str:
+        """The plan, the launches and the generated kernels. Needs no GPU and compiles nothing."""
+        B = int(self.plan.batch)
+        lines = [self.plan.explain(), "",
+                 f"# triton lowering: module dc_{self.cache_key}.py in the disk cache",
+                 "# launches (default tile configs; autotuning on a GPU may pick others):"]
+        cfg_f = candidates("fwd", self.head_dim)[0]
+        cfg_kv = candidates("dkdv", self.head_dim)[0]
+        cfg_q = candidates("dq", self.head_dim)[0]
+        for name, kind, cfg in (("dilated_fwd", "q", cfg_f), ("dilated_bwd_dkdv", "k", cfg_kv),
+                                ("dilated_bwd_dq", "q", cfg_q)):
+            T = tile_table(self.plan, kind, cfg.block, cfg.partner).shape[0]
+            lines.append(f"#   {name:<18} grid=({T} tiles, B={B})  tiles {cfg}")
+        if self.merge:
+            lines.append("#   dilated_merge      one program per 64 (row, head) pairs")
+        lines.append("#   dilated_bwd_preprocess  one program per 64 (row, head) pairs")
+        lines.append("")
+        return "\n".join(lines) + "\n" + self._text
+
+
+@register_lowering("triton")
+def lower_triton(plan: Plan, device: torch.device, dtype: torch.dtype) -> TritonLowering:
+    return TritonLowering(plan, device, dtype)

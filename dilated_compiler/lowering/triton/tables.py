@@ -1,0 +1,108 @@
+"""Tile tables: the host-side int32 tables that tell each Triton program what to compute.
+
+A plan's attend ops are cut into *tiles*: BLOCK consecutive selected rows of one segment, for one head. Every
+program of a launch reads one row of its table (:data:`COLUMNS`), so all branches, segments, heads and tiles of a
+spec run in a single launch per pass.
+
+A row also carries the tile's *block table*: the range of partner tiles its inner loop walks (key tiles for a
+query tile; query tiles for a key tile), split into phases that need element masks (causal diagonal, ragged
+end of a segment) and one that needs none. Block sparsity would only change these ranges (or turn them into a
+list); the kernels would not change.
+
+No triton import here: tables (and the generated source) can be built on any machine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...planner import Plan
+
+__all__ = ["COLUMNS", "tile_table", "describe_columns"]
+
+# Columns of a tile table, in order.
+COLUMNS = (
+    ("head", "query head h this program computes"),
+    ("branch", "branch id (index into the spec's branches; selects the dilation)"),
+    ("pos0", "sequence position of the segment's selected row 0: segment start + offset"),
+    ("rows", "L, selected rows in this segment (rows j sit at pos0 + j*dilation; the last segment may be ragged)"),
+    ("row0", "first selected row of this program's own tile"),
+    ("lo", "block table: the inner loop walks partner rows [lo, hi) in steps of its block size"),
+    ("mid", "  [lo, mid) needs element masks (causal diagonal)"),
+    ("full_end", "  [mid, full_end) needs none; [full_end, hi) needs masks again (diagonal / ragged end)"),
+    ("hi", "  end of the walk"),
+)
+NCOLS = len(COLUMNS)
+
+
+def describe_columns() -> str:
+    return "\n".join(f"#   {i}  {name:<9} {text}" for i, (name, text) in enumerate(COLUMNS))
+
+
+def _heads(a) -> torch.Tensor:
+    return torch.arange(int(a.head_count), dtype=torch.int64) * a.head_step + int(a.head_start)
+
+
+def tile_table(plan: Plan, kind: str, block: int, partner_block: int) -> torch.Tensor:
+    """The (T, NCOLS) int32 table for one pass.
+
+    kind "q": one program per query tile of ``block`` rows, walking key tiles of ``partner_block`` rows
+    (forward and dq). kind "k": one program per key tile of ``block`` rows, walking query tiles of
+    ``partner_block`` rows (dk/dv). Rows are ordered heaviest first (load balance), and within equal work
+    tiles of one (segment, head) are adjacent (their partners stay in L2).
+    """
+    if kind not in ("q", "k"):
+        raise ValueError(f"kind must be 'q' or 'k'; got {kind!r}")
+    causal = plan.spec.causal
+    parts = []
+    for op_index, a in enumerate(plan.attend_ops):
+        L = int(a.rows)
+        S = int(a.num_segments)
+        if L <= 0 or S <= 0 or int(a.head_count) <= 0:
+            continue
+        n_tiles = -(-L // block)
+        seg = torch.arange(S, dtype=torch.int64)
+        tile = torch.arange(n_tiles, dtype=torch.int64)
+        heads = _heads(a)
+        sg, hd, tl_ = torch.meshgrid(seg, heads, tile, indexing="ij")
+        sg, hd, tl_ = sg.reshape(-1), hd.reshape(-1), tl_.reshape(-1)
+        row0 = tl_ * block
+        pos0 = int(a.start) + sg * int(a.extent) + a.offset
+        P = partner_block
+        floor_L = (L // P) * P
+        if kind == "q":
+            lo = torch.zeros_like(row0)
+            mid = torch.zeros_like(row0)
+            if causal:
+                hi = torch.clamp(row0 + block, max=L)
+                full_end = torch.clamp(((row0 + 1) // P) * P, max=floor_L)
+            else:
+                hi = torch.full_like(row0, L)
+                full_end = torch.full_like(row0, floor_L)
+        else:
+            hi = torch.full_like(row0, L)
+            if causal:
+                lo = (row0 // P) * P
+                mid = torch.clamp(-(-(row0 + block) // P) * P, max=L)
+                full_end = torch.maximum(mid, torch.full_like(row0, floor_L))
+            else:
+                lo = torch.zeros_like(row0)
+                mid = torch.zeros_like(row0)
+                full_end = torch.full_like(row0, floor_L)
+        work = hi - lo
+        cols = [hd, torch.full_like(row0, a.branch), pos0, torch.full_like(row0, L), row0, lo, mid, full_end, hi]
+        t = torch.stack(cols, dim=1)
+        order_keys = torch.stack([-work, torch.full_like(row0, op_index), sg, hd, tl_], dim=1)
+        parts.append((t, order_keys))
+    if not parts:
+        return torch.zeros((0, NCOLS), dtype=torch.int32)
+    table = torch.cat([p[0] for p in parts])
+    keys = torch.cat([p[1] for p in parts])
+    # lexicographic sort: stable sorts from the least significant key to the most
+    order = torch.arange(table.shape[0])
+    for col in reversed(range(keys.shape[1])):
+        order = order[torch.sort(keys[order, col], stable=True).indices]
+    table = table[order]
+    if table.numel() and int(table.abs().max()) >= 2 ** 31:
+        raise ValueError("sequence positions past 2^31 do not fit the int32 tile table")
+    return table.to(torch.int32).contiguous()
