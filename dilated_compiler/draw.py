@@ -241,7 +241,7 @@ def draw_pattern(spec, seq_len: int, out: "str | os.PathLike", heads: int | None
         label += f" scaled down {scale}x (segment lengths / {scale})"
     b = math.ceil(n / _MAX_CELLS)
     note = "" if b == 1 else f"\none image cell = {b}x{b} (query, key) pairs; darker = more of them attended"
-    fig.suptitle(f"{label}: {mode}; N={n}, H={heads}{note}", fontsize=10)
+    fig.suptitle(f"{label}: {mode}; N={n}, H={heads}{note}", fontsize=10, y=1 - 0.08 / height, va="top")
     handles = [Patch(color=colors[i % len(colors)],
                      label=f"branch {i}: w={b.segment_length}, r={b.dilation}") for i, b in enumerate(spec.branches)]
     fig.legend(handles=handles, loc="lower center", ncol=min(3, G), fontsize=8, frameon=False)
