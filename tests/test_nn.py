@@ -1,0 +1,295 @@
+"""dilated_compiler.nn layers against references built from the reference semantics: the module's own
+projection weights + dilated_compiler.reference.attention (float64) + sub-LN + output projection."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dilated_compiler import reference
+from dilated_compiler.nn import (DilatedMultiheadAttention, DilatedTransformerDecoderLayer,
+                                 DilatedTransformerEncoderLayer, MultiheadCrossAttention, RotaryEmbedding)
+from dilated_compiler.spec import AttentionSpec, Branch, load_spec
+
+from conftest import assert_close
+
+GROUPED = AttentionSpec((Branch(4, 1), Branch(8, 2), Branch(16, 4)), head_assignment="grouped")
+ALL = AttentionSpec((Branch(4, 1), Branch(16, 4)), head_assignment="all")
+F64 = torch.float64
+
+
+def _linear(x, lin):
+    return F.linear(x, lin.weight, lin.bias)
+
+
+def _project(m, query, key, value):
+    B, Nq, _ = query.shape
+    Nk = key.shape[1]
+    q = _linear(query, m.q_proj).view(B, Nq, m.num_heads, m.head_dim)
+    k = _linear(key, m.k_proj).view(B, Nk, m.num_kv_heads, m.head_dim)
+    v = _linear(value, m.v_proj).view(B, Nk, m.num_kv_heads, m.head_dim)
+    return q, k, v
+
+
+def _finish(m, o):
+    o = o.reshape(o.shape[0], o.shape[1], m.embed_dim)
+    if m.sub_ln is not None:
+        o = F.layer_norm(o, (m.embed_dim,), m.sub_ln.weight, m.sub_ln.bias, m.sub_ln.eps)
+    return _linear(o, m.out_proj)
+
+
+def ref_dilated_mha(m, query, key, value, spec, key_padding_mask=None, rotary=None):
+    q, k, v = _project(m, query, key, value)
+    if rotary is not None:
+        q, k = rotary(q, k)
+    return _finish(m, reference.attention(q, k, v, spec, key_padding_mask=key_padding_mask))
+
+
+def ref_dense_mha(m, query, key, value, allowed=None):
+    """allowed: (B or 1, H or 1, Nq, Nk) bool or None. Rows with no allowed key give 0."""
+    q, k, v = _project(m, query, key, value)
+    g = m.num_heads // m.num_kv_heads
+    k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(m.head_dim)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.nan_to_num(s.softmax(-1), nan=0.0)
+    return _finish(m, torch.einsum("bhij,bjhd->bihd", p, v))
+
+
+def _params_and_input_grads(loss, module, inputs):
+    tensors = list(inputs) + [p for p in module.parameters()]
+    return torch.autograd.grad(loss, tensors)
+
+
+def _padding(B, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kpm = torch.rand(B, N, generator=g) < 0.3
+    kpm[0, :] = False
+    kpm[-1, 4:8] = True  # a whole w=4 segment padded: its rows in the w=4 branch have no key
+    return kpm
+
+
+@pytest.mark.parametrize("spec", [GROUPED, ALL], ids=["grouped", "all"])
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_dilated_mha_matches_reference_with_padding_and_gqa(spec, num_kv_heads):
+    torch.manual_seed(0)
+    m = DilatedMultiheadAttention(32, 4, spec, num_kv_heads=num_kv_heads, dtype=F64, backend="torch")
+    B, N = 2, 21  # 21: ragged last segments in every branch
+    x = torch.randn(B, N, 32, dtype=F64, requires_grad=True)
+    kv = torch.randn(B, N, 32, dtype=F64, requires_grad=True)
+    kpm = _padding(B, N)
+    out, weights = m(x, kv, kv, key_padding_mask=kpm)
+    assert weights is None and out.shape == (B, N, 32)
+    ref = ref_dilated_mha(m, x, kv, kv, spec, key_padding_mask=kpm)
+    assert_close(out, ref, F64)
+    dout = torch.randn_like(out)
+    grads = _params_and_input_grads((out * dout).sum(), m, (x, kv))
+    ref_grads = _params_and_input_grads((ref * dout).sum(), m, (x, kv))
+    for i, (a, e) in enumerate(zip(grads, ref_grads)):
+        assert_close(a, e, F64, f"grad {i}", grad=True)
+
+
+def test_padding_changes_nothing_but_padded_keys_and_rows_without_keys_are_zero():
+    torch.manual_seed(0)
+    spec = AttentionSpec((Branch(4, 1),))
+    m = DilatedMultiheadAttention(16, 2, spec, sub_layernorm=False, bias=False, dtype=F64, backend="torch")
+    x = torch.randn(1, 8, 16, dtype=F64)
+    kpm = torch.zeros(1, 8, dtype=torch.bool)
+    kpm[0, 4:] = True  # the second segment has no key left
+    out, _ = m(x, x, x, key_padding_mask=kpm)
+    assert not out.isnan().any()
+    assert torch.equal(out[0, 4:], torch.zeros(4, 16, dtype=F64))
+    # the padded keys' values do not matter
+    y = x.clone()
+    y[0, 4:] = 100.0
+    torch.testing.assert_close(m(y, y, y, key_padding_mask=kpm)[0][0, :4], out[0, :4])
+
+
+def test_is_causal_attn_mask_batch_first_and_kdim_vdim():
+    torch.manual_seed(0)
+    m = DilatedMultiheadAttention(32, 4, ALL, kdim=12, vdim=20, batch_first=False, dtype=F64, backend="torch")
+    N, B = 19, 2
+    q = torch.randn(N, B, 32, dtype=F64)
+    k = torch.randn(N, B, 12, dtype=F64)
+    v = torch.randn(N, B, 20, dtype=F64)
+    kpm = _padding(B, N, seed=2)
+    causal_spec = dataclasses.replace(ALL, causal=True)
+    expected = ref_dilated_mha(m, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal_spec,
+                               key_padding_mask=kpm).transpose(0, 1)
+    out, _ = m(q, k, v, key_padding_mask=kpm, is_causal=True)
+    assert out.shape == (N, B, 32)
+    assert_close(out, expected, F64)
+    bool_mask = torch.ones(N, N, dtype=torch.bool).triu(1)
+    float_mask = torch.zeros(N, N, dtype=F64).masked_fill(bool_mask, float("-inf"))
+    for mask in (bool_mask, float_mask):
+        torch.testing.assert_close(m(q, k, v, key_padding_mask=kpm, attn_mask=mask)[0], out)
+    # a causal spec stays causal with is_causal=False
+    m_causal = DilatedMultiheadAttention(32, 4, causal_spec, kdim=12, vdim=20, batch_first=False, dtype=F64,
+                                         backend="torch")
+    m_causal.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m_causal(q, k, v, key_padding_mask=kpm)[0], out)
+
+
+def test_spec_forms_and_magneto_init():
+    yaml_text = "branches:\n  - {segment_length: 4, dilation: 1}\n  - {segment_length: 8, dilation: 2}\n"
+    for s in (yaml_text, load_spec(yaml_text).to_dict(), load_spec(yaml_text)):
+        assert DilatedMultiheadAttention(16, 2, s, backend="torch").spec.branches == (Branch(4, 1), Branch(8, 2))
+    torch.manual_seed(0)
+    m = DilatedMultiheadAttention(512, 8, ALL, gamma_init=2.0, num_kv_heads=4)
+    xavier = math.sqrt(2.0 / (512 + 512))
+    xavier_kv = math.sqrt(2.0 / (512 + 256))
+    assert m.q_proj.weight.std().item() == pytest.approx(xavier, rel=0.03)
+    assert m.k_proj.weight.std().item() == pytest.approx(xavier_kv, rel=0.03)
+    assert m.v_proj.weight.std().item() == pytest.approx(2.0 * xavier_kv, rel=0.03)
+    assert m.out_proj.weight.std().item() == pytest.approx(2.0 * xavier, rel=0.03)
+    assert m.k_proj.weight.shape == (256, 512) and isinstance(m.sub_ln, torch.nn.LayerNorm)
+
+
+def test_attention_dropout_raises_in_training_and_is_a_no_op_in_eval():
+    m = DilatedMultiheadAttention(16, 2, ALL, dropout=0.1, backend="torch")
+    x = torch.randn(1, 8, 16)
+    with pytest.raises(RuntimeError, match=r"attention dropout \(0.1\) in training mode is not supported: no "
+                                           r"backend \(torch, triton\) fuses dropout"):
+        m(x, x, x)
+    m.eval()
+    ref = DilatedMultiheadAttention(16, 2, ALL, backend="torch").eval()
+    ref.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(x, x, x)[0], ref(x, x, x)[0])
+
+
+def test_bad_arguments_give_clear_errors():
+    with pytest.raises(ValueError, match=r"num_heads \(3\) must divide embed_dim \(16\)"):
+        DilatedMultiheadAttention(16, 3, ALL)
+    with pytest.raises(ValueError, match=r"num_kv_heads \(3\) must divide num_heads \(4\)"):
+        DilatedMultiheadAttention(16, 4, ALL, num_kv_heads=3)
+    with pytest.raises(ValueError, match=r"3 branches in grouped mode, which needs num_heads >= 3; got num_heads=2"):
+        DilatedMultiheadAttention(16, 2, GROUPED)
+    with pytest.raises(ValueError, match=r"dropout: got 1.5; allowed: a number with 0 <= dropout < 1"):
+        DilatedMultiheadAttention(16, 2, ALL, dropout=1.5)
+    with pytest.raises(ValueError, match=r"gamma_init: got -1"):
+        DilatedMultiheadAttention(16, 2, ALL, gamma_init=-1)
+    with pytest.raises(ValueError, match=r"invalid attention spec.*branches"):
+        DilatedMultiheadAttention(16, 2, {"branches": []})
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'"):
+        DilatedMultiheadAttention(16, 2, ALL, backend="cuda")
+    m = DilatedMultiheadAttention(16, 2, ALL, backend="torch")
+    x = torch.randn(2, 8, 16)
+    with pytest.raises(ValueError, match=r"need_weights=True is not supported"):
+        m(x, x, x, need_weights=True)
+    with pytest.raises(ValueError, match=r"cannot honour this attn_mask \(torch.bool \(8, 8\)\); a dilated pattern "
+                                         r"supports attn_mask=None or the standard \(8, 8\) causal mask"):
+        m(x, x, x, attn_mask=torch.zeros(8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key/value length \(6\) must equal the query length \(8\).*"
+                                         r"MultiheadCrossAttention"):
+        m(x, x[:, :6], x[:, :6])
+    with pytest.raises(ValueError, match=r"key_padding_mask must be a bool tensor of shape \(batch, seq\)"):
+        m(x, x, x, key_padding_mask=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=r"query has 12 features; this layer expects 16"):
+        m(torch.randn(2, 8, 12), x, x)
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, features\)"):
+        m(x[0], x, x)
+
+
+def test_cross_attention_matches_dense_reference():
+    torch.manual_seed(0)
+    m = MultiheadCrossAttention(32, 4, num_kv_heads=2, kdim=24, vdim=24, dtype=F64)
+    B, Nq, Nk = 2, 7, 11
+    q = torch.randn(B, Nq, 32, dtype=F64, requires_grad=True)
+    mem = torch.randn(B, Nk, 24, dtype=F64, requires_grad=True)
+    kpm = torch.zeros(B, Nk, dtype=torch.bool)
+    kpm[0, 5:] = True
+    amask = torch.rand(Nq, Nk, generator=torch.Generator().manual_seed(1)) < 0.3
+    amask[2, :5] = True  # query 2 of batch 0 is left with no key: its output is 0 before sub-LN / out_proj
+    out, w = m(q, mem, mem, key_padding_mask=kpm, attn_mask=amask)
+    assert w is None
+    allowed = ~kpm[:, None, None, :] & ~amask[None, None]
+    ref = ref_dense_mha(m, q, mem, mem, allowed)
+    assert_close(out, ref, F64)
+    dout = torch.randn_like(out)
+    for a, e in zip(_params_and_input_grads((out * dout).sum(), m, (q, mem)),
+                    _params_and_input_grads((ref * dout).sum(), m, (q, mem))):
+        assert not a.isnan().any()
+        assert_close(a, e, F64, grad=True)
+    causal, _ = m(q, mem, mem, is_causal=True)
+    assert_close(causal, ref_dense_mha(m, q, mem, mem, ~torch.ones(Nq, Nk, dtype=torch.bool).triu(1)), F64)
+
+
+def _ref_ffn(ffn, x):
+    h = ffn.activation(_linear(x, ffn.fc1))
+    h = F.layer_norm(h, h.shape[-1:], ffn.ffn_ln.weight, ffn.ffn_ln.bias, ffn.ffn_ln.eps)
+    return _linear(h, ffn.fc2)
+
+
+def _ln(norm, x):
+    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+
+def test_encoder_layer_matches_reference_composition():
+    torch.manual_seed(0)
+    layer = DilatedTransformerEncoderLayer(32, 4, GROUPED, dim_feedforward=48, dropout=0.0, gamma_init=1.7,
+                                           num_kv_heads=2, dtype=F64, backend="torch")
+    x = torch.randn(2, 20, 32, dtype=F64)
+    kpm = _padding(2, 20, seed=3)
+    h = _ln(layer.norm1, x)
+    x1 = x + ref_dilated_mha(layer.self_attn, h, h, h, GROUPED, key_padding_mask=kpm)
+    expected = x1 + _ref_ffn(layer.ffn, _ln(layer.norm2, x1))
+    assert_close(layer(x, src_key_padding_mask=kpm), expected, F64)
+    # MAGNETO gains: fc1/fc2 get gamma_init
+    assert layer.ffn.gamma_init == 1.7 and layer.self_attn.gamma_init == 1.7
+
+
+def test_decoder_layer_matches_reference_composition():
+    torch.manual_seed(0)
+    layer = DilatedTransformerDecoderLayer(32, 4, ALL, dim_feedforward=48, dropout=0.0, dtype=F64, backend="torch")
+    assert layer.spec.causal and layer.cross_attn.gamma_init == 1.0
+    tgt = torch.randn(2, 13, 32, dtype=F64)
+    mem = torch.randn(2, 9, 32, dtype=F64)
+    tkpm = _padding(2, 13, seed=4)
+    mkpm = torch.zeros(2, 9, dtype=torch.bool)
+    mkpm[1, 3:] = True
+    h = _ln(layer.norm1, tgt)
+    x1 = tgt + ref_dilated_mha(layer.self_attn, h, h, h, dataclasses.replace(ALL, causal=True),
+                               key_padding_mask=tkpm)
+    h = _ln(layer.norm2, x1)
+    x2 = x1 + ref_dense_mha(layer.cross_attn, h, mem, mem, ~mkpm[:, None, None, :])
+    expected = x2 + _ref_ffn(layer.ffn, _ln(layer.norm3, x2))
+    out = layer(tgt, mem, tgt_key_padding_mask=tkpm, memory_key_padding_mask=mkpm)
+    assert_close(out, expected, F64)
+    # seq-first layout gives the same numbers
+    layer_sf = DilatedTransformerDecoderLayer(32, 4, ALL, dim_feedforward=48, dropout=0.0, batch_first=False,
+                                              dtype=F64, backend="torch")
+    layer_sf.load_state_dict(layer.state_dict())
+    out_sf = layer_sf(tgt.transpose(0, 1), mem.transpose(0, 1), tgt_key_padding_mask=tkpm,
+                      memory_key_padding_mask=mkpm)
+    torch.testing.assert_close(out_sf.transpose(0, 1), out)
+
+
+def test_layer_errors():
+    with pytest.raises(ValueError, match=r"activation: got 'tanhh'; allowed: \['gelu', 'relu', 'silu'\]"):
+        DilatedTransformerEncoderLayer(16, 2, ALL, activation="tanhh")
+    with pytest.raises(ValueError, match=r"dim_feedforward: got 0"):
+        DilatedTransformerDecoderLayer(16, 2, ALL, dim_feedforward=0)
+
+
+def test_rotary_is_relative_and_xpos_decays():
+    rot = RotaryEmbedding(8)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 8, generator=g, dtype=F64).expand(1, 6, 1, 8)
+    k = torch.randn(1, 1, 1, 8, generator=g, dtype=F64).expand(1, 6, 1, 8)
+    rq, rk = rot(q, k)
+    scores = torch.einsum("bihd,bjhd->ij", rq, rk)
+    # same content at every position: the score depends on i - j only
+    for d in range(-5, 6):
+        diag = torch.diagonal(scores, offset=d)
+        assert torch.allclose(diag, diag[0].expand_as(diag), atol=1e-5)
+    rq2, rk2 = rot(q, k, offset=7)
+    torch.testing.assert_close(torch.einsum("bihd,bjhd->ij", rq2, rk2), scores, atol=1e-5, rtol=1e-5)
+    xpos = RotaryEmbedding(8, xpos_scale_base=4.0)
+    ones = torch.ones(1, 12, 1, 8)
+    xq, xk = xpos(ones, ones)
+    assert xq.shape == ones.shape and not xq.isnan().any()
+    with pytest.raises(ValueError, match=r"head_dim: got 7; rotary embedding needs an even integer"):
+        RotaryEmbedding(7)
