@@ -1,0 +1,196 @@
+"""The Triton lowering: interpreter suite (spawned), source without a GPU, disk cache, errors; GPU correctness.
+
+The kernels themselves are tested on CPU in tests/triton_interpret/, which needs TRITON_INTERPRET=1 before triton
+is imported; :func:`test_interpreter_suite` runs that folder in a fresh process with it set.
+"""
+
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dilated_compiler import AttentionSpec, Branch, compile_attention, reference
+from dilated_compiler.lowering import BackendError, triton_available, triton_unavailable_reason
+from conftest import assert_close, check_against_reference, cuda, make_qkv
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason=f"triton unavailable: {triton_unavailable_reason()}")
+
+ROOT = Path(__file__).resolve().parent.parent
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+FOUR_BRANCH = (Branch(2048, 1), Branch(4096, 2), Branch(8192, 4), Branch(16384, 8))
+
+
+# ---- CPU ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_interpreter_suite(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", DILATED_COMPILER_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "tests/triton_interpret"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"interpreter suite failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+def test_kernel_source_without_gpu():
+    spec = AttentionSpec(FOUR_BRANCH, name="longnet-4")
+    text = compile_attention(spec, backend="triton").kernel_source(65536, 16, 128, dtype=torch.bfloat16,
+                                                                    device="cpu")
+    for kernel in ("dilated_fwd", "dilated_bwd_dq", "dilated_bwd_dkdv", "dilated_bwd_preprocess"):
+        assert f"def {kernel}(" in text
+    assert "# dilated_fwd: out and lse of one query tile." in text          # each kernel opens with a glossary
+    assert "r = tl.where(branch == 3, 8, r)" in text                       # the spec's dilations are baked in
+    assert "grid=(" in text and "useful FLOPs fwd" in text                  # launches and the plan
+    all_mode = AttentionSpec(tuple(Branch(b.segment_length, b.dilation) for b in FOUR_BRANCH), head_assignment="all")
+    assert "def dilated_merge(" in compile_attention(all_mode, backend="triton").kernel_source(
+        16384, 16, 64, dtype=torch.float16, device="cuda")
+
+
+@pytest.mark.skipif(INTERPRETING or torch.cuda.is_available(), reason="CPU tensors are allowed under the interpreter")
+def test_cpu_tensors_without_interpreter_raise():
+    attn = compile_attention(AttentionSpec((Branch(8, 1),)), backend="triton")
+    q, k, v = make_qkv(1, 16, 2, 16)
+    with pytest.raises(BackendError, match="CUDA tensors"):
+        attn(q, k, v)
+
+
+def test_unsupported_dtype_and_head_dim():
+    attn = compile_attention(AttentionSpec((Branch(8, 1),)), backend="triton")
+    with pytest.raises(BackendError, match="dtypes"):
+        attn.kernel_source(16, 2, 16, dtype=torch.float64)
+    with pytest.raises(BackendError, match="head_dim"):
+        attn.kernel_source(16, 2, 512)
+
+
+def _lowering(spec, dtype=torch.float16, n=64, h=4, d=32):
+    from dilated_compiler.lowering.triton.lowering import TritonLowering
+    from dilated_compiler.planner import build_plan
+    return TritonLowering(build_plan(spec, n, h, d), torch.device("cpu"), dtype)
+
+
+def _load_in_child(cache_dir, queue):
+    os.environ["DILATED_COMPILER_CACHE_DIR"] = cache_dir
+    low = _lowering(AttentionSpec((Branch(16, 1), Branch(32, 2))))
+    queue.put(hasattr(low.kernels, "dilated_fwd"))
+
+
+def test_disk_cache_atomic_checked_and_keyed(tmp_path, monkeypatch):
+    from dilated_compiler.lowering.triton import diskcache
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_DIR", str(tmp_path))
+    spec = AttentionSpec((Branch(16, 1), Branch(32, 2)))
+    low = _lowering(spec)
+    # the key covers the specialisation (dtype here) and the spec
+    assert low.cache_key != _lowering(spec, dtype=torch.bfloat16).cache_key
+    assert low.cache_key != _lowering(AttentionSpec((Branch(16, 1), Branch(32, 4)))).cache_key
+    assert low.cache_key == _lowering(spec).cache_key
+    # several processes compiling the same plan at once
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_load_in_child, args=(str(tmp_path), queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert results == [True] * 3 and all(p.exitcode == 0 for p in procs)
+    path = diskcache.module_path(low.cache_key)
+    assert diskcache.read_verified(path) is not None
+    assert not list(path.parent.glob("*.tmp"))
+    # a truncated file fails its checksum and is regenerated, not imported
+    path.write_text(path.read_text()[:500])
+    assert diskcache.read_verified(path) is None
+    diskcache._modules.pop(low.cache_key, None)
+    assert hasattr(low.kernels, "dilated_bwd_dkdv")
+    assert diskcache.read_verified(path) is not None
+    # a corrupted (edited) body too
+    text = path.read_text()
+    path.write_text(text.replace("def dilated_fwd(", "def broken_fwd(", 1))
+    assert diskcache.read_verified(path) is None
+    diskcache._modules.pop(low.cache_key, None)
+    low._module = None
+    assert hasattr(low.kernels, "dilated_fwd")
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------------
+
+GPU_PATTERNS = {
+    "four-branch": (Branch(64, 1), Branch(128, 2), Branch(256, 4), Branch(512, 8)),
+    "offsets": (Branch(96, 3, offset=2), Branch(200, 5, offset=0), Branch(300, 1)),
+}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_against_reference(dtype, mode, causal, head_dim):
+    for name, branches in GPU_PATTERNS.items():
+        if mode == "all":
+            branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
+        spec = AttentionSpec(branches, head_assignment=mode, causal=causal)
+        attn = compile_attention(spec, backend="triton")
+        q, k, v = make_qkv(2, 1000, 4, head_dim, dtype=dtype, device="cuda", requires_grad=True)
+        check_against_reference(attn, spec, q, k, v)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gqa_key_padding_fp32(dtype):
+    for mode in ("grouped", "all"):
+        spec = AttentionSpec((Branch(128, 1), Branch(256, 4)), head_assignment=mode, causal=True)
+        attn = compile_attention(spec, backend="triton")
+        q, _, _ = make_qkv(2, 700, 8, 64, dtype=dtype, device="cuda", requires_grad=True)
+        _, k, v = make_qkv(2, 700, 8, 64, dtype=dtype, device="cuda", kv_heads=2, seed=2, requires_grad=True)
+        mask = torch.zeros(2, 700, dtype=torch.bool, device="cuda")
+        mask[0, :256] = True
+        mask[1, 7::5] = True
+        check_against_reference(attn, spec, q, k, v, key_padding_mask=mask)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_torch_compile_fullgraph():
+    spec = AttentionSpec((Branch(128, 1), Branch(256, 2)), head_assignment="all", causal=True)
+    attn = compile_attention(spec, backend="auto")
+    q, k, v = make_qkv(1, 512, 4, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v, return_lse=True), fullgraph=True)
+    check_against_reference(lambda q, k, v, key_padding_mask=None, return_lse=True: compiled(q, k, v),
+                            spec, q, k, v)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_past_int32_offsets():
+    """q, k, v with more than 2^31 elements each; compare the last segments (positions whose element offsets
+    pass 2^31) against the reference on just those segments, forward and backward."""
+    H, D = 16, 128
+    N = 2 ** 31 // (H * D) + 1000
+    free = torch.cuda.mem_get_info()[0]
+    if free < 12 * N * H * D * 2:
+        pytest.skip("not enough GPU memory")
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=True)
+    attn = compile_attention(spec, backend="triton")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    s0 = (N // 512) * 512 - 512                    # a multiple of every segment length: segments line up
+    assert s0 * H * D > 2 ** 31
+    out, lse = attn(q, k, v, return_lse=True)
+    dout = torch.zeros_like(out)
+    dout[:, s0:] = torch.randn(1, N - s0, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    qs, ks, vs = (t.detach()[:, s0:].double().cpu().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = reference.attention(qs, ks, vs, spec, return_lse=True)
+    assert_close(out[:, s0:], ref_out, torch.bfloat16, "out")
+    assert_close(lse[:, :, s0:], ref_lse, torch.bfloat16, "lse")
+    ref_grads = torch.autograd.grad(ref_out, (qs, ks, vs), dout[:, s0:].double().cpu())
+    for name, a, e in zip("qkv", (dq, dk, dv), ref_grads):
+        assert_close(a[:, s0:], e, torch.bfloat16, f"grad {name}", grad=True)

@@ -1,0 +1,102 @@
+"""The generated Triton kernels under Triton's CPU interpreter, against the float64 reference.
+
+Run only with TRITON_INTERPRET=1 set before triton is imported: tests/test_triton_lowering.py spawns
+``python -m pytest tests/triton_interpret`` with it. Collected in a plain run, these tests skip.
+Shapes are tiny (the interpreter runs every program in Python); tiles are 16x16 so that every case has several
+tiles, ragged ends and all three loop phases. bf16 is tested on GPU only (the interpreter's bf16 is wrong).
+"""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs TRITON_INTERPRET=1 before triton is imported (see module docstring)")
+
+from dilated_compiler import AttentionSpec, Branch, compile_attention  # noqa: E402
+from conftest import check_against_reference, make_qkv  # noqa: E402
+
+PATTERNS = {
+    "three-branch": (Branch(8, 1), Branch(16, 2), Branch(32, 4)),
+    "offsets": (Branch(12, 3, offset=2), Branch(10, 5, offset=0), Branch(7, 7, offset=6)),
+    "long-segment": (Branch(48, 1), Branch(40, 2)),
+    "odd": (Branch(5, 2), Branch(9, 3), Branch(3, 1)),
+}
+
+
+def _spec(name, mode, causal):
+    branches = PATTERNS[name]
+    if mode == "all":
+        branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
+    return AttentionSpec(branches, head_assignment=mode, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_backward(dtype, mode, causal):
+    spec = _spec("three-branch", mode, causal)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(2, 45, 4, 16, dtype=dtype, requires_grad=True)
+    check_against_reference(attn, spec, q, k, v)
+
+
+@pytest.mark.parametrize("name,mode,causal,seq", [
+    ("offsets", "grouped", True, 50),
+    ("long-segment", "grouped", True, 64),
+    ("long-segment", "all", False, 61),
+    ("odd", "all", True, 23),
+])
+def test_branch_mixes(name, mode, causal, seq):
+    spec = _spec(name, mode, causal)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(1, seq, 3, 16, dtype=torch.float32, requires_grad=True, seed=seq)
+    check_against_reference(attn, spec, q, k, v)
+
+
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_gqa_and_key_padding(mode):
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 4)), head_assignment=mode, causal=mode == "all")
+    attn = compile_attention(spec, backend="triton")
+    q, _, _ = make_qkv(2, 40, 4, 16, requires_grad=True)
+    _, k, v = make_qkv(2, 40, 4, 16, kv_heads=2, seed=3, requires_grad=True)
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[0, :16] = True          # whole segments with every key padded: out 0, lse -inf, no NaN
+    mask[1, 5::3] = True
+    check_against_reference(attn, spec, q, k, v, key_padding_mask=mask)
+    out, lse = attn(q, k, v, key_padding_mask=mask, return_lse=True)
+    assert torch.isneginf(lse[0, :, :8]).all() and (out[0, :8] == 0).all()
+
+
+def test_gqa_single_kv_head_fp16_no_lse_grad():
+    spec = AttentionSpec((Branch(16, 1), Branch(32, 2)), causal=True)
+    attn = compile_attention(spec, backend="triton")
+    q, _, _ = make_qkv(1, 37, 4, 16, dtype=torch.float16, requires_grad=True)
+    _, k, v = make_qkv(1, 37, 4, 16, dtype=torch.float16, kv_heads=1, seed=5, requires_grad=True)
+    check_against_reference(attn, spec, q, k, v, lse_grad=False)
+
+
+@pytest.mark.parametrize("head_dim", [24, 32])
+def test_head_dims(head_dim):
+    spec = AttentionSpec((Branch(32, 1), Branch(64, 2)), head_assignment="all")
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(1, 64, 2, head_dim, requires_grad=True)
+    check_against_reference(attn, spec, q, k, v)
+
+
+def test_nothing_selected_gives_zero_and_neg_inf():
+    # N shorter than the offset: no row is selected anywhere (empty tile tables)
+    spec = AttentionSpec((Branch(8, 4, offset=3),))
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(1, 3, 2, 16, requires_grad=True)
+    check_against_reference(attn, spec, q, k, v)
+
+
+def test_torch_compile_fullgraph():
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 2)), head_assignment="all", causal=True)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(1, 32, 2, 16, requires_grad=True)
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v, return_lse=True), fullgraph=True)
+    check_against_reference(lambda q, k, v, key_padding_mask=None, return_lse=True: compiled(q, k, v),
+                            spec, q, k, v)
