@@ -98,8 +98,11 @@ def default_seq_len(spec, device_type: str) -> int:
 
 
 def reference_seq_len(seq_len: int, batch: int, heads: int, branches_per_head: int,
-                      budget_bytes: int = REF_BUDGET_BYTES) -> int:
-    """The largest N' <= seq_len at which the float64 reference (with gradients) fits in ``budget_bytes``."""
+                      budget_bytes: int | None = None) -> int:
+    """The largest N' <= seq_len at which the float64 reference (with gradients) fits in ``budget_bytes``
+    (default REF_BUDGET_BYTES, 2 GiB)."""
+    if budget_bytes is None:
+        budget_bytes = REF_BUDGET_BYTES
     per_pair = _REF_BYTES_PER_PAIR * batch * heads * branches_per_head
     return max(1, min(seq_len, math.isqrt(budget_bytes // per_pair)))
 
@@ -411,7 +414,9 @@ def main(argv=None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage error)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported with the subcommand's usage line, not the top-level one
+            args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # usage errors (2), --help and --version (0)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     command = _COMMANDS[args.command]

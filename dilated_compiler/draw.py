@@ -134,8 +134,11 @@ def _legend_rows(num_branches: int) -> int:
 
 def figure_size_px(n_panels: int, num_branches: int, dpi: int = _DPI) -> tuple[int, int]:
     """(width, height) in pixels of the picture :func:`draw_pattern` writes for this many panels and branches."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     lay = _layout(n_panels, _legend_rows(num_branches))
-    return int(round(lay["width"] * dpi)), int(round(lay["height"] * dpi))
+    fig = Figure(figsize=(lay["width"], lay["height"]), dpi=dpi)
+    return FigureCanvasAgg(fig).get_width_height()
 
 
 def _cells(mask: torch.Tensor, cells: int) -> torch.Tensor:
