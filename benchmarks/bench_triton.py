@@ -1,0 +1,279 @@
+"""Benchmark the Triton lowering against what users would pick instead, on one GPU, in one run.
+
+Per case: time (median, triton.testing.do_bench) and useful TFLOP/s (plan.flops, plan.flops_backward: only the
+(query, key) pairs the pattern attends to) of
+
+* triton      this project, backend="triton"
+* naive       gather (strided views) + fused SDPA per branch + scatter: this project's backend="torch"
+* pregathered SDPA over segments gathered beforehand into contiguous tensors (the gather is not timed)
+* flex        FlexAttention with the pattern as mask_mod (compiled; "OOM" when it does not fit)
+* dense       dense SDPA over the whole sequence (cuDNN and the default SDPA backend), same heads
+
+and the ratios between them. Also: peak memory of fwd+bwd against the tensors that must exist (q, k, v, out,
+their gradients, lse), and fwd+bwd at N = 1M tokens.
+
+    PYTHONPATH=. python benchmarks/bench_triton.py --out DIR [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from dilated_compiler import AttentionSpec, Branch, build_plan, compile_attention
+
+FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
+H = 16
+LINES: list[str] = []
+
+
+def emit(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
+
+
+def bench(fn, grad_to_none=None) -> float:
+    return do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none, return_mode="median")
+
+
+def attempt(fn):
+    """ms, or 'OOM' / 'error: ...'."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        return "OOM"
+    except Exception as e:  # report, keep benchmarking the rest
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:80]
+        return f"error ({msg})"
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def spec_for(pairs, mode, causal):
+    return AttentionSpec(tuple(Branch(w, r) for w, r in pairs), head_assignment=mode, causal=causal)
+
+
+def inputs(N, D, dtype, grad=True):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(1, N, H, D, device="cuda", dtype=dtype, generator=g).requires_grad_(grad) for _ in range(3)]
+
+
+def time_module(attn, N, D, dtype):
+    q, k, v = inputs(N, D, dtype)
+    dout = torch.randn_like(q)
+    with torch.no_grad():
+        fwd = bench(lambda: attn(q, k, v))
+
+    def fb():
+        attn(q, k, v).backward(dout)
+    fb()  # compile/tune the backward outside the timing
+    return fwd, bench(fb, grad_to_none=[q, k, v])
+
+
+def time_pregathered(spec, N, D, dtype):
+    """SDPA per branch over contiguous (segments, heads, rows, D) tensors made beforehand."""
+    G = spec.num_branches
+    tensors = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for i, b in enumerate(spec.branches):
+        heads = H if spec.head_assignment == "all" else H // G + (1 if i < H % G else 0)
+        S, L = -(-N // b.segment_length), b.segment_length // b.dilation
+        t = [torch.randn(S, heads, L, D, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3)]
+        tensors.append(t)
+    douts = [torch.randn_like(t[0]) for t in tensors]
+
+    def fwd():
+        return [F.scaled_dot_product_attention(*t, is_causal=spec.causal) for t in tensors]
+
+    def fb():
+        outs = fwd()
+        torch.autograd.backward(outs, douts)
+    with torch.no_grad():
+        f = bench(fwd)
+    return f, bench(fb, grad_to_none=[x for t in tensors for x in t])
+
+
+def time_flex(spec, N, D, dtype):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    G = spec.num_branches
+    assert spec.head_assignment == "grouped"
+    ws = torch.tensor([b.segment_length for b in spec.branches], device="cuda")
+    rs = torch.tensor([b.dilation for b in spec.branches], device="cuda")
+    group = torch.tensor([i for i in range(G) for _ in range(H // G)], device="cuda")
+
+    def mask_mod(b, h, qi, kv):
+        gi = group[h]
+        w, r = ws[gi], rs[gi]
+        off = gi % r
+        same = (qi // w) == (kv // w)
+        sel = (((qi % w) - off) % r == 0) & (((kv % w) - off) % r == 0) & ((qi % w) >= off) & ((kv % w) >= off)
+        ok = same & sel
+        if spec.causal:
+            ok = ok & (kv <= qi)
+        return ok
+
+    bm = create_block_mask(mask_mod, 1, H, N, N, device="cuda")
+    flex = torch.compile(flex_attention)
+    q, k, v = [t.transpose(1, 2) for t in inputs(N, D, dtype)]
+    dout = torch.randn_like(q)
+    with torch.no_grad():
+        f = bench(lambda: flex(q, k, v, block_mask=bm))
+
+    def fb():
+        flex(q, k, v, block_mask=bm).backward(dout)
+    fb()
+    return f, bench(fb)
+
+
+def time_dense(N, D, dtype, causal, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = [t.transpose(1, 2) for t in inputs(N, D, dtype)]
+    dout = torch.randn_like(q)
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    with sdpa_kernel(be):
+        with torch.no_grad():
+            f = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+        def fb():
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(dout)
+        fb()
+        return f, bench(fb)
+
+
+def fmt(ms, flops):
+    if not isinstance(ms, float):
+        return ms
+    return f"{ms:.3f} ms ({flops / ms / 1e9:.0f})"
+
+
+def ratio(a, b):
+    return f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
+
+
+def run_case(label, pairs, mode, causal, N, D, dtype, others=("naive", "pregathered"), flex=False, dense=()):
+    spec = spec_for(pairs, mode, causal)
+    plan = build_plan(spec, N, H, D)
+    ff, fb_flops = float(plan.flops), float(plan.flops + plan.flops_backward)
+    res = {"triton": attempt(lambda: time_module(compile_attention(spec, backend="triton"), N, D, dtype))}
+    if "naive" in others:
+        res["naive"] = attempt(lambda: time_module(compile_attention(spec, backend="torch"), N, D, dtype))
+    if "pregathered" in others:
+        res["pregathered"] = attempt(lambda: time_pregathered(spec, N, D, dtype))
+    if flex:
+        res["flex"] = attempt(lambda: time_flex(spec, N, D, dtype))
+    dense_flops = 4 * N * N * H * D / (2 if causal else 1)
+    for be in dense:
+        res[f"dense-{be}"] = attempt(lambda: time_dense(N, D, dtype, causal, be))
+    dt = str(dtype).replace("torch.", "")
+    head = f"| {label} | {mode}{' causal' if causal else ''} | {N // 1024}K | {D} | {dt} |"
+    for what, idx in (("fwd", 0), ("fwd+bwd", 1)):
+        cells = []
+        for name, r in res.items():
+            ms = r[idx] if isinstance(r, tuple) else r
+            flops = (dense_flops * (1 if idx == 0 else 3.5)) if name.startswith("dense") else (ff if idx == 0 else fb_flops)
+            cells.append(f"{name}: {fmt(ms, flops)}")
+        t = res["triton"][idx] if isinstance(res["triton"], tuple) else None
+        rats = [f"{name}/triton {ratio(t, r[idx] if isinstance(r, tuple) else None)}"
+                for name, r in res.items() if name != "triton"]
+        emit(f"{head} {what} | " + "; ".join(cells) + " | " + "; ".join(rats) + " |")
+    return res
+
+
+def memory_case(pairs, mode, N, D, dtype):
+    spec = spec_for(pairs, mode, False)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = inputs(N, D, dtype)
+    dout = torch.randn_like(q)
+    attn(q, k, v).backward(dout)  # compile and tune first
+    q.grad = k.grad = v.grad = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out, lse = attn(q, k, v, return_lse=True)
+    torch.autograd.backward(out, dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    el = q.element_size()
+    must = out.numel() * el + 3 * q.numel() * el + lse.numel() * 4
+    return base, peak, must
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true", help="main cases only")
+    args = ap.parse_args()
+    name = torch.cuda.get_device_name()
+    short = "H100" if "H100" in name else "H200" if "H200" in name else name.replace(" ", "_")
+    emit(f"# Triton lowering benchmark on {name}")
+    emit(f"torch {torch.__version__}, triton {__import__('triton').__version__}; batch 1, {H} heads; "
+         f"four-branch = w {[w for w, _ in FOUR]} r {[r for _, r in FOUR]}; median of do_bench; "
+         "cells: time (useful TFLOP/s); ratios: other time / triton time (>1: triton faster)")
+    emit()
+    emit("| case | mode | N | D | dtype | pass | results | ratios |")
+    emit("|---|---|---|---|---|---|---|---|")
+    t0 = time.time()
+    bf, fp = torch.bfloat16, torch.float16
+    run_case("four-branch", FOUR, "grouped", False, 65536, 128, bf, flex=not args.quick)
+    run_case("dense segment", ((16384, 1),), "grouped", False, 16384, 128, bf, dense=("cudnn", "flash"))
+    run_case("four-branch", FOUR, "grouped", False, 16384, 128, bf, flex=not args.quick)
+    run_case("four-branch", FOUR, "all", False, 65536, 128, bf)
+    run_case("four-branch", FOUR, "grouped", True, 65536, 128, bf)
+    if not args.quick:
+        run_case("four-branch", FOUR, "grouped", False, 262144, 128, bf)
+        run_case("four-branch", FOUR, "all", False, 16384, 128, bf)
+        run_case("four-branch", FOUR, "all", False, 262144, 128, bf, others=("pregathered",))
+        run_case("four-branch", FOUR, "all", True, 65536, 128, bf)
+        run_case("dense segment", ((16384, 1),), "grouped", True, 16384, 128, bf, dense=("cudnn",))
+        run_case("four-branch", FOUR, "grouped", False, 65536, 64, bf)
+        run_case("dense segment", ((16384, 1),), "grouped", False, 16384, 64, bf, dense=("cudnn",))
+        run_case("four-branch", FOUR, "grouped", False, 65536, 128, fp)
+        run_case("dense segment", ((16384, 1),), "grouped", False, 16384, 128, fp, dense=("cudnn",))
+    emit()
+    emit(f"(cases took {time.time() - t0:.0f} s)")
+    emit()
+    emit("## Memory, fwd+bwd, four-branch grouped, bf16, D=128")
+    for N in (65536,):
+        r = attempt(lambda: memory_case(FOUR, "grouped", N, 128, bf))
+        if isinstance(r, tuple):
+            base, peak, must = r
+            emit(f"N={N}: peak allocated during fwd+bwd {peak / 2**20:.0f} MiB; held before (q, k, v, dout) "
+                 f"{base / 2**20:.0f} MiB; added by fwd+bwd {(peak - base) / 2**20:.0f} MiB; "
+                 f"out + dq + dk + dv + lse = {must / 2**20:.0f} MiB")
+        else:
+            emit(f"N={N}: {r}")
+    emit()
+    emit("## 1M tokens, four-branch grouped, bf16, 16 heads, D=128")
+    N = 1 << 20
+
+    def million():
+        torch.cuda.reset_peak_memory_stats()
+        spec = spec_for(FOUR, "grouped", False)
+        plan = build_plan(spec, N, H, 128)
+        f, b = time_module(compile_attention(spec, backend="triton"), N, 128, bf)
+        return f, b, float(plan.flops), float(plan.flops + plan.flops_backward)
+    r = attempt(million)
+    if isinstance(r, tuple):
+        emit(f"N={N}: fwd {fmt(r[0], r[2])}, fwd+bwd {fmt(r[1], r[3])}; peak memory "
+             f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    else:
+        emit(f"N={N}: {r}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{short}-triton.md").write_text("\n".join(LINES) + "\n")
+
+
+if __name__ == "__main__":
+    main()
