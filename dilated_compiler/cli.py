@@ -203,7 +203,8 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, device, repeats: int, warmup: int) -> float:
+def _median_time(fn, device, repeats: int, warmup: int) -> tuple[float, float]:
+    """(median, min) seconds per call over ``repeats`` timed calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -213,7 +214,7 @@ def _median_time(fn, device, repeats: int, warmup: int) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def cmd_run(args, parser) -> int:
@@ -260,7 +261,7 @@ def cmd_run(args, parser) -> int:
           f"{'es' if G != 1 else ''})  backend: {backend}  device: {device}  dtype: {_dtype_name(dtype)}")
     print(f"shape: B={B} N={seq_len}{n_note} H={heads} Hkv={kv_heads} D={head_dim}")
     dense = 4 * B * heads * head_dim * seq_len ** 2 // (2 if spec.causal else 1)
-    print(f"useful FLOPs: fwd {flops_f:.4g}, bwd {flops_b:.4g} ({flops_f / dense:.3%} of dense attention)")
+    print(f"useful FLOPs: fwd {flops_f:.4g}, bwd {flops_b:.4g} ({100 * flops_f / dense:.3g}% of dense attention)")
 
     def forward():
         with torch.no_grad():
@@ -273,11 +274,12 @@ def cmd_run(args, parser) -> int:
         torch.autograd.grad(out, (qg, kg, vg), dout)
 
     warmup = 2
-    t_f = _median_time(forward, device, args.repeats, warmup)
-    t_fb = _median_time(forward_backward, device, args.repeats, warmup)
-    print(f"time per call (median of {args.repeats} after {warmup} warm-up):")
-    print(f"  forward           {_fmt_time(t_f):>10}   {flops_f / t_f / 1e12:.3g} TFLOP/s")
-    print(f"  forward+backward  {_fmt_time(t_fb):>10}   {(flops_f + flops_b) / t_fb / 1e12:.3g} TFLOP/s")
+    t_f, min_f = _median_time(forward, device, args.repeats, warmup)
+    t_fb, min_fb = _median_time(forward_backward, device, args.repeats, warmup)
+    print(f"time per call (median of {args.repeats} after {warmup} warm-up; TFLOP/s from the median):")
+    print(f"  forward           {_fmt_time(t_f):>10}   {flops_f / t_f / 1e12:.3g} TFLOP/s   (min {_fmt_time(min_f)})")
+    print(f"  forward+backward  {_fmt_time(t_fb):>10}   {(flops_f + flops_b) / t_fb / 1e12:.3g} TFLOP/s   "
+          f"(min {_fmt_time(min_fb)})")
 
     # Correctness: the float64 reference on CPU, on the same inputs (or their first n_ref positions).
     per_head = G if spec.head_assignment == "all" else 1
