@@ -165,6 +165,13 @@ def run_case(label, pairs, mode, causal, N, D, dtype, others=("naive", "pregathe
     plan = build_plan(spec, N, H, D)
     ff, fb_flops = float(plan.flops), float(plan.flops + plan.flops_backward)
     res = {"triton": attempt(lambda: time_module(compile_attention(spec, backend="triton"), N, D, dtype))}
+    try:
+        from dilated_compiler.runtime.cache import lowered
+        low = lowered(spec.key, "triton", (1, N, H, D), H, dtype, torch.device("cuda"))
+        print(f"  tile configs {label} {mode} causal={causal} N={N} D={D} {dtype}: "
+              + ", ".join(f"{k.split('|')[0]}={v}" for k, v in low._configs.items()), flush=True)
+    except Exception as e:  # informational only
+        print(f"  (no tile configs: {e})")
     if "naive" in others:
         res["naive"] = attempt(lambda: time_module(compile_attention(spec, backend="torch"), N, D, dtype))
     if "pregathered" in others:

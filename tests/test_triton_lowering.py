@@ -126,32 +126,37 @@ GPU_PATTERNS = {
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 128), (torch.float16, 64)])
-@pytest.mark.parametrize("mode", ["grouped", "all"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_gpu_against_reference(dtype, head_dim, mode, causal):
-    for name, branches in GPU_PATTERNS.items():
-        if mode == "all":
-            branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
-        spec = AttentionSpec(branches, head_assignment=mode, causal=causal)
-        attn = compile_attention(spec, backend="triton")
-        q, k, v = make_qkv(2, 1000, 4, head_dim, dtype=dtype, device="cuda", requires_grad=True)
-        check_against_reference(attn, spec, q, k, v)
+@pytest.mark.parametrize("pattern,dtype,head_dim,mode,causal", [
+    ("four-branch", torch.bfloat16, 128, "grouped", False),
+    ("four-branch", torch.bfloat16, 128, "grouped", True),
+    ("four-branch", torch.bfloat16, 128, "all", False),
+    ("four-branch", torch.bfloat16, 128, "all", True),
+    ("four-branch", torch.float16, 64, "grouped", True),
+    ("offsets", torch.float16, 64, "all", False),
+    ("offsets", torch.bfloat16, 128, "grouped", False),
+])
+def test_gpu_against_reference(pattern, dtype, head_dim, mode, causal):
+    branches = GPU_PATTERNS[pattern]
+    if mode == "all":
+        branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
+    spec = AttentionSpec(branches, head_assignment=mode, causal=causal)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(2, 1000, 4, head_dim, dtype=dtype, device="cuda", requires_grad=True)
+    check_against_reference(attn, spec, q, k, v)
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_gqa_key_padding_fp32(dtype):
-    for mode in ("grouped", "all"):
-        spec = AttentionSpec((Branch(128, 1), Branch(256, 4)), head_assignment=mode, causal=True)
-        attn = compile_attention(spec, backend="triton")
-        q, _, _ = make_qkv(2, 700, 8, 64, dtype=dtype, device="cuda", requires_grad=True)
-        _, k, v = make_qkv(2, 700, 8, 64, dtype=dtype, device="cuda", kv_heads=2, seed=2, requires_grad=True)
-        mask = torch.zeros(2, 700, dtype=torch.bool, device="cuda")
-        mask[0, :256] = True
-        mask[1, 7::5] = True
-        check_against_reference(attn, spec, q, k, v, key_padding_mask=mask)
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, "grouped"), (torch.bfloat16, "all")])
+def test_gpu_gqa_key_padding(dtype, mode):
+    spec = AttentionSpec((Branch(128, 1), Branch(256, 4)), head_assignment=mode, causal=True)
+    attn = compile_attention(spec, backend="triton")
+    q, _, _ = make_qkv(2, 700, 8, 64, dtype=dtype, device="cuda", requires_grad=True)
+    _, k, v = make_qkv(2, 700, 8, 64, dtype=dtype, device="cuda", kv_heads=2, seed=2, requires_grad=True)
+    mask = torch.zeros(2, 700, dtype=torch.bool, device="cuda")
+    mask[0, :256] = True
+    mask[1, 7::5] = True
+    check_against_reference(attn, spec, q, k, v, key_padding_mask=mask)
 
 
 @pytest.mark.gpu

@@ -85,35 +85,44 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, kpm_base, stride_kn, pos0, r, L
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
+    # key/value tile pointers: rows lo.. of the segment, advanced by BLOCK_N rows (BLOCK_N*r positions) per step
+    kv_off = (pos0 + (lo + tl.arange(0, BLOCK_N)) * r).to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+    k_ptrs = k_base + kv_off
+    v_ptrs = v_base + kv_off
+    step = (BLOCK_N * r).to(tl.int64) * stride_kn
     for n0 in range(lo, hi, BLOCK_N):
         rows_n = n0 + tl.arange(0, BLOCK_N)
-        pos_n = (pos0 + rows_n * r).to(tl.int64)
-        kv_off = pos_n[:, None] * stride_kn + offs_d[None, :]
         if MASKED:
             ld = (rows_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-            k = tl.load(k_base + kv_off, mask=ld, other=0.0)
-            v = tl.load(v_base + kv_off, mask=ld, other=0.0)
+            k = tl.load(k_ptrs, mask=ld, other=0.0)
+            v = tl.load(v_ptrs, mask=ld, other=0.0)
         elif BLOCK_D == HEAD_DIM:
-            k = tl.load(k_base + kv_off)
-            v = tl.load(v_base + kv_off)
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         else:
-            k = tl.load(k_base + kv_off, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-            v = tl.load(v_base + kv_off, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)$DOT_KW) * qk_scale
+            k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        k_ptrs += step
+        v_ptrs += step
+        s = tl.dot(q, tl.trans(k)$DOT_KW)
         if MASKED:
             valid = (rows_n < L)[None, :]
             if CAUSAL:
                 valid = valid & (rows_n[None, :] <= rows_m[:, None])
             if HAS_KPM:
-                pad = tl.load(kpm_base + pos_n, mask=rows_n < L, other=1)
+                pad = tl.load(kpm_base + pos0 + rows_n * r, mask=rows_n < L, other=1)
                 valid = valid & (pad == 0)[None, :]
             s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if HAS_KPM:
+            # only padding can leave a row without any key so far (causal rows always see themselves)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v$DOT_KW)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None]$DOT_KW)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -244,33 +253,38 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, pos0,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
+    # key/value tile pointers: rows lo.. of the segment, advanced by BLOCK_N rows (BLOCK_N*r positions) per step
+    kv_off = (pos0 + (lo + tl.arange(0, BLOCK_N)) * r).to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+    k_ptrs = k_base + kv_off
+    v_ptrs = v_base + kv_off
+    step = (BLOCK_N * r).to(tl.int64) * stride_kn
     for n0 in range(lo, hi, BLOCK_N):
         rows_n = n0 + tl.arange(0, BLOCK_N)
-        pos_n = (pos0 + rows_n * r).to(tl.int64)
-        kv_off = pos_n[:, None] * stride_kn + offs_d[None, :]
         if MASKED:
             ld = (rows_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-            k = tl.load(k_base + kv_off, mask=ld, other=0.0)
-            v = tl.load(v_base + kv_off, mask=ld, other=0.0)
+            k = tl.load(k_ptrs, mask=ld, other=0.0)
+            v = tl.load(v_ptrs, mask=ld, other=0.0)
         elif BLOCK_D == HEAD_DIM:
-            k = tl.load(k_base + kv_off)
-            v = tl.load(v_base + kv_off)
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         else:
-            k = tl.load(k_base + kv_off, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-            v = tl.load(v_base + kv_off, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)$DOT_KW) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
+            k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        k_ptrs += step
+        v_ptrs += step
+        s = tl.dot(q, tl.trans(k)$DOT_KW)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
             valid = (rows_n < L)[None, :]
             if CAUSAL:
                 valid = valid & (rows_n[None, :] <= rows_m[:, None])
             if HAS_KPM:
-                pad = tl.load(kpm_base + pos_n, mask=rows_n < L, other=1)
+                pad = tl.load(kpm_base + pos0 + rows_n * r, mask=rows_n < L, other=1)
                 valid = valid & (pad == 0)[None, :]
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v)$DOT_KW)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k$DOT_KW)
+        dq = tl.dot(ds.to(k.dtype), k, dq$DOT_KW)
     return dq
 
 
@@ -333,28 +347,38 @@ def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, l_base, d_base, stride_qn
                 qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
+    # query-side tile pointers: rows lo.. of the segment, advanced by BLOCK_M rows (BLOCK_M*r positions) per step
+    pos_m = (pos0 + (lo + tl.arange(0, BLOCK_M)) * r).to(tl.int64)
+    q_off = pos_m[:, None] * stride_qn + offs_d[None, :]
+    q_ptrs = q_base + q_off
+    do_ptrs = do_base + q_off
+    l_ptrs = l_base + pos_m
+    d_ptrs = d_base + pos_m
+    step = (BLOCK_M * r).to(tl.int64)
     for m0 in range(lo, hi, BLOCK_M):
         rows_m = m0 + tl.arange(0, BLOCK_M)
-        pos_m = (pos0 + rows_m * r).to(tl.int64)
-        q_off = pos_m[:, None] * stride_qn + offs_d[None, :]
         if MASKED:
             ld = (rows_m < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-            q = tl.load(q_base + q_off, mask=ld, other=0.0)
-            do = tl.load(do_base + q_off, mask=ld, other=0.0)
-            lse = tl.load(l_base + pos_m, mask=rows_m < L, other=float("inf"))
-            delta = tl.load(d_base + pos_m, mask=rows_m < L, other=0.0)
+            q = tl.load(q_ptrs, mask=ld, other=0.0)
+            do = tl.load(do_ptrs, mask=ld, other=0.0)
+            lse = tl.load(l_ptrs, mask=rows_m < L, other=float("inf"))
+            delta = tl.load(d_ptrs, mask=rows_m < L, other=0.0)
         else:
             if BLOCK_D == HEAD_DIM:
-                q = tl.load(q_base + q_off)
-                do = tl.load(do_base + q_off)
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
             else:
-                q = tl.load(q_base + q_off, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-                do = tl.load(do_base + q_off, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-            lse = tl.load(l_base + pos_m)
-            delta = tl.load(d_base + pos_m)
+                q = tl.load(q_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+                do = tl.load(do_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+            lse = tl.load(l_ptrs)
+            delta = tl.load(d_ptrs)
+        q_ptrs += step * stride_qn
+        do_ptrs += step * stride_qn
+        l_ptrs += step
+        d_ptrs += step
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        sT = tl.dot(k, tl.trans(q)$DOT_KW) * qk_scale
-        pT = tl.math.exp2(sT - lse2[None, :])
+        sT = tl.dot(k, tl.trans(q)$DOT_KW)
+        pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
         if MASKED:
             valid = (rows_m < L)[None, :]
             if CAUSAL:
@@ -362,10 +386,10 @@ def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, l_base, d_base, stride_qn
             pT = tl.where(valid, pT, 0.0)
         if HAS_KPM:
             pT = tl.where(key_ok[:, None], pT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do$DOT_KW)
+        dv = tl.dot(pT.to(do.dtype), do, dv$DOT_KW)
         dpT = tl.dot(v, tl.trans(do)$DOT_KW)
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q$DOT_KW)
+        dk = tl.dot(dsT.to(q.dtype), q, dk$DOT_KW)
     return dk, dv
 
 
