@@ -100,8 +100,14 @@ def _cpu_backward(g, q, k, v, o, lse, mask, causal, scale):
 
 
 def _cuda_bias(mask, q):
-    # memory-efficient attention wants a bias broadcastable to (B, H, Lq, Lk) with an aligned last dim
-    return None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], mask.shape[-1])
+    # memory-efficient attention wants a bias broadcastable to (B, H, Lq, Lk) whose batch stride is a multiple
+    # of 16 elements: pad the key dimension in memory, then view the first Lk columns
+    if mask is None:
+        return None
+    L = mask.shape[-1]
+    if L % 16:
+        mask = F.pad(mask, (0, 16 - L % 16))[..., :L]
+    return mask.expand(q.shape[0], q.shape[1], q.shape[2], L)
 
 
 def _cuda_forward(q, k, v, mask, causal, scale):
