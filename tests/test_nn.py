@@ -293,3 +293,19 @@ def test_rotary_is_relative_and_xpos_decays():
     assert xq.shape == ones.shape and not xq.isnan().any()
     with pytest.raises(ValueError, match=r"head_dim: got 7; rotary embedding needs an even integer"):
         RotaryEmbedding(7)
+
+
+def test_encoder_layer_inside_nn_transformer_encoder_with_float_padding_mask():
+    # nn.TransformerEncoder deep-copies the layer and hands it the padding mask as float 0 / -inf
+    torch.manual_seed(0)
+    layer = DilatedTransformerEncoderLayer(16, 2, ALL, 32, dropout=0.0, backend="torch")
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    x = torch.randn(2, 12, 16)
+    kpm = torch.zeros(2, 12, dtype=torch.bool)
+    kpm[1, 6:] = True
+    expected = x
+    for copy_ in enc.layers:
+        expected = copy_(expected, src_key_padding_mask=kpm)
+    torch.testing.assert_close(enc(x, src_key_padding_mask=kpm), expected)
+    with pytest.raises(ValueError, match=r"a float key_padding_mask may hold only 0 \(keep\) and -inf \(ignore\)"):
+        layer.self_attn(x, x, x, key_padding_mask=torch.full((2, 12), 0.5))

@@ -38,6 +38,18 @@ def is_causal_mask(attn_mask: torch.Tensor, seq_len: int) -> bool:
     return False
 
 
+def _bool_key_padding_mask(mask, owner: str):
+    """A float key_padding_mask (0 = keep, -inf = ignore; what nn.TransformerEncoder passes on) as bool; other
+    float values cannot be honoured and raise. Reads the mask's values (a host sync) for float masks only."""
+    if isinstance(mask, torch.Tensor) and mask.is_floating_point():
+        ignore = torch.isneginf(mask)
+        if not bool(((mask == 0) | ignore).all()):
+            raise ValueError(f"{owner}: a float key_padding_mask may hold only 0 (keep) and -inf (ignore); "
+                             "use a bool mask (True = ignore)")
+        return ignore
+    return mask
+
+
 def _check_dropout(p) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0):
         raise ValueError(f"dropout: got {p!r}; allowed: a number with 0 <= dropout < 1")
@@ -165,7 +177,8 @@ class DilatedMultiheadAttention(_ProjectedAttention):
     :class:`MultiheadCrossAttention`).
 
     * ``key_padding_mask`` (batch, seq) bool, True = ignore that key: honoured by every backend; padded keys get
-      no weight; a query left with no key outputs 0 (before the sub-LN and output projection).
+      no weight; a query left with no key outputs 0 (before the sub-LN and output projection). A float mask
+      of 0 / -inf (as ``nn.TransformerEncoder`` passes on) is read as -inf = ignore; other floats raise.
     * Causality is the *or* of ``spec.causal``, ``is_causal`` and ``attn_mask``: ``is_causal=True`` with a
       non-causal spec runs the causal variant of the spec (``dataclasses.replace(spec, causal=True)``: within
       every segment a query attends only to keys at positions <= its own). ``is_causal=False`` never turns a
@@ -223,6 +236,7 @@ class DilatedMultiheadAttention(_ProjectedAttention):
                     "float -inf above it). Use is_causal=True for causal attention and key_padding_mask for "
                     "padding; other patterns belong in the spec")
             causal = True
+        key_padding_mask = _bool_key_padding_mask(key_padding_mask, type(self).__name__)
         q, k, v = self._project(query, key, value)
         if self.rotary is not None:
             q, k = self.rotary(q, k)
@@ -304,6 +318,7 @@ class MultiheadCrossAttention(_ProjectedAttention):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         B, Nq, _ = query.shape
         Nk = key.shape[1]
+        key_padding_mask = _bool_key_padding_mask(key_padding_mask, type(self).__name__)
         q, k, v = self._project(query, key, value)
         mask, has_key = self._allowed(key_padding_mask, attn_mask, is_causal, B, Nq, Nk, q.device, q.dtype)
         group = self.num_heads // self.num_kv_heads
