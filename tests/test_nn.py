@@ -186,7 +186,7 @@ def test_bad_arguments_give_clear_errors():
                                          r"MultiheadCrossAttention"):
         m(x, x[:, :6], x[:, :6])
     with pytest.raises(ValueError, match=r"key_padding_mask must be a bool tensor of shape \(batch, seq\)"):
-        m(x, x, x, key_padding_mask=torch.zeros(2, 8))
+        m(x, x, x, key_padding_mask=torch.zeros(2, 8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"query has 12 features; this layer expects 16"):
         m(torch.randn(2, 8, 12), x, x)
     with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, features\)"):
