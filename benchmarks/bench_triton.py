@@ -170,7 +170,7 @@ def run_case(label, pairs, mode, causal, N, D, dtype, others=("naive", "pregathe
     res = {"triton": attempt(lambda: time_module(compile_attention(spec, backend="triton"), N, D, dtype))}
     try:
         from dilated_compiler.runtime.cache import lowered
-        low = lowered(spec.key, "triton", (1, N, H, D), H, dtype, torch.device("cuda"))
+        low = lowered(spec.key, "triton", (1, N, H, D), H, dtype, torch.device("cuda", torch.cuda.current_device()))
         print(f"  tile configs {label} {mode} causal={causal} N={N} D={D} {dtype}: "
               + ", ".join(f"{k.split('|')[0]}={v}" for k, v in low._configs.items()), flush=True)
     except Exception as e:  # informational only
