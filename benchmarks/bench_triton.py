@@ -4,7 +4,10 @@ Per case: time (median, triton.testing.do_bench) and useful TFLOP/s (plan.flops,
 (query, key) pairs the pattern attends to) of
 
 * triton      this project, backend="triton"
-* naive       gather (strided views) + fused SDPA per branch + scatter: this project's backend="torch"
+* naive       what a user writes by hand (grouped mode): strided views of each branch's rows, public
+              F.scaled_dot_product_attention per branch (cuDNN / flash as torch picks), scatter into the output
+* torch       this project's backend="torch" (strided views + memory-efficient SDPA with lse per attend op +
+              scatter or log-sum-exp merge; the only baseline here that also computes "all" mode)
 * pregathered SDPA over segments gathered beforehand into contiguous tensors (the gather is not timed)
 * flex        FlexAttention with the pattern as mask_mod (compiled; "OOM" when it does not fit)
 * dense       dense SDPA over the whole sequence (cuDNN and the default SDPA backend), same heads
@@ -81,6 +84,39 @@ def time_module(attn, N, D, dtype):
         attn(q, k, v).backward(dout)
     fb()  # compile/tune the backward outside the timing
     return fwd, bench(fb, grad_to_none=[q, k, v])
+
+
+def naive_attention(q, k, v, spec):
+    """Grouped-mode dilated attention as a user writes it: strided views, public SDPA, scatter (N divisible by
+    every segment length)."""
+    B, N, Hq, D = q.shape
+    G = spec.num_branches
+    out = torch.zeros_like(q)
+    start = 0
+    for i, b in enumerate(spec.branches):
+        size = Hq // G + (1 if i < Hq % G else 0)
+        w, r, off = b.segment_length, b.dilation, i % b.dilation
+        hs = slice(start, start + size)
+        start += size
+
+        def rows(x):
+            return x.view(B * (N // w), w, Hq, D)[:, off::r, hs].transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), is_causal=spec.causal)
+        out.view(B * (N // w), w, Hq, D)[:, off::r, hs] = y.transpose(1, 2)
+    return out
+
+
+def time_naive(spec, N, D, dtype):
+    q, k, v = inputs(N, D, dtype)
+    dout = torch.randn_like(q)
+    with torch.no_grad():
+        f = bench(lambda: naive_attention(q, k, v, spec))
+
+    def fb():
+        naive_attention(q, k, v, spec).backward(dout)
+    fb()
+    return f, bench(fb, grad_to_none=[q, k, v])
 
 
 def time_pregathered(spec, N, D, dtype):
@@ -163,7 +199,8 @@ def ratio(a, b):
     return f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
 
 
-def run_case(label, pairs, mode, causal, N, D, dtype, others=("naive", "pregathered"), flex=False, dense=()):
+def run_case(label, pairs, mode, causal, N, D, dtype, others=("naive", "torch", "pregathered"), flex=False,
+             dense=()):
     spec = spec_for(pairs, mode, causal)
     plan = build_plan(spec, N, H, D)
     ff, fb_flops = float(plan.flops), float(plan.flops + plan.flops_backward)
@@ -175,8 +212,10 @@ def run_case(label, pairs, mode, causal, N, D, dtype, others=("naive", "pregathe
               + ", ".join(f"{k.split('|')[0]}={v}" for k, v in low._configs.items()), flush=True)
     except Exception as e:  # informational only
         print(f"  (no tile configs: {e})")
-    if "naive" in others:
-        res["naive"] = attempt(lambda: time_module(compile_attention(spec, backend="torch"), N, D, dtype))
+    if "naive" in others and mode == "grouped":
+        res["naive"] = attempt(lambda: time_naive(spec, N, D, dtype))
+    if "torch" in others:
+        res["torch"] = attempt(lambda: time_module(compile_attention(spec, backend="torch"), N, D, dtype))
     if "pregathered" in others:
         res["pregathered"] = attempt(lambda: time_pregathered(spec, N, D, dtype))
     if flex:
