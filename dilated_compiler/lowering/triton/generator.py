@@ -68,6 +68,24 @@ $DILATION_CHAIN
     return r
 
 
+@triton.jit
+def _load_pair(a_ptrs, b_ptrs, rows, L, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr):
+    # two (rows, BLOCK_D) tiles at the same offsets (k and v, or q and dO); rows >= L and the padded feature
+    # columns >= HEAD_DIM read as 0, and no mask at all where neither can occur
+    if MASKED:
+        ld = (rows < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        a = tl.load(a_ptrs, mask=ld, other=0.0)
+        b = tl.load(b_ptrs, mask=ld, other=0.0)
+    elif BLOCK_D == HEAD_DIM:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return a, b
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # dilated_fwd: out and lse of one query tile.
 #   Q, K, V      (B, N, H|Hkv, D) inputs; row j of a segment is position pos0 + j*r (strided addressing)
@@ -92,16 +110,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, kpm_base, stride_kn, pos0, r, L
     step = (BLOCK_N * r).to(tl.int64) * stride_kn
     for n0 in range(lo, hi, BLOCK_N):
         rows_n = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            ld = (rows_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-            k = tl.load(k_ptrs, mask=ld, other=0.0)
-            v = tl.load(v_ptrs, mask=ld, other=0.0)
-        elif BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        k, v = _load_pair(k_ptrs, v_ptrs, rows_n, L, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         k_ptrs += step
         v_ptrs += step
         s = tl.dot(q, tl.trans(k)$DOT_KW)
@@ -260,16 +269,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, pos0,
     step = (BLOCK_N * r).to(tl.int64) * stride_kn
     for n0 in range(lo, hi, BLOCK_N):
         rows_n = n0 + tl.arange(0, BLOCK_N)
-        if MASKED:
-            ld = (rows_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-            k = tl.load(k_ptrs, mask=ld, other=0.0)
-            v = tl.load(v_ptrs, mask=ld, other=0.0)
-        elif BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        k, v = _load_pair(k_ptrs, v_ptrs, rows_n, L, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         k_ptrs += step
         v_ptrs += step
         s = tl.dot(q, tl.trans(k)$DOT_KW)
@@ -357,19 +357,11 @@ def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, l_base, d_base, stride_qn
     step = (BLOCK_M * r).to(tl.int64)
     for m0 in range(lo, hi, BLOCK_M):
         rows_m = m0 + tl.arange(0, BLOCK_M)
+        q, do = _load_pair(q_ptrs, do_ptrs, rows_m, L, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
-            ld = (rows_m < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-            q = tl.load(q_ptrs, mask=ld, other=0.0)
-            do = tl.load(do_ptrs, mask=ld, other=0.0)
             lse = tl.load(l_ptrs, mask=rows_m < L, other=float("inf"))
             delta = tl.load(d_ptrs, mask=rows_m < L, other=0.0)
         else:
-            if BLOCK_D == HEAD_DIM:
-                q = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
-            else:
-                q = tl.load(q_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-                do = tl.load(do_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
             lse = tl.load(l_ptrs)
             delta = tl.load(d_ptrs)
         q_ptrs += step * stride_qn
