@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from dilated_compiler import AttentionSpec, Branch, build_plan, compile_attention, runtime
-from dilated_compiler.reference import head_branches
 
 
 def naive(q, k, v, spec):

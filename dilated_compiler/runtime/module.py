@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..lowering import BackendError, lowerings
-from ..planner import PlanError, build_plan
+from ..planner import build_plan
 from ..spec import AttentionSpec, load_spec
 from . import op as _op
 from .cache import lowered, register_spec
