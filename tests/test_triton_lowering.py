@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from dilated_compiler import AttentionSpec, Branch, compile_attention, reference
 from dilated_compiler.lowering import BackendError, triton_available, triton_unavailable_reason
@@ -65,6 +66,61 @@ def test_unsupported_dtype_and_head_dim():
         attn.kernel_source(16, 2, 16, dtype=torch.float64)
     with pytest.raises(BackendError, match="head_dim"):
         attn.kernel_source(16, 2, 512)
+
+
+@st.composite
+def grouped_tables(draw):
+    branches = []
+    for _ in range(draw(st.integers(1, 3))):
+        w = draw(st.integers(1, 40))
+        r = draw(st.integers(1, min(w, 6)))
+        branches.append(Branch(w, r, draw(st.one_of(st.none(), st.integers(0, r - 1)))))
+    spec = AttentionSpec(tuple(branches), causal=draw(st.booleans()))
+    heads = draw(st.integers(len(branches), 5))
+    seq = draw(st.integers(1, 90))
+    kind = draw(st.sampled_from(["q", "k"]))
+    return spec, heads, seq, kind, draw(st.sampled_from([1, 2, 4, 16])), draw(st.sampled_from([1, 4, 16]))
+
+
+@given(grouped_tables())
+@settings(max_examples=300, deadline=None)
+def test_zero_fill_spans(case):
+    """The tiles' spans [zlo, zhi) never overlap within a head, and spans_cover says True exactly when every head's
+    branch selects at least one row in every one of its segments (then the spans are all of 0..N-1)."""
+    from dilated_compiler.lowering.triton.tables import spans_cover, tile_table
+    from dilated_compiler.planner import build_plan
+    spec, heads, seq, kind, block, partner = case
+    plan = build_plan(spec, seq, heads, 8)
+    table = tile_table(plan, kind, block, partner)
+    covered = {h: torch.zeros(seq, dtype=torch.int64) for h in range(heads)}
+    for row in table.tolist():
+        h, zlo, zhi = row[0], row[9], row[10]
+        assert 0 <= zlo <= zhi <= seq
+        covered[h][zlo:zhi] += 1
+        # a span holds this tile's selected rows and no other tile's
+        pos0, L, r, row0 = row[2], row[3], spec.branches[row[1]].dilation, row[4]
+        own = [pos0 + j * r for j in range(row0, min(row0 + block, L))]
+        assert all(zlo <= p < zhi for p in own)
+    assert all(int(c.max()) <= 1 for c in covered.values() if seq)
+    # the definition: head h's branch (grouped split, default offset i % r) selects a row in every segment
+    G = spec.num_branches
+    expected = True
+    for h in range(heads):
+        base, rem = divmod(heads, G)
+        i = next(i for i in range(G) if i * base + min(i, rem) <= h < (i + 1) * base + min(i + 1, rem))
+        b = spec.branches[i]
+        offset = b.offset if b.offset is not None else i % b.dilation
+        expected &= all(offset < min(b.segment_length, seq - s) for s in range(0, seq, b.segment_length))
+    assert spans_cover(plan, table) == expected
+    if expected:
+        assert all(bool((c == 1).all()) for c in covered.values())
+
+
+def test_zero_fill_spans_not_in_all_mode():
+    from dilated_compiler.lowering.triton.tables import spans_cover, tile_table
+    from dilated_compiler.planner import build_plan
+    plan = build_plan(AttentionSpec((Branch(8, 1), Branch(16, 2)), head_assignment="all"), 64, 4, 16)
+    assert not spans_cover(plan, tile_table(plan, "q", 16, 16))
 
 
 def _lowering(spec, dtype=torch.float16, n=64, h=4, d=32):
@@ -124,6 +180,15 @@ GPU_PATTERNS = {
 }
 
 
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Outputs the kernels fill by themselves start as NaN (a missed gap fails the comparison)."""
+    from dilated_compiler.lowering.triton import lowering as triton_lowering
+    monkeypatch.setattr(triton_lowering, "_uninitialized",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    return triton_lowering
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("pattern,dtype,head_dim,mode,causal", [
@@ -135,7 +200,7 @@ GPU_PATTERNS = {
     ("offsets", torch.float16, 64, "all", False),
     ("offsets", torch.bfloat16, 128, "grouped", False),
 ])
-def test_gpu_against_reference(pattern, dtype, head_dim, mode, causal):
+def test_gpu_against_reference(pattern, dtype, head_dim, mode, causal, poisoned):
     branches = GPU_PATTERNS[pattern]
     if mode == "all":
         branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
@@ -143,6 +208,34 @@ def test_gpu_against_reference(pattern, dtype, head_dim, mode, causal):
     attn = compile_attention(spec, backend="triton")
     q, k, v = make_qkv(2, 1000, 4, head_dim, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_pointer_path(poisoned, monkeypatch):
+    """The pointer-load path (GPUs without TMA, unaligned tensors) on this GPU too."""
+    monkeypatch.setattr(poisoned, "USE_TMA", False)
+    spec = AttentionSpec(GPU_PATTERNS["offsets"], causal=True)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(2, 1000, 4, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    check_against_reference(attn, spec, q, k, v)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_unaligned_inputs_take_pointer_path(poisoned, monkeypatch):
+    """Views whose data does not start on 16 bytes cannot feed tensor descriptors: still correct."""
+    chosen = []
+    tma = poisoned.TritonLowering._tma
+    monkeypatch.setattr(poisoned.TritonLowering, "_tma", lambda self, *t: chosen.append(tma(self, *t)) or chosen[-1])
+    spec = AttentionSpec(GPU_PATTERNS["four-branch"])
+    attn = compile_attention(spec, backend="triton")
+    n = 1000 * 4 * 64
+    store = torch.randn(3, n + 8, dtype=torch.float16, device="cuda")
+    q, k, v = (store[i, 1:1 + n].view(1, 1000, 4, 64).requires_grad_() for i in range(3))
+    assert q.data_ptr() % 16 != 0
+    check_against_reference(attn, spec, q, k, v)
+    assert chosen and not any(chosen)
 
 
 @pytest.mark.gpu

@@ -53,6 +53,14 @@ $COLUMNS
 # all mode only accumulates (fp32 atomics) because branches touch the same rows.
 # [Note: empty rows] a row with no allowed key has lse -inf and out 0; backward reads its lse as +inf so that
 # exp(S - lse) is 0 there, never NaN.
+# [Note: TMA] with TMA set, tiles move through tensor descriptors made in the kernel over a segment's selected
+# rows (base: row 0 of the segment, row stride r * (row stride of the tensor)); the copy engine then reads and
+# writes strided rows as dense tiles, and rows >= L read as 0 and are never written. Without TMA the same tiles
+# move through pointer loads with masks. The launcher picks TMA where the GPU has it and the tensors are
+# 16-byte aligned.
+# [Note: zero fill] positions a head's branch does not select must come out 0 (out, dq, dk, dv). With ZFILL set,
+# each program also writes those zeros in its tile's span [zlo, zhi) of the segment (table columns), so the
+# output needs no memset; the launcher sets ZFILL only where the spans of every head cover all N positions.
 
 import triton
 import triton.language as tl
@@ -86,6 +94,28 @@ def _load_pair(a_ptrs, b_ptrs, rows, L, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D:
     return a, b
 
 
+@triton.jit
+def _desc(base, pos0, r, stride_n, L, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # a tensor descriptor over the L selected rows of one segment: row j at base + (pos0 + j*r) * stride_n
+    return tl.make_tensor_descriptor(base + pos0.to(tl.int64) * stride_n, shape=[L, HEAD_DIM],
+                                     strides=[r * stride_n, 1], block_shape=[ROWS, BLOCK_D])
+
+
+@triton.jit
+def _zero_gaps(base, stride_n, zlo, zhi, pos0, r, L, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               ZBLOCK: tl.constexpr):
+    # write 0 to every position p in [zlo, zhi) that is not a selected row (p = pos0 + j*r, 0 <= j < L)
+    offs_d = tl.arange(0, BLOCK_D)
+    zero = tl.zeros([ZBLOCK, BLOCK_D], dtype=base.dtype.element_ty)
+    for p0 in range(zlo, zhi, ZBLOCK):
+        p = p0 + tl.arange(0, ZBLOCK)
+        rel = p - pos0
+        selected = (rel >= 0) & (rel % r == 0) & (rel < L * r)
+        gap = (p < zhi) & (selected == 0)
+        tl.store(base + p.to(tl.int64)[:, None] * stride_n + offs_d[None, :], zero,
+                 mask=gap[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # dilated_fwd: out and lse of one query tile.
 #   Q, K, V      (B, N, H|Hkv, D) inputs; row j of a segment is position pos0 + j*r (strided addressing)
@@ -97,22 +127,28 @@ def _load_pair(a_ptrs, b_ptrs, rows, L, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D:
 #   HEAD_DIM, BLOCK_D  D and D rounded up to a power of two; BLOCK_M, BLOCK_N query/key tile rows
 #   GQA          H // Hkv: query head h reads kv head h // GQA
 #   MERGE        all mode: write per-branch results (index by branch) for dilated_merge
+#   TMA, ZFILL   see [Note: TMA] and [Note: zero fill]; q_desc, k_desc, v_desc, o_desc are the descriptors
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, kpm_base, stride_kn, pos0, r, L, rows_m, lo, hi, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, kpm_base, stride_kn, pos0, r, L, rows_m, lo, hi,
+               qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
-    # key/value tile pointers: rows lo.. of the segment, advanced by BLOCK_N rows (BLOCK_N*r positions) per step
-    kv_off = (pos0 + (lo + tl.arange(0, BLOCK_N)) * r).to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
-    k_ptrs = k_base + kv_off
-    v_ptrs = v_base + kv_off
-    step = (BLOCK_N * r).to(tl.int64) * stride_kn
+    if not TMA:
+        # key/value tile pointers: rows lo.. of the segment, advanced by BLOCK_N rows (BLOCK_N*r positions)
+        kv_off = (pos0 + (lo + tl.arange(0, BLOCK_N)) * r).to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+        k_ptrs = k_base + kv_off
+        v_ptrs = v_base + kv_off
+        step = (BLOCK_N * r).to(tl.int64) * stride_kn
     for n0 in range(lo, hi, BLOCK_N):
         rows_n = n0 + tl.arange(0, BLOCK_N)
-        k, v = _load_pair(k_ptrs, v_ptrs, rows_n, L, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        k_ptrs += step
-        v_ptrs += step
+        if TMA:
+            k = k_desc.load([n0, 0])
+            v = v_desc.load([n0, 0])
+        else:
+            k, v = _load_pair(k_ptrs, v_ptrs, rows_n, L, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+            k_ptrs += step
+            v_ptrs += step
         s = tl.dot(q, tl.trans(k)$DOT_KW)
         if MASKED:
             valid = (rows_n < L)[None, :]
@@ -141,7 +177,8 @@ def dilated_fwd(Q, K, V, KPM, OUT, LSE, TABLE, qk_scale,
                 stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                 stride_og, stride_ob, stride_on, stride_oh, stride_lg, stride_lb, stride_lh, N,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                GQA: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MERGE: tl.constexpr):
+                GQA: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MERGE: tl.constexpr,
+                TMA: tl.constexpr, ZFILL: tl.constexpr):
     # -- which tile: one row of the tile table
     row = TABLE + tl.program_id(0) * $NCOLS
     b = tl.program_id(1).to(tl.int64)
@@ -160,22 +197,30 @@ def dilated_fwd(Q, K, V, KPM, OUT, LSE, TABLE, qk_scale,
     pos_m = (pos0 + rows_m * r).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     io_mask = (rows_m < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * stride_qb + head.to(tl.int64) * stride_qh + pos_m[:, None] * stride_qn + offs_d[None, :],
-                mask=io_mask, other=0.0)
+    q_base = Q + b * stride_qb + head.to(tl.int64) * stride_qh
     kvh = (head // GQA).to(tl.int64)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_kb + kvh * stride_kh
     kpm_base = KPM + b * N
+    if TMA:
+        q = _desc(q_base, pos0, r, stride_qn, L, HEAD_DIM, BLOCK_M, BLOCK_D).load([row0, 0])
+        k_desc = _desc(k_base, pos0, r, stride_kn, L, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_desc = _desc(v_base, pos0, r, stride_kn, L, HEAD_DIM, BLOCK_N, BLOCK_D)
+    else:
+        q = tl.load(q_base + pos_m[:, None] * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
+        k_desc = k_base
+        v_desc = v_base
     # -- online softmax over the block table: masked, unmasked, masked phases
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, kpm_base, stride_kn, pos0, r, L, rows_m, lo, mid,
-                               qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KPM)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, kpm_base, stride_kn, pos0, r, L, rows_m, mid,
-                               full_end, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_KPM, CAUSAL, HAS_KPM)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, kpm_base, stride_kn, pos0, r, L, rows_m,
-                               full_end, hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KPM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, kpm_base, stride_kn, pos0, r, L,
+                               rows_m, lo, mid, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KPM, TMA)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, kpm_base, stride_kn, pos0, r, L,
+                               rows_m, mid, full_end, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_KPM, CAUSAL, HAS_KPM,
+                               TMA)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, kpm_base, stride_kn, pos0, r, L,
+                               rows_m, full_end, hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KPM, TMA)
     # -- epilogue: rows with no key get out 0, lse -inf
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
@@ -185,9 +230,14 @@ def dilated_fwd(Q, K, V, KPM, OUT, LSE, TABLE, qk_scale,
         g = branch.to(tl.int64)
     else:
         g = 0
-    o_ptrs = OUT + g * stride_og + b * stride_ob + head.to(tl.int64) * stride_oh + pos_m[:, None] * stride_on
-    tl.store(o_ptrs + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=io_mask)
+    o_base = OUT + g * stride_og + b * stride_ob + head.to(tl.int64) * stride_oh
+    if TMA:
+        _desc(o_base, pos0, r, stride_on, L, HEAD_DIM, BLOCK_M, BLOCK_D).store([row0, 0], out.to(OUT.dtype.element_ty))
+    else:
+        tl.store(o_base + pos_m[:, None] * stride_on + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=io_mask)
     tl.store(LSE + g * stride_lg + b * stride_lb + head.to(tl.int64) * stride_lh + pos_m, lse, mask=rows_m < L)
+    if ZFILL:
+        _zero_gaps(o_base, stride_on, tl.load(row + 9), tl.load(row + 10), pos0, r, L, HEAD_DIM, BLOCK_D, BLOCK_M)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,20 +308,25 @@ def dilated_bwd_preprocess(OUT, DO, DLSE, DELTA, R, N, H,
 #   DQ           (B, N, H, D): fp32 with ATOMIC (all mode: branches add into the same rows), else q's dtype
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, pos0, r, L, rows_m, lo, hi, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kpm_base, stride_kn, pos0, r, L, rows_m, lo,
+              hi, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
-    # key/value tile pointers: rows lo.. of the segment, advanced by BLOCK_N rows (BLOCK_N*r positions) per step
-    kv_off = (pos0 + (lo + tl.arange(0, BLOCK_N)) * r).to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
-    k_ptrs = k_base + kv_off
-    v_ptrs = v_base + kv_off
-    step = (BLOCK_N * r).to(tl.int64) * stride_kn
+    if not TMA:
+        # key/value tile pointers: rows lo.. of the segment, advanced by BLOCK_N rows (BLOCK_N*r positions)
+        kv_off = (pos0 + (lo + tl.arange(0, BLOCK_N)) * r).to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+        k_ptrs = k_base + kv_off
+        v_ptrs = v_base + kv_off
+        step = (BLOCK_N * r).to(tl.int64) * stride_kn
     for n0 in range(lo, hi, BLOCK_N):
         rows_n = n0 + tl.arange(0, BLOCK_N)
-        k, v = _load_pair(k_ptrs, v_ptrs, rows_n, L, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        k_ptrs += step
-        v_ptrs += step
+        if TMA:
+            k = k_desc.load([n0, 0])
+            v = v_desc.load([n0, 0])
+        else:
+            k, v = _load_pair(k_ptrs, v_ptrs, rows_n, L, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+            k_ptrs += step
+            v_ptrs += step
         s = tl.dot(q, tl.trans(k)$DOT_KW)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
@@ -292,7 +347,8 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, pos0,
 def dilated_bwd_dq(Q, K, V, KPM, DO, LSE, DELTA, DQ, TABLE, qk_scale, sm_scale,
                    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_lb, stride_lh, N,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   GQA: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC: tl.constexpr):
+                   GQA: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC: tl.constexpr,
+                   TMA: tl.constexpr, ZFILL: tl.constexpr):
     row = TABLE + tl.program_id(0) * $NCOLS
     b = tl.program_id(1).to(tl.int64)
     head = tl.load(row + 0)
@@ -310,9 +366,14 @@ def dilated_bwd_dq(Q, K, V, KPM, DO, LSE, DELTA, DQ, TABLE, qk_scale, sm_scale,
     pos_m = (pos0 + rows_m * r).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     io_mask = (rows_m < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q_off = b * stride_qb + head.to(tl.int64) * stride_qh + pos_m[:, None] * stride_qn + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=io_mask, other=0.0)
-    do = tl.load(DO + q_off, mask=io_mask, other=0.0)
+    qh_off = b * stride_qb + head.to(tl.int64) * stride_qh
+    q_off = qh_off + pos_m[:, None] * stride_qn + offs_d[None, :]
+    if TMA:
+        q = _desc(Q + qh_off, pos0, r, stride_qn, L, HEAD_DIM, BLOCK_M, BLOCK_D).load([row0, 0])
+        do = _desc(DO + qh_off, pos0, r, stride_qn, L, HEAD_DIM, BLOCK_M, BLOCK_D).load([row0, 0])
+    else:
+        q = tl.load(Q + q_off, mask=io_mask, other=0.0)
+        do = tl.load(DO + q_off, mask=io_mask, other=0.0)
     l_off = b * stride_lb + head.to(tl.int64) * stride_lh + pos_m
     lse = tl.load(LSE + l_off, mask=rows_m < L, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
@@ -321,19 +382,31 @@ def dilated_bwd_dq(Q, K, V, KPM, DO, LSE, DELTA, DQ, TABLE, qk_scale, sm_scale,
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_kb + kvh * stride_kh
     kpm_base = KPM + b * N
+    if TMA:
+        k_desc = _desc(k_base, pos0, r, stride_kn, L, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_desc = _desc(v_base, pos0, r, stride_kn, L, HEAD_DIM, BLOCK_N, BLOCK_D)
+    else:
+        k_desc = k_base
+        v_desc = v_base
     # -- walk the key tiles of the block table
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, pos0, r, L, rows_m, lo, mid,
-                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KPM)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, pos0, r, L, rows_m, mid, full_end,
-                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_KPM, CAUSAL, HAS_KPM)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, pos0, r, L, rows_m, full_end, hi,
-                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KPM)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kpm_base, stride_kn, pos0, r, L, rows_m,
+                   lo, mid, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KPM, TMA)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kpm_base, stride_kn, pos0, r, L, rows_m,
+                   mid, full_end, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_KPM, CAUSAL, HAS_KPM, TMA)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kpm_base, stride_kn, pos0, r, L, rows_m,
+                   full_end, hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KPM, TMA)
     dq = dq * sm_scale
     if ATOMIC:
         tl.atomic_add(DQ + q_off, dq, mask=io_mask)
+    elif TMA:
+        _desc(DQ + qh_off, pos0, r, stride_qn, L, HEAD_DIM, BLOCK_M, BLOCK_D).store([row0, 0],
+                                                                                  dq.to(DQ.dtype.element_ty))
     else:
         tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=io_mask)
+    if ZFILL:
+        _zero_gaps(DQ + qh_off, stride_qn, tl.load(row + 9), tl.load(row + 10), pos0, r, L, HEAD_DIM, BLOCK_D,
+                   BLOCK_M)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,29 +416,34 @@ def dilated_bwd_dq(Q, K, V, KPM, DO, LSE, DELTA, DQ, TABLE, qk_scale, sm_scale,
 #   DK, DV       (B, N, Hkv, D): fp32 with ATOMIC (all mode, or GQA: several query heads add into one kv head)
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, l_base, d_base, stride_qn, pos0, r, L, rows_n, lo, hi,
-                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, q_desc, do_desc, l_base, d_base, stride_qn, pos0, r, L,
+                rows_n, lo, hi, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     # query-side tile pointers: rows lo.. of the segment, advanced by BLOCK_M rows (BLOCK_M*r positions) per step
     pos_m = (pos0 + (lo + tl.arange(0, BLOCK_M)) * r).to(tl.int64)
-    q_off = pos_m[:, None] * stride_qn + offs_d[None, :]
-    q_ptrs = q_base + q_off
-    do_ptrs = do_base + q_off
+    if not TMA:
+        q_off = pos_m[:, None] * stride_qn + offs_d[None, :]
+        q_ptrs = q_base + q_off
+        do_ptrs = do_base + q_off
     l_ptrs = l_base + pos_m
     d_ptrs = d_base + pos_m
     step = (BLOCK_M * r).to(tl.int64)
     for m0 in range(lo, hi, BLOCK_M):
         rows_m = m0 + tl.arange(0, BLOCK_M)
-        q, do = _load_pair(q_ptrs, do_ptrs, rows_m, L, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if TMA:
+            q = q_desc.load([m0, 0])
+            do = do_desc.load([m0, 0])
+        else:
+            q, do = _load_pair(q_ptrs, do_ptrs, rows_m, L, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+            q_ptrs += step * stride_qn
+            do_ptrs += step * stride_qn
         if MASKED:
             lse = tl.load(l_ptrs, mask=rows_m < L, other=float("inf"))
             delta = tl.load(d_ptrs, mask=rows_m < L, other=0.0)
         else:
             lse = tl.load(l_ptrs)
             delta = tl.load(d_ptrs)
-        q_ptrs += step * stride_qn
-        do_ptrs += step * stride_qn
         l_ptrs += step
         d_ptrs += step
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
@@ -389,7 +467,8 @@ def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, l_base, d_base, stride_qn
 def dilated_bwd_dkdv(Q, K, V, KPM, DO, LSE, DELTA, DK, DV, TABLE, qk_scale, sm_scale,
                      stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_lb, stride_lh, N,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     GQA: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC: tl.constexpr):
+                     GQA: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC: tl.constexpr,
+                     TMA: tl.constexpr, ZFILL: tl.constexpr):
     row = TABLE + tl.program_id(0) * $NCOLS
     b = tl.program_id(1).to(tl.int64)
     head = tl.load(row + 0)
@@ -408,9 +487,14 @@ def dilated_bwd_dkdv(Q, K, V, KPM, DO, LSE, DELTA, DK, DV, TABLE, qk_scale, sm_s
     offs_d = tl.arange(0, BLOCK_D)
     io_mask = (rows_n < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
     kvh = (head // GQA).to(tl.int64)
-    kv_off = b * stride_kb + kvh * stride_kh + pos_n[:, None] * stride_kn + offs_d[None, :]
-    k = tl.load(K + kv_off, mask=io_mask, other=0.0)
-    v = tl.load(V + kv_off, mask=io_mask, other=0.0)
+    kvh_off = b * stride_kb + kvh * stride_kh
+    kv_off = kvh_off + pos_n[:, None] * stride_kn + offs_d[None, :]
+    if TMA:
+        k = _desc(K + kvh_off, pos0, r, stride_kn, L, HEAD_DIM, BLOCK_N, BLOCK_D).load([row0, 0])
+        v = _desc(V + kvh_off, pos0, r, stride_kn, L, HEAD_DIM, BLOCK_N, BLOCK_D).load([row0, 0])
+    else:
+        k = tl.load(K + kv_off, mask=io_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=io_mask, other=0.0)
     if HAS_KPM:
         key_ok = tl.load(KPM + b * N + pos_n, mask=rows_n < L, other=1) == 0
     else:
@@ -419,22 +503,38 @@ def dilated_bwd_dkdv(Q, K, V, KPM, DO, LSE, DELTA, DK, DV, TABLE, qk_scale, sm_s
     do_base = DO + b * stride_qb + head.to(tl.int64) * stride_qh
     l_base = LSE + b * stride_lb + head.to(tl.int64) * stride_lh
     d_base = DELTA + b * stride_lb + head.to(tl.int64) * stride_lh
+    if TMA:
+        q_desc = _desc(q_base, pos0, r, stride_qn, L, HEAD_DIM, BLOCK_M, BLOCK_D)
+        do_desc = _desc(do_base, pos0, r, stride_qn, L, HEAD_DIM, BLOCK_M, BLOCK_D)
+    else:
+        q_desc = q_base
+        do_desc = do_base
     # -- walk the query tiles of the block table
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, l_base, d_base, stride_qn, pos0, r, L, rows_n,
-                         lo, mid, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, HAS_KPM)
-    dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, l_base, d_base, stride_qn, pos0, r, L, rows_n,
-                         mid, full_end, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, HAS_KPM)
-    dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, l_base, d_base, stride_qn, pos0, r, L, rows_n,
-                         full_end, hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, HAS_KPM)
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, q_desc, do_desc, l_base, d_base, stride_qn, pos0, r,
+                         L, rows_n, lo, mid, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, HAS_KPM, TMA)
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, q_desc, do_desc, l_base, d_base, stride_qn, pos0, r,
+                         L, rows_n, mid, full_end, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, HAS_KPM, TMA)
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, q_desc, do_desc, l_base, d_base, stride_qn, pos0, r,
+                         L, rows_n, full_end, hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, HAS_KPM, TMA)
     dk = dk * sm_scale
     if ATOMIC:
         tl.atomic_add(DK + kv_off, dk, mask=io_mask)
         tl.atomic_add(DV + kv_off, dv, mask=io_mask)
+    elif TMA:
+        _desc(DK + kvh_off, pos0, r, stride_kn, L, HEAD_DIM, BLOCK_N, BLOCK_D).store([row0, 0],
+                                                                                   dk.to(DK.dtype.element_ty))
+        _desc(DV + kvh_off, pos0, r, stride_kn, L, HEAD_DIM, BLOCK_N, BLOCK_D).store([row0, 0],
+                                                                                   dv.to(DV.dtype.element_ty))
     else:
         tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=io_mask)
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=io_mask)
+    if ZFILL:
+        zlo = tl.load(row + 9)
+        zhi = tl.load(row + 10)
+        _zero_gaps(DK + kvh_off, stride_kn, zlo, zhi, pos0, r, L, HEAD_DIM, BLOCK_D, BLOCK_N)
+        _zero_gaps(DV + kvh_off, stride_kn, zlo, zhi, pos0, r, L, HEAD_DIM, BLOCK_D, BLOCK_N)
 '''
 
 

@@ -10,6 +10,10 @@ Per pass, one launch covers every branch, segment, head and tile of the plan, dr
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported; for tests). Producing the source (``source()``) needs neither.
 
+Memory traffic: on GPUs with a tensor memory accelerator (compute capability 9.0 and up) tiles move through
+tensor descriptors over the strided rows (the kernels' [Note: TMA]); outputs that the kernels fill completely
+(gaps included, [Note: zero fill]) are allocated without a memset.
+
 Precision: fp16/bf16 use the tensor cores with fp32 accumulation; fp32 inputs use exact fp32 products
 (``input_precision="ieee"``), slower but within the float32 tolerances of the tests.
 """
@@ -28,7 +32,7 @@ from . import autotune
 from .autotune import TileConfig, candidates, interpreting
 from .diskcache import load_module
 from .generator import generate_source, generator_fingerprint
-from .tables import tile_table
+from .tables import spans_cover, tile_table
 
 __all__ = ["TritonLowering"]
 
@@ -39,6 +43,36 @@ _ROWS_PER_PROGRAM = 64  # rows of the elementwise kernels (merge, preprocess)
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+def _uninitialized(shape, dtype, device) -> torch.Tensor:
+    """Outputs the kernels write in full (tests replace this to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if not interpreting() else "cpu")
+
+
+def _ensure_allocator() -> None:
+    """Kernels that make tensor descriptors need Triton's scratch allocator; set ours unless one is set."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:
+        pass
+    triton.set_allocator(_scratch)
+
+
+def _tma_supported(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return interpreting()
+    return torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(triton.language, "make_tensor_descriptor")
+
+
+# set to False (tests, experiments) to run the pointer-load path everywhere
+USE_TMA = True
 
 
 class TritonLowering:
@@ -82,6 +116,7 @@ class TritonLowering:
         self._module = None
         self._tables: dict[tuple, torch.Tensor] = {}
         self._configs: dict[str, TileConfig] = {}
+        self._covers: dict[tuple, bool] = {}
 
     # ---- plumbing -----------------------------------------------------------------------------------------
     @property
@@ -107,6 +142,24 @@ class TritonLowering:
             t = tile_table(self.plan, kind, cfg.block, cfg.partner).to(device)
             self._tables[key] = t
         return t
+
+    def _zfill(self, kind: str, cfg: TileConfig, device: torch.device) -> bool:
+        key = (kind, cfg.block, cfg.partner)
+        if key not in self._covers:
+            self._covers[key] = spans_cover(self.plan, self._table(kind, cfg, device).cpu())
+        return self._covers[key]
+
+    def _tma(self, *tensors: torch.Tensor) -> bool:
+        """Tensor descriptors need 16-byte aligned bases and row strides (see [Note: TMA])."""
+        if not USE_TMA or not _tma_supported(tensors[0].device):
+            return False
+        esize = tensors[0].element_size()
+        if (self.head_dim * esize) % 16:
+            return False
+        if not all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 for t in tensors):
+            return False
+        _ensure_allocator()
+        return True
 
     def _tune_key(self, pass_name: str, batch: int, has_kpm: bool) -> str:
         return "|".join([pass_name, self.spec.key, f"D{self.head_dim}", self.specialisation["dtype"],
@@ -134,7 +187,7 @@ class TritonLowering:
         return key_padding_mask.contiguous().view(torch.uint8), True
 
     # ---- forward ------------------------------------------------------------------------------------------
-    def _launch_fwd(self, cfg, q, k, v, kpm, has_kpm, out, lse):
+    def _launch_fwd(self, cfg, q, k, v, kpm, has_kpm, out, lse, zfill=False):
         table = self._table("q", cfg, q.device)
         T = table.shape[0]
         if T == 0:
@@ -151,7 +204,7 @@ class TritonLowering:
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             stride_og, ob.stride(0), ob.stride(1), ob.stride(2), stride_lg, lb.stride(0), lb.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.block, BLOCK_N=cfg.partner, GQA=self.gqa,
-            CAUSAL=self.causal, HAS_KPM=has_kpm, MERGE=self.merge,
+            CAUSAL=self.causal, HAS_KPM=has_kpm, MERGE=self.merge, TMA=self._tma(q, k, v, out), ZFILL=zfill,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def forward(self, q, k, v, key_padding_mask=None):
@@ -162,30 +215,33 @@ class TritonLowering:
         G = self.spec.num_branches
         aux = torch.full(aux_shape(self.spec, B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
         if self.merge:
-            out_b = torch.empty((G, B, N, H, D), dtype=q.dtype, device=q.device)
-            dest, dest_lse = out_b, aux
+            # per-branch results; the merge reads a branch's rows only where its lse (aux) is finite
+            dest, dest_lse = torch.empty((G, B, N, H, D), dtype=q.dtype, device=q.device), aux
         else:
-            out = torch.zeros_like(q)
-            lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
-            dest, dest_lse = out, lse
+            dest_lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
 
         def time_one(cfg):
-            return self._bench(lambda: self._launch_fwd(cfg, q, k, v, kpm, has_kpm, dest, dest_lse))
+            d = dest if self.merge else torch.zeros_like(q)
+            return self._bench(lambda: self._launch_fwd(cfg, q, k, v, kpm, has_kpm, d, dest_lse))
 
         cfg = self._config("fwd", q.device, B, has_kpm, time_one)
-        self._launch_fwd(cfg, q, k, v, kpm, has_kpm, dest, dest_lse)
         if not self.merge:
-            return out, lse, aux
+            # the kernel writes every row (gaps included) where the tiles' spans cover them; else a memset
+            zfill = self._zfill("q", cfg, q.device)
+            out = _uninitialized(q.shape, q.dtype, q.device) if zfill else torch.zeros_like(q)
+            self._launch_fwd(cfg, q, k, v, kpm, has_kpm, out, dest_lse, zfill)
+            return out, dest_lse, aux
+        self._launch_fwd(cfg, q, k, v, kpm, has_kpm, dest, dest_lse)
         out = torch.empty_like(q)
         lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
         R = B * N * H
         self.kernels.dilated_merge[(triton.cdiv(R, _ROWS_PER_PROGRAM),)](
-            out_b, aux, out, lse, R, N, H, out_b.stride(0), aux.stride(0),
+            dest, aux, out, lse, R, N, H, dest.stride(0), aux.stride(0),
             G=G, HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_R=_ROWS_PER_PROGRAM, num_warps=4)
         return out, lse, aux
 
     # ---- backward -----------------------------------------------------------------------------------------
-    def _launch_dq(self, cfg, q, k, v, kpm, has_kpm, dout, lse, delta, dq, atomic):
+    def _launch_dq(self, cfg, q, k, v, kpm, has_kpm, dout, lse, delta, dq, atomic, zfill=False):
         table = self._table("q", cfg, q.device)
         if table.shape[0] == 0:
             return
@@ -195,9 +251,10 @@ class TritonLowering:
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), lse.stride(0),
             lse.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.block, BLOCK_N=cfg.partner, GQA=self.gqa,
-            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, TMA=self._tma(q, k, v, dout, dq), ZFILL=zfill,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    def _launch_dkdv(self, cfg, q, k, v, kpm, has_kpm, dout, lse, delta, dk, dv, atomic):
+    def _launch_dkdv(self, cfg, q, k, v, kpm, has_kpm, dout, lse, delta, dk, dv, atomic, zfill=False):
         table = self._table("k", cfg, q.device)
         if table.shape[0] == 0:
             return
@@ -207,7 +264,8 @@ class TritonLowering:
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), lse.stride(0),
             lse.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.partner, BLOCK_N=cfg.block, GQA=self.gqa,
-            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, TMA=self._tma(q, k, v, dout, dk, dv), ZFILL=zfill,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None):
         self._check_device(q)
@@ -226,23 +284,30 @@ class TritonLowering:
             HAS_DLSE=has_dlse, num_warps=4)
         atomic_q = self.merge
         atomic_kv = self.merge or self.gqa > 1
-        dq = torch.zeros(q.shape, dtype=torch.float32 if atomic_q else q.dtype, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32 if atomic_kv else k.dtype, device=q.device)
-        dv = torch.zeros_like(dk)
+        dq_dtype = torch.float32 if atomic_q else q.dtype
+        dkv_dtype = torch.float32 if atomic_kv else k.dtype
         args = (q, k, v, kpm, has_kpm, dout, lse, delta)
 
         def time_dkdv(cfg):
-            sk, sv = torch.zeros_like(dk), torch.zeros_like(dv)
+            sk = torch.zeros(k.shape, dtype=dkv_dtype, device=q.device)
+            sv = torch.zeros_like(sk)
             return self._bench(lambda: self._launch_dkdv(cfg, *args, sk, sv, atomic_kv))
 
         def time_dq(cfg):
-            s = torch.zeros_like(dq)
+            s = torch.zeros(q.shape, dtype=dq_dtype, device=q.device)
             return self._bench(lambda: self._launch_dq(cfg, *args, s, atomic_q))
 
         cfg_kv = self._config("dkdv", q.device, B, has_kpm, time_dkdv)
         cfg_q = self._config("dq", q.device, B, has_kpm, time_dq)
-        self._launch_dkdv(cfg_kv, *args, dk, dv, atomic_kv)
-        self._launch_dq(cfg_q, *args, dq, atomic_q)
+        # atomic outputs accumulate into zeros; the others are written in full where the spans cover every row
+        zfill_kv = not atomic_kv and self._zfill("k", cfg_kv, q.device)
+        zfill_q = not atomic_q and self._zfill("q", cfg_q, q.device)
+        alloc_kv = _uninitialized if zfill_kv else torch.zeros
+        dk = alloc_kv(k.shape, dtype=dkv_dtype, device=q.device)
+        dv = alloc_kv(k.shape, dtype=dkv_dtype, device=q.device)
+        dq = (_uninitialized if zfill_q else torch.zeros)(q.shape, dtype=dq_dtype, device=q.device)
+        self._launch_dkdv(cfg_kv, *args, dk, dv, atomic_kv, zfill_kv)
+        self._launch_dq(cfg_q, *args, dq, atomic_q, zfill_q)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
     # ---- for people ---------------------------------------------------------------------------------------

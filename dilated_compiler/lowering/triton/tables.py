@@ -18,7 +18,7 @@ import torch
 
 from ...planner import Plan
 
-__all__ = ["COLUMNS", "tile_table", "describe_columns"]
+__all__ = ["COLUMNS", "tile_table", "describe_columns", "spans_cover"]
 
 # Columns of a tile table, in order.
 COLUMNS = (
@@ -31,6 +31,8 @@ COLUMNS = (
     ("mid", "  [lo, mid) needs element masks (causal diagonal)"),
     ("full_end", "  [mid, full_end) needs none; [full_end, hi) needs masks again (diagonal / ragged end)"),
     ("hi", "  end of the walk"),
+    ("zlo", "span [zlo, zhi) of sequence positions this tile owns in its segment (zero fill, see the kernels)"),
+    ("zhi", "  the tile's rows j cover row0*r.. (row0+block)*r from the segment start; the last tile runs to its end"),
 )
 NCOLS = len(COLUMNS)
 
@@ -41,6 +43,20 @@ def describe_columns() -> str:
 
 def _heads(a) -> torch.Tensor:
     return torch.arange(int(a.head_count), dtype=torch.int64) * a.head_step + int(a.head_start)
+
+
+def spans_cover(plan: Plan, table: torch.Tensor) -> bool:
+    """Whether the tiles' spans [zlo, zhi) cover every position 0..N-1 for every head of the plan (then the
+    kernels' zero fill replaces a memset of the outputs). Spans never overlap within a head in grouped mode,
+    so comparing their total length per head with N decides it."""
+    if plan.spec.head_assignment != "grouped":
+        return False
+    H, N = int(plan.heads), int(plan.seq_len)
+    if table.shape[0] == 0:
+        return N == 0
+    t = table.to(torch.int64)
+    per_head = torch.zeros(H, dtype=torch.int64).index_add_(0, t[:, 0], t[:, 10] - t[:, 9])
+    return bool((per_head == N).all())
 
 
 def tile_table(plan: Plan, kind: str, block: int, partner_block: int) -> torch.Tensor:
@@ -90,7 +106,12 @@ def tile_table(plan: Plan, kind: str, block: int, partner_block: int) -> torch.T
                 mid = torch.zeros_like(row0)
                 full_end = torch.full_like(row0, floor_L)
         work = hi - lo
-        cols = [hd, torch.full_like(row0, a.branch), pos0, torch.full_like(row0, L), row0, lo, mid, full_end, hi]
+        seg_start = int(a.start) + sg * int(a.extent)
+        zlo = seg_start + row0 * int(a.dilation)
+        zhi = torch.where(tl_ == n_tiles - 1, seg_start + int(a.extent),
+                          torch.clamp(seg_start + (row0 + block) * int(a.dilation), max=seg_start + int(a.extent)))
+        cols = [hd, torch.full_like(row0, a.branch), pos0, torch.full_like(row0, L), row0, lo, mid, full_end, hi,
+                zlo, zhi]
         t = torch.stack(cols, dim=1)
         order_keys = torch.stack([-work, torch.full_like(row0, op_index), sg, hd, tl_], dim=1)
         parts.append((t, order_keys))

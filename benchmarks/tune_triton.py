@@ -1,0 +1,170 @@
+"""Time the Triton kernels' variants one pass at a time, on one GPU, in one run (for choosing tile configs and
+kernel paths; bench_triton.py measures what users get).
+
+Per pass (forward, dk/dv, dq) of the four-branch grouped pattern at N = 64K, and the forward of a dense 16K
+segment (bf16, 16 heads, head_dim 128): kernel time for each tile config, with tensor descriptors (TMA) and with pointer
+loads; the forward also with Triton's warp specialisation on its key loop. Each variant's output is checked
+against the default variant's before it is timed. Prints one table, best first per pass.
+
+    PYTHONPATH=. python benchmarks/tune_triton.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+from triton.testing import do_bench
+
+from dilated_compiler import AttentionSpec, Branch, build_plan
+from dilated_compiler.lowering.triton import lowering as tl_lowering
+from dilated_compiler.lowering.triton.autotune import TileConfig
+from dilated_compiler.lowering.triton.diskcache import load_module
+
+H, D = 16, 128
+FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
+
+FWD = [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 2),
+       TileConfig(128, 64, 8, 4), TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 4)]
+DKDV = [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 32, 4, 5), TileConfig(128, 64, 8, 2),
+        TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 3), TileConfig(64, 32, 4, 4)]
+DQ = [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 8, 3), TileConfig(128, 32, 4, 5), TileConfig(128, 128, 8, 2),
+      TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 3), TileConfig(64, 32, 4, 4)]
+
+
+DEVICE = "cuda"
+
+
+def bench(fn) -> float:
+    if DEVICE == "cpu":  # --smoke under TRITON_INTERPRET=1: one call, to check the script itself
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def ws_module(low):
+    """The lowering's kernels with warp specialisation asked for on the forward key loop."""
+    old = "    for n0 in range(lo, hi, BLOCK_N):\n        rows_n = n0 + tl.arange(0, BLOCK_N)\n        if TMA:\n" \
+          "            k = k_desc.load"
+    assert low._text.count(old) == 2, "generator changed: update ws_module"
+    new = old.replace("range(lo, hi, BLOCK_N)", "tl.range(lo, hi, BLOCK_N, warp_specialize=True)")
+    first = low._text.index(old)
+    text = low._text[:first] + new + low._text[first + len(old):]
+    return load_module(low.cache_key + "ws", text)
+
+
+def run_case(name, spec, N, rows, quick, passes=("fwd", "dkdv", "dq")):
+    plan = build_plan(spec, N, H, D)
+    low = tl_lowering.TritonLowering(plan, torch.device(DEVICE), torch.bfloat16)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v, dout = (torch.randn(1, N, H, D, device=DEVICE, dtype=torch.bfloat16, generator=g) for _ in range(4))
+    kpm = torch.zeros(1, dtype=torch.uint8, device=DEVICE)
+    flops_f, flops_b = float(plan.flops), float(plan.flops_backward)
+    # reference results: the default forward / backward (autotuned as users get them)
+    out, lse, aux = low.forward(q, k, v)
+    ref_dq, ref_dk, ref_dv = low.backward(dout, None, q, k, v, out, lse, aux)
+    delta = (out.float() * dout.float()).sum(-1).permute(0, 2, 1).contiguous()
+    configs = {"fwd": FWD[:3] if quick else FWD, "dkdv": DKDV[:3] if quick else DKDV,
+               "dq": DQ[:3] if quick else DQ}
+    configs = {p: c for p, c in configs.items() if p in passes}
+    ws = None
+    for pass_name, cfgs in configs.items():
+        for cfg in cfgs:
+            for tma in (True, False):
+                tl_lowering.USE_TMA = tma
+                label = f"{cfg}{' tma' if tma else ' ptr'}"
+                try:
+                    if pass_name == "fwd":
+                        o = torch.zeros_like(q)
+                        ls = torch.full_like(lse, float("-inf"))
+                        run = lambda: low._launch_fwd(cfg, q, k, v, kpm, False, o, ls)  # noqa: E731
+                        run()
+                        err = max(rel_err(o, out), rel_err(ls, lse))
+                        flops = flops_f
+                    elif pass_name == "dkdv":
+                        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+                        run = lambda: low._launch_dkdv(cfg, q, k, v, kpm, False, dout, lse, delta,  # noqa: E731
+                                                       dk, dv, False)
+                        run()
+                        err = max(rel_err(dk, ref_dk), rel_err(dv, ref_dv))
+                        flops = flops_b * 4 / 5    # of the five backward matmuls, dk/dv's pass does four
+                    else:
+                        dq = torch.zeros_like(q)
+                        run = lambda: low._launch_dq(cfg, q, k, v, kpm, False, dout, lse, delta,  # noqa: E731
+                                                     dq, False)
+                        run()
+                        err = rel_err(dq, ref_dq)
+                        flops = flops_b * 3 / 5
+                    ms = bench(run)
+                    rows.append((name, pass_name, label, ms, flops / ms / 1e9, err))
+                except Exception as e:  # a config that does not fit: report it, go on
+                    rows.append((name, pass_name, label, float("nan"), float("nan"),
+                                 f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"))
+                print(rows[-1], flush=True)
+        if pass_name == "fwd" and not quick:
+            tl_lowering.USE_TMA = True
+            cfg = FWD[0]
+            try:
+                if ws is None:
+                    ws = ws_module(low)
+                o = torch.zeros_like(q)
+                ls = torch.full_like(lse, float("-inf"))
+                table = low._table("q", cfg, q.device)
+
+                def run():
+                    ws.dilated_fwd[(table.shape[0], 1)](
+                        q, k, v, kpm, o, ls, table, low.scale * math.log2(math.e),
+                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                        0, o.stride(0), o.stride(1), o.stride(2), 0, ls.stride(0), ls.stride(1), N,
+                        HEAD_DIM=D, BLOCK_D=D, BLOCK_M=cfg.block, BLOCK_N=cfg.partner, GQA=1, CAUSAL=False,
+                        HAS_KPM=False, MERGE=False, TMA=True, ZFILL=False, num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages)
+                run()
+                err = rel_err(o, out)
+                rows.append((name, "fwd", f"{cfg} tma ws", bench(run), flops_f / bench(run) / 1e9, err))
+            except Exception as e:
+                rows.append((name, "fwd", f"{cfg} tma ws", float("nan"), float("nan"),
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"))
+            print(rows[-1], flush=True)
+    tl_lowering.USE_TMA = True
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    args = ap.parse_args()
+    t0 = time.time()
+    rows = []
+    global DEVICE, H, D
+    if args.smoke:
+        DEVICE, H, D = "cpu", 2, 16
+        spec = AttentionSpec((Branch(32, 1), Branch(64, 2)))
+        for cfgs in (FWD, DKDV, DQ):
+            cfgs[:] = [TileConfig(16, 16, 1, 1)]
+        run_case("smoke", spec, 128, rows, False)
+    else:
+        four = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR))
+        run_case("four-branch 64K", four, 65536, rows, args.quick)
+        run_case("dense 16K", AttentionSpec((Branch(16384, 1),)), 16384, rows, True, passes=("fwd",))
+    print(f"\n{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'interpreter'}, bf16, {H} heads, D={D}; kernel times (median), useful TFLOP/s of "
+          f"the pass; err = relative difference to the default variant ({time.time() - t0:.0f} s)")
+    print("| case | pass | variant | ms | TFLOP/s | err |\n|---|---|---|---|---|---|")
+    for case in dict.fromkeys(r[0] for r in rows):
+        for p in ("fwd", "dkdv", "dq"):
+            sel = sorted((r for r in rows if r[0] == case and r[1] == p), key=lambda r: (math.isnan(r[3]), r[3]))
+            for r in sel:
+                err = r[5] if isinstance(r[5], str) else f"{r[5]:.1e}"
+                print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.0f} | {err} |")
+
+
+if __name__ == "__main__":
+    main()
