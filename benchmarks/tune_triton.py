@@ -2,8 +2,8 @@
 kernel paths; bench_triton.py measures what users get).
 
 Per pass (forward, dk/dv, dq) of the four-branch grouped pattern at N = 64K, and the forward of a dense 16K
-segment (bf16, 16 heads, head_dim 128): kernel time for each tile config, with tensor descriptors (TMA) and with pointer
-loads; the forward also with Triton's warp specialisation on its key loop. Each variant's output is checked
+segment (bf16, 16 heads, head_dim 128): kernel time for each tile config, with tensor descriptors (TMA) or with pointer
+loads (TileConfig.tma); the forward also with Triton's warp specialisation asked for on its key loop. Each variant's output is checked
 against the default variant's before it is timed. Prints one table, best first per pass.
 
     PYTHONPATH=. python benchmarks/tune_triton.py [--quick]
@@ -26,12 +26,18 @@ from dilated_compiler.lowering.triton.diskcache import load_module
 H, D = 16, 128
 FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
 
-FWD = [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 2),
-       TileConfig(128, 64, 8, 4), TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 4)]
-DKDV = [TileConfig(128, 32, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 32, 4, 5), TileConfig(128, 64, 8, 2),
-        TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 3), TileConfig(64, 32, 4, 4)]
-DQ = [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 8, 3), TileConfig(128, 32, 4, 5), TileConfig(128, 128, 8, 2),
-      TileConfig(64, 64, 4, 3), TileConfig(128, 64, 4, 3), TileConfig(64, 32, 4, 4)]
+def _c(block, partner, warps, stages, path="tma"):
+    return TileConfig(block, partner, warps, stages, path == "tma")
+
+
+# variants timed per pass (each with tensor descriptors, "tma", or pointer loads, "ptr")
+FWD = [_c(128, 128, 8, 3), _c(128, 64, 8, 3, "ptr"), _c(256, 128, 16, 2), _c(256, 64, 16, 3), _c(128, 128, 8, 4),
+       _c(64, 128, 4, 3), _c(128, 128, 4, 3), _c(256, 128, 16, 3)]
+DKDV = [_c(64, 32, 4, 4), _c(64, 32, 4, 3), _c(64, 32, 4, 5), _c(64, 64, 4, 2), _c(64, 16, 4, 4), _c(32, 32, 4, 4),
+        _c(64, 32, 8, 4), _c(128, 32, 8, 4), _c(128, 16, 8, 4), _c(32, 64, 4, 3), _c(64, 64, 8, 3), _c(32, 32, 2, 4)]
+DQ = [_c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 4, "ptr"), _c(128, 64, 8, 2, "ptr"), _c(64, 64, 4, 4, "ptr"),
+      _c(128, 32, 4, 4, "ptr"), _c(256, 64, 16, 2, "ptr"), _c(128, 64, 8, 3), _c(64, 64, 4, 3, "ptr")]
+DENSE_FWD = [_c(128, 128, 8, 3), _c(256, 128, 16, 2), _c(128, 128, 8, 4), _c(256, 64, 16, 3)]
 
 
 DEVICE = "cuda"
@@ -74,13 +80,14 @@ def run_case(name, spec, N, rows, quick, passes=("fwd", "dkdv", "dq")):
     delta = (out.float() * dout.float()).sum(-1).permute(0, 2, 1).contiguous()
     configs = {"fwd": FWD[:3] if quick else FWD, "dkdv": DKDV[:3] if quick else DKDV,
                "dq": DQ[:3] if quick else DQ}
+    if name.startswith("dense"):
+        configs["fwd"] = DENSE_FWD
     configs = {p: c for p, c in configs.items() if p in passes}
     ws = None
     for pass_name, cfgs in configs.items():
         for cfg in cfgs:
-            for tma in (True, False):
-                tl_lowering.USE_TMA = tma
-                label = f"{cfg}{' tma' if tma else ' ptr'}"
+            for _ in (1,):
+                label = str(cfg)
                 try:
                     if pass_name == "fwd":
                         o = torch.zeros_like(q)
@@ -98,19 +105,19 @@ def run_case(name, spec, N, rows, quick, passes=("fwd", "dkdv", "dq")):
                         flops = flops_b * 4 / 5    # of the five backward matmuls, dk/dv's pass does four
                     else:
                         dq = torch.zeros_like(q)
-                        run = lambda: low._launch_dq(cfg, q, k, v, kpm, False, dout, lse, delta,  # noqa: E731
-                                                     dq, False)
+                        dl = delta.clone()  # rows no tile selects keep their value
+                        run = lambda: low._launch_dq(cfg, q, k, v, kpm, False, dout, out, None, lse,  # noqa: E731
+                                                     dl, dq, False)
                         run()
-                        err = rel_err(dq, ref_dq)
-                        flops = flops_b * 3 / 5
+                        err = max(rel_err(dq, ref_dq), rel_err(dl, delta))
+                        flops = flops_b * 3 / 5    # (and delta of its rows)
                     ms = bench(run)
                     rows.append((name, pass_name, label, ms, flops / ms / 1e9, err))
                 except Exception as e:  # a config that does not fit: report it, go on
                     rows.append((name, pass_name, label, float("nan"), float("nan"),
                                  f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"))
                 print(rows[-1], flush=True)
-        if pass_name == "fwd" and not quick:
-            tl_lowering.USE_TMA = True
+        if pass_name == "fwd" and not quick and not name.startswith("dense"):
             cfg = FWD[0]
             try:
                 if ws is None:
@@ -129,12 +136,11 @@ def run_case(name, spec, N, rows, quick, passes=("fwd", "dkdv", "dq")):
                         num_stages=cfg.num_stages)
                 run()
                 err = rel_err(o, out)
-                rows.append((name, "fwd", f"{cfg} tma ws", bench(run), flops_f / bench(run) / 1e9, err))
+                rows.append((name, "fwd", f"{cfg} ws", bench(run), flops_f / bench(run) / 1e9, err))
             except Exception as e:
-                rows.append((name, "fwd", f"{cfg} tma ws", float("nan"), float("nan"),
+                rows.append((name, "fwd", f"{cfg} ws", float("nan"), float("nan"),
                              f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"))
             print(rows[-1], flush=True)
-    tl_lowering.USE_TMA = True
 
 
 def main():
@@ -154,7 +160,7 @@ def main():
     else:
         four = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR))
         run_case("four-branch 64K", four, 65536, rows, args.quick)
-        run_case("dense 16K", AttentionSpec((Branch(16384, 1),)), 16384, rows, True, passes=("fwd",))
+        run_case("dense 16K", AttentionSpec((Branch(16384, 1),)), 16384, rows, False, passes=("fwd",))
     print(f"\n{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'interpreter'}, bf16, {H} heads, D={D}; kernel times (median), useful TFLOP/s of "
           f"the pass; err = relative difference to the default variant ({time.time() - t0:.0f} s)")
     print("| case | pass | variant | ms | TFLOP/s | err |\n|---|---|---|---|---|---|")

@@ -24,24 +24,32 @@ class TileConfig(NamedTuple):
     partner: int        # rows of the tiles its inner loop walks
     num_warps: int
     num_stages: int
+    tma: bool = True    # tiles through tensor descriptors where the GPU and the tensors allow, else pointer loads
 
     def __str__(self) -> str:
-        return f"{self.block}x{self.partner}/w{self.num_warps}/s{self.num_stages}"
+        return f"{self.block}x{self.partner}/w{self.num_warps}/s{self.num_stages}/{'tma' if self.tma else 'ptr'}"
 
 
 INTERPRETER_CONFIG = TileConfig(16, 16, 1, 1)
 
-# (pass, head_dim bucket) -> candidates, best first guess first. Kept small on purpose.
+
+def _c(block, partner, warps, stages, path="tma"):
+    return TileConfig(block, partner, warps, stages, path == "tma")
+
+
+# (pass, head_dim bucket) -> candidates, best first guess first. Kept small on purpose: each is compiled and
+# timed once per (device, pass, shape bucket). The D=128 lists come from benchmarks/tune_triton.py on an H100
+# (results in benchmarks/results/H100-triton.md).
 _CANDIDATES = {
-    ("fwd", 64): [TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3)],
-    ("fwd", 128): [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3)],
-    ("fwd", 256): [TileConfig(64, 64, 4, 2), TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)],
-    ("dkdv", 64): [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 4, 4), TileConfig(64, 64, 4, 3)],
-    ("dkdv", 128): [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 3)],
-    ("dkdv", 256): [TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)],
-    ("dq", 64): [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 4, 4), TileConfig(64, 64, 4, 3)],
-    ("dq", 128): [TileConfig(128, 64, 8, 3), TileConfig(128, 32, 8, 3), TileConfig(64, 64, 4, 3)],
-    ("dq", 256): [TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)],
+    ("fwd", 64): [_c(128, 64, 4, 3), _c(128, 128, 8, 3), _c(128, 64, 4, 3, "ptr"), _c(64, 64, 4, 3)],
+    ("fwd", 128): [_c(128, 128, 8, 3), _c(128, 64, 8, 3, "ptr"), _c(64, 64, 4, 3), _c(128, 64, 8, 3)],
+    ("fwd", 256): [_c(64, 64, 4, 2, "ptr"), _c(64, 64, 4, 2), _c(64, 32, 4, 2, "ptr"), _c(32, 32, 4, 2, "ptr")],
+    ("dkdv", 64): [_c(64, 32, 4, 4), _c(128, 64, 8, 3), _c(128, 32, 4, 4), _c(64, 64, 4, 3)],
+    ("dkdv", 128): [_c(64, 32, 4, 4), _c(128, 32, 8, 3), _c(64, 32, 4, 4, "ptr")],
+    ("dkdv", 256): [_c(64, 32, 4, 2, "ptr"), _c(64, 32, 4, 2), _c(32, 32, 4, 2, "ptr")],
+    ("dq", 64): [_c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 3), _c(128, 32, 4, 4, "ptr"), _c(64, 64, 4, 3, "ptr")],
+    ("dq", 128): [_c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 3), _c(128, 128, 8, 2, "ptr")],
+    ("dq", 256): [_c(64, 32, 4, 2, "ptr"), _c(64, 32, 4, 2), _c(32, 32, 4, 2, "ptr")],
 }
 
 

@@ -4,8 +4,8 @@ Per pass, one launch covers every branch, segment, head and tile of the plan, dr
 (:mod:`.tables`):
 
 * forward: ``dilated_fwd`` (grouped: out/lse directly; all: per-branch out_b/lse_b, then ``dilated_merge``);
-* backward: ``dilated_bwd_preprocess`` (delta), ``dilated_bwd_dkdv``, ``dilated_bwd_dq``. Recomputes the
-  probabilities; nothing of size N*w is ever stored.
+* backward: ``dilated_bwd_dq`` (which also computes delta = rowsum(dO * O) - dlse of its rows), then
+  ``dilated_bwd_dkdv``. Recomputes the probabilities; nothing of size N*w is ever stored.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported; for tests). Producing the source (``source()``) needs neither.
@@ -38,7 +38,7 @@ __all__ = ["TritonLowering"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
-_ROWS_PER_PROGRAM = 64  # rows of the elementwise kernels (merge, preprocess)
+_ROWS_PER_PROGRAM = 64  # rows of the elementwise merge kernel
 
 
 def _next_pow2(x: int) -> int:
@@ -162,7 +162,8 @@ class TritonLowering:
         return True
 
     def _tune_key(self, pass_name: str, batch: int, has_kpm: bool) -> str:
-        return "|".join([pass_name, self.spec.key, f"D{self.head_dim}", self.specialisation["dtype"],
+        return "|".join([pass_name, generator_fingerprint()[:8], self.spec.key, f"D{self.head_dim}",
+                         self.specialisation["dtype"],
                          f"gqa{self.gqa > 1}", f"kpm{has_kpm}",
                          autotune.shape_bucket(int(self.plan.seq_len), batch * self.heads)])
 
@@ -204,7 +205,7 @@ class TritonLowering:
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             stride_og, ob.stride(0), ob.stride(1), ob.stride(2), stride_lg, lb.stride(0), lb.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.block, BLOCK_N=cfg.partner, GQA=self.gqa,
-            CAUSAL=self.causal, HAS_KPM=has_kpm, MERGE=self.merge, TMA=self._tma(q, k, v, out), ZFILL=zfill,
+            CAUSAL=self.causal, HAS_KPM=has_kpm, MERGE=self.merge, TMA=cfg.tma and self._tma(q, k, v, out), ZFILL=zfill,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def forward(self, q, k, v, key_padding_mask=None):
@@ -241,18 +242,20 @@ class TritonLowering:
         return out, lse, aux
 
     # ---- backward -----------------------------------------------------------------------------------------
-    def _launch_dq(self, cfg, q, k, v, kpm, has_kpm, dout, lse, delta, dq, atomic, zfill=False):
+    def _launch_dq(self, cfg, q, k, v, kpm, has_kpm, dout, out, dlse, lse, delta, dq, atomic, zfill=False):
         table = self._table("q", cfg, q.device)
         if table.shape[0] == 0:
             return
         B, N, H, D = q.shape
+        assert out.stride() == q.stride() == dout.stride()
+        has_dlse = dlse is not None
         self.kernels.dilated_bwd_dq[(table.shape[0], B)](
-            q, k, v, kpm, dout, lse, delta, dq, table, self.scale * math.log2(math.e), self.scale,
+            q, k, v, kpm, dout, out, dlse if has_dlse else lse, lse, delta, dq, table, self.scale * math.log2(math.e), self.scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), lse.stride(0),
             lse.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.block, BLOCK_N=cfg.partner, GQA=self.gqa,
-            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, TMA=self._tma(q, k, v, dout, dq), ZFILL=zfill,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, TMA=cfg.tma and self._tma(q, k, v, dout, out, dq),
+            ZFILL=zfill, HAS_DLSE=has_dlse, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def _launch_dkdv(self, cfg, q, k, v, kpm, has_kpm, dout, lse, delta, dk, dv, atomic, zfill=False):
         table = self._table("k", cfg, q.device)
@@ -264,7 +267,7 @@ class TritonLowering:
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), lse.stride(0),
             lse.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.partner, BLOCK_N=cfg.block, GQA=self.gqa,
-            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, TMA=self._tma(q, k, v, dout, dk, dv), ZFILL=zfill,
+            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, TMA=cfg.tma and self._tma(q, k, v, dout, dk, dv), ZFILL=zfill,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None):
@@ -274,40 +277,36 @@ class TritonLowering:
         dout = dout.to(q.dtype).contiguous()
         B, N, H, D = q.shape
         kpm, has_kpm = self._kpm(key_padding_mask, q)
-        # delta = rowsum(dO * O) - dlse
+        # delta = rowsum(dO * O) - dlse of every selected row: written by dilated_bwd_dq, read by dilated_bwd_dkdv
         delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-        R = B * N * H
-        has_dlse = dlse is not None
-        dlse_t = dlse.to(torch.float32).contiguous() if has_dlse else delta
-        self.kernels.dilated_bwd_preprocess[(triton.cdiv(R, _ROWS_PER_PROGRAM),)](
-            out, dout, dlse_t, delta, R, N, H, HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_R=_ROWS_PER_PROGRAM,
-            HAS_DLSE=has_dlse, num_warps=4)
+        dlse = dlse.to(torch.float32).contiguous() if dlse is not None else None
         atomic_q = self.merge
         atomic_kv = self.merge or self.gqa > 1
         dq_dtype = torch.float32 if atomic_q else q.dtype
         dkv_dtype = torch.float32 if atomic_kv else k.dtype
-        args = (q, k, v, kpm, has_kpm, dout, lse, delta)
+        common = (q, k, v, kpm, has_kpm, dout)
+
+        def time_dq(cfg):
+            s = torch.zeros(q.shape, dtype=dq_dtype, device=q.device)
+            return self._bench(lambda: self._launch_dq(cfg, *common, out, dlse, lse, delta, s, atomic_q))
+
+        # atomic outputs accumulate into zeros; the others are written in full where the spans cover every row
+        cfg_q = self._config("dq", q.device, B, has_kpm, time_dq)
+        zfill_q = not atomic_q and self._zfill("q", cfg_q, q.device)
+        dq = (_uninitialized if zfill_q else torch.zeros)(q.shape, dtype=dq_dtype, device=q.device)
+        self._launch_dq(cfg_q, *common, out, dlse, lse, delta, dq, atomic_q, zfill_q)
 
         def time_dkdv(cfg):
             sk = torch.zeros(k.shape, dtype=dkv_dtype, device=q.device)
             sv = torch.zeros_like(sk)
-            return self._bench(lambda: self._launch_dkdv(cfg, *args, sk, sv, atomic_kv))
-
-        def time_dq(cfg):
-            s = torch.zeros(q.shape, dtype=dq_dtype, device=q.device)
-            return self._bench(lambda: self._launch_dq(cfg, *args, s, atomic_q))
+            return self._bench(lambda: self._launch_dkdv(cfg, *common, lse, delta, sk, sv, atomic_kv))
 
         cfg_kv = self._config("dkdv", q.device, B, has_kpm, time_dkdv)
-        cfg_q = self._config("dq", q.device, B, has_kpm, time_dq)
-        # atomic outputs accumulate into zeros; the others are written in full where the spans cover every row
         zfill_kv = not atomic_kv and self._zfill("k", cfg_kv, q.device)
-        zfill_q = not atomic_q and self._zfill("q", cfg_q, q.device)
         alloc_kv = _uninitialized if zfill_kv else torch.zeros
         dk = alloc_kv(k.shape, dtype=dkv_dtype, device=q.device)
         dv = alloc_kv(k.shape, dtype=dkv_dtype, device=q.device)
-        dq = (_uninitialized if zfill_q else torch.zeros)(q.shape, dtype=dq_dtype, device=q.device)
-        self._launch_dkdv(cfg_kv, *args, dk, dv, atomic_kv, zfill_kv)
-        self._launch_dq(cfg_q, *args, dq, atomic_q, zfill_q)
+        self._launch_dkdv(cfg_kv, *common, lse, delta, dk, dv, atomic_kv, zfill_kv)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
     # ---- for people ---------------------------------------------------------------------------------------
@@ -320,13 +319,12 @@ class TritonLowering:
         cfg_f = candidates("fwd", self.head_dim)[0]
         cfg_kv = candidates("dkdv", self.head_dim)[0]
         cfg_q = candidates("dq", self.head_dim)[0]
-        for name, kind, cfg in (("dilated_fwd", "q", cfg_f), ("dilated_bwd_dkdv", "k", cfg_kv),
-                                ("dilated_bwd_dq", "q", cfg_q)):
+        for name, kind, cfg in (("dilated_fwd", "q", cfg_f), ("dilated_bwd_dq", "q", cfg_q),
+                                ("dilated_bwd_dkdv", "k", cfg_kv)):
             T = tile_table(self.plan, kind, cfg.block, cfg.partner).shape[0]
             lines.append(f"#   {name:<18} grid=({T} tiles, B={B})  tiles {cfg}")
         if self.merge:
             lines.append("#   dilated_merge      one program per 64 (row, head) pairs")
-        lines.append("#   dilated_bwd_preprocess  one program per 64 (row, head) pairs")
         lines.append("")
         return "\n".join(lines) + "\n" + self._text
 
