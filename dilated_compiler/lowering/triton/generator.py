@@ -59,8 +59,8 @@ $COLUMNS
 # [Note: TMA] with TMA set, tiles move through tensor descriptors made in the kernel over a segment's selected
 # rows (base: row 0 of the segment, row stride r * (row stride of the tensor)); the copy engine then reads and
 # writes strided rows as dense tiles, and rows >= L read as 0 and are never written. Without TMA the same tiles
-# move through pointer loads with masks. The launcher picks TMA where the GPU has it and the tensors are
-# 16-byte aligned.
+# move through pointer loads with masks. The launcher sets TMA where the tile config asks for it (the autotuner
+# picks per pass), the GPU has it (compute capability 9.0+) and the tensors are 16-byte aligned.
 # [Note: zero fill] positions a head's branch does not select must come out 0 (out, dq, dk, dv). With ZFILL set,
 # each program also writes those zeros in its tile's span [zlo, zhi) of the segment (table columns), so the
 # output needs no memset; the launcher sets ZFILL only where the spans of every head cover all N positions.

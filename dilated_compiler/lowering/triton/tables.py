@@ -38,7 +38,7 @@ NCOLS = len(COLUMNS)
 
 
 def describe_columns() -> str:
-    return "\n".join(f"#   {i}  {name:<9} {text}" for i, (name, text) in enumerate(COLUMNS))
+    return "\n".join(f"#   {i:>2}  {name:<9} {text}" for i, (name, text) in enumerate(COLUMNS))
 
 
 def _heads(a) -> torch.Tensor:
