@@ -20,14 +20,10 @@ from triton.testing import do_bench
 
 from dilated_compiler import AttentionSpec, Branch, build_plan
 from dilated_compiler.lowering.triton import lowering as tl_lowering
-from dilated_compiler.lowering.triton.autotune import TileConfig
+from dilated_compiler.lowering.triton.autotune import TileConfig, _c
 
 H, D = 16, 128
 FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
-
-def _c(block, partner, warps, stages, path="tma"):
-    return TileConfig(block, partner, warps, stages, path == "tma")
-
 
 # variants timed per pass (each with tensor descriptors, "tma", or pointer loads, "ptr"). Earlier runs on an H100
 # also timed (slower, dropped): fwd 128x64/w8/s3/tma, 256x64/w16/s3, 64x128/w4/s3, 128x128/w4/s3, 256x128/w16/s2

@@ -20,6 +20,7 @@ Precision: fp16/bf16 use the tensor cores with fp32 accumulation; fp32 inputs us
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -65,6 +66,7 @@ def _ensure_allocator() -> None:
     triton.set_allocator(_scratch)
 
 
+@functools.lru_cache(maxsize=None)
 def _tma_supported(device: torch.device) -> bool:
     if device.type == "cpu":
         return interpreting()
