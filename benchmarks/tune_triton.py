@@ -122,8 +122,9 @@ def main():
         four = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR))
         run_case("four-branch 64K", four, 65536, rows, args.quick)
         run_case("dense 16K", AttentionSpec((Branch(16384, 1),)), 16384, rows, False, passes=("fwd",))
-    print(f"\n{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'interpreter'}, bf16, {H} heads, D={D}; kernel times (median), useful TFLOP/s of "
-          f"the pass; err = relative difference to the default variant ({time.time() - t0:.0f} s)")
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else "interpreter"
+    print(f"\n{where}, bf16, {H} heads, D={D}; kernel times (median), useful TFLOP/s of the pass; "
+          f"err = relative difference to the default variant ({time.time() - t0:.0f} s)")
     print("| case | pass | variant | ms | TFLOP/s | err |\n|---|---|---|---|---|---|")
     for case in dict.fromkeys(r[0] for r in rows):
         for p in ("fwd", "dkdv", "dq"):

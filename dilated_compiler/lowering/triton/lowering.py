@@ -207,8 +207,8 @@ class TritonLowering:
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             stride_og, ob.stride(0), ob.stride(1), ob.stride(2), stride_lg, lb.stride(0), lb.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.block, BLOCK_N=cfg.partner, GQA=self.gqa,
-            CAUSAL=self.causal, HAS_KPM=has_kpm, MERGE=self.merge, TMA=cfg.tma and self._tma(q, k, v, out), ZFILL=zfill,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            CAUSAL=self.causal, HAS_KPM=has_kpm, MERGE=self.merge, TMA=cfg.tma and self._tma(q, k, v, out),
+            ZFILL=zfill, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def forward(self, q, k, v, key_padding_mask=None):
         self._check_device(q)
@@ -252,7 +252,8 @@ class TritonLowering:
         assert out.stride() == q.stride() == dout.stride()
         has_dlse = dlse is not None
         self.kernels.dilated_bwd_dq[(table.shape[0], B)](
-            q, k, v, kpm, dout, out, dlse if has_dlse else lse, lse, delta, dq, table, self.scale * math.log2(math.e), self.scale,
+            q, k, v, kpm, dout, out, dlse if has_dlse else lse, lse, delta, dq, table,
+            self.scale * math.log2(math.e), self.scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), lse.stride(0),
             lse.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.block, BLOCK_N=cfg.partner, GQA=self.gqa,
@@ -269,8 +270,8 @@ class TritonLowering:
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), lse.stride(0),
             lse.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.partner, BLOCK_N=cfg.block, GQA=self.gqa,
-            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, TMA=cfg.tma and self._tma(q, k, v, dout, dk, dv), ZFILL=zfill,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, TMA=cfg.tma and self._tma(q, k, v, dout, dk, dv),
+            ZFILL=zfill, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None):
         self._check_device(q)
