@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
-from dilated_compiler import reference
+from dilated_compiler import AttentionSpec, Branch, compile_attention, reference
 
 # Tolerances per dtype for |x - ref| <= atol + rtol * |ref|, compared in float64.
 # float64 inputs still go through a float32 lse (the op's lse is float32 by contract), hence 1e-5.
@@ -18,6 +19,39 @@ TOLERANCES = {
 }
 # Gradients accumulate more rounding than outputs.
 GRAD_TOLERANCES = {dt: dict(atol=t["atol"] * 5, rtol=t["rtol"] * 5) for dt, t in TOLERANCES.items()}
+
+
+@st.composite
+def attention_cases(draw, max_dilation=6, max_kv_heads=3, max_seq=70, head_dims=(1, 3, 8, 16)):
+    """A random valid spec (either mode, explicit offsets, causal, a scale) and shapes for it: ragged N, odd head
+    counts, GQA, key padding, head_dim needing padding; as a dict for :func:`run_case`."""
+    mode = draw(st.sampled_from(["grouped", "all"]))
+    n_branches = draw(st.integers(1, 3))
+    branches = []
+    for _ in range(n_branches):
+        w = draw(st.integers(1, 40))
+        r = draw(st.integers(1, min(w, max_dilation)))
+        off = draw(st.one_of(st.none(), st.integers(0, r - 1))) if mode == "grouped" else None
+        branches.append(Branch(w, r, off))
+    spec = AttentionSpec(tuple(branches), head_assignment=mode, causal=draw(st.booleans()),
+                         scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))))
+    kv_heads = draw(st.integers(1, max_kv_heads))
+    heads = kv_heads * draw(st.integers(max(1, -(-n_branches // kv_heads)), 3))  # odd counts included
+    return dict(spec=spec, batch=draw(st.integers(1, 2)), seq=draw(st.integers(1, max_seq)), heads=heads,
+                kv_heads=kv_heads, head_dim=draw(st.sampled_from(head_dims)), mask=draw(st.booleans()),
+                lse_grad=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+def run_case(case, backend, dtype=torch.float32):
+    """Compile ``case["spec"]`` for ``backend`` and check it against the reference on the case's inputs."""
+    spec = case["spec"]
+    attn = compile_attention(spec, backend=backend)
+    q, k, v = make_qkv(case["batch"], case["seq"], case["heads"], case["head_dim"], dtype=dtype,
+                       kv_heads=case["kv_heads"], seed=case["seed"], requires_grad=True)
+    mask = None
+    if case["mask"]:
+        mask = torch.rand(case["batch"], case["seq"], generator=torch.Generator().manual_seed(case["seed"])) < 0.3
+    check_against_reference(attn, spec, q, k, v, key_padding_mask=mask, lse_grad=case["lse_grad"])
 
 
 def make_qkv(batch, seq, heads, head_dim, dtype=torch.float32, device="cpu", kv_heads=None, seed=0,

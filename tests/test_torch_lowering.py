@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
 
 from dilated_compiler import AttentionSpec, Branch, compile_attention
-from conftest import check_against_reference, cuda, make_qkv
+from conftest import attention_cases, check_against_reference, cuda, make_qkv, run_case
 
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
 
@@ -46,36 +46,10 @@ def test_gqa_and_key_padding(device, mode):
     assert (out[1] == 0).all()
 
 
-@st.composite
-def cases(draw):
-    mode = draw(st.sampled_from(["grouped", "all"]))
-    n_branches = draw(st.integers(1, 3))
-    branches = []
-    for _ in range(n_branches):
-        w = draw(st.integers(1, 40))
-        r = draw(st.integers(1, min(w, 6)))
-        off = draw(st.one_of(st.none(), st.integers(0, r - 1))) if mode == "grouped" else None
-        branches.append(Branch(w, r, off))
-    spec = AttentionSpec(tuple(branches), head_assignment=mode, causal=draw(st.booleans()),
-                         scale=draw(st.one_of(st.none(), st.floats(0.05, 1.0))))
-    kv_heads = draw(st.integers(1, 3))
-    heads = kv_heads * draw(st.integers(max(1, -(-n_branches // kv_heads)), 3))  # odd counts included
-    return dict(spec=spec, batch=draw(st.integers(1, 2)), seq=draw(st.integers(1, 70)), heads=heads,
-                kv_heads=kv_heads, head_dim=draw(st.sampled_from([1, 3, 8, 16])), mask=draw(st.booleans()),
-                lse_grad=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
-
-
-@given(cases())
+@given(attention_cases())
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_specs_and_shapes_fp32(case):
-    spec = case["spec"]
-    attn = compile_attention(spec, backend="torch")
-    q, k, v = make_qkv(case["batch"], case["seq"], case["heads"], case["head_dim"], kv_heads=case["kv_heads"],
-                       seed=case["seed"], requires_grad=True)
-    mask = None
-    if case["mask"]:
-        mask = torch.rand(case["batch"], case["seq"], generator=torch.Generator().manual_seed(case["seed"])) < 0.3
-    check_against_reference(attn, spec, q, k, v, key_padding_mask=mask, lse_grad=case["lse_grad"])
+    run_case(case, "torch")
 
 
 def test_sequence_shorter_than_every_segment():

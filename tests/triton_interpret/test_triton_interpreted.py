@@ -10,14 +10,14 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs TRITON_INTERPRET=1 before triton is imported (see module docstring)")
 
 from dilated_compiler import AttentionSpec, Branch, compile_attention  # noqa: E402
 from dilated_compiler.lowering.triton import lowering as triton_lowering  # noqa: E402
-from conftest import check_against_reference, make_qkv  # noqa: E402
+from conftest import attention_cases, check_against_reference, make_qkv, run_case  # noqa: E402
 
 
 @pytest.fixture(autouse=True, params=["tma", "pointers"])
@@ -121,37 +121,10 @@ def test_torch_compile_fullgraph():
                             spec, q, k, v)
 
 
-@st.composite
-def cases(draw):
-    mode = draw(st.sampled_from(["grouped", "all"]))
-    n_branches = draw(st.integers(1, 3))
-    branches = []
-    for _ in range(n_branches):
-        w = draw(st.integers(1, 40))
-        r = draw(st.integers(1, min(w, 5)))
-        off = draw(st.one_of(st.none(), st.integers(0, r - 1))) if mode == "grouped" else None
-        branches.append(Branch(w, r, off))
-    spec = AttentionSpec(tuple(branches), head_assignment=mode, causal=draw(st.booleans()))
-    kv_heads = draw(st.integers(1, 2))
-    heads = kv_heads * draw(st.integers(max(1, -(-n_branches // kv_heads)), 3))
-    return dict(spec=spec, batch=draw(st.integers(1, 2)), seq=draw(st.integers(1, 48)), heads=heads,
-                kv_heads=kv_heads, head_dim=draw(st.sampled_from([3, 8, 16])), mask=draw(st.booleans()),
-                seed=draw(st.integers(0, 2**16)))
-
-
-@given(cases())
+@given(attention_cases(max_dilation=5, max_kv_heads=2, max_seq=48, head_dims=(3, 8, 16)))
 @settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 def test_random_specs_and_shapes(case):
     """Random specs and shapes (ragged N, offsets, odd head counts, GQA, key padding, head_dim needing padding)
     through both tile paths, against the reference, with self-filled outputs poisoned."""
-    spec = case["spec"]
-    attn = compile_attention(spec, backend="triton")
-    q, _, _ = make_qkv(case["batch"], case["seq"], case["heads"], case["head_dim"], seed=case["seed"],
-                       requires_grad=True)
-    _, k, v = make_qkv(case["batch"], case["seq"], case["heads"], case["head_dim"], kv_heads=case["kv_heads"],
-                       seed=case["seed"] + 1, requires_grad=True)
-    mask = None
-    if case["mask"]:
-        mask = torch.rand(case["batch"], case["seq"], generator=torch.Generator().manual_seed(case["seed"])) < 0.3
-    check_against_reference(attn, spec, q, k, v, key_padding_mask=mask)
+    run_case(case, "triton")
