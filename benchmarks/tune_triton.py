@@ -30,11 +30,26 @@ FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
 # (128x128/w8/s4 and 256x128/w16/s3 do not fit in shared memory), warp specialisation of the forward key loop
 # (no change); dkdv 128x64/w8/s2-3, 64x16/w4/s4, 128x16/w8/s4, 32x32/w4/s4, 64x64/w8/s3, 32x64/w4/s3,
 # 64x32/w8/s4, 32x32/w2/s4, 128x32/w4/s3-5; dq 128x64/w8/s2, 64x64/w4/s3-4, 256x64/w16/s2, 128x32/w4/s4-5.
-FWD = [_c(128, 128, 8, 3), _c(128, 64, 8, 3, "ptr"), _c(64, 64, 4, 3)]
+FWD = [_c(128, 128, 8, 3), _c(128, 64, 8, 3, "ptr"), _c(64, 64, 4, 3), _c(64, 64, 4, 2),
+       _c(128, 64, 8, 2, "tma", 128), _c(128, 64, 8, 2, "ptr", 128), _c(128, 128, 8, 2)]
 DKDV = [_c(64, 32, 4, 3), _c(64, 32, 4, 2), _c(64, 32, 4, 3, "ptr"), _c(64, 32, 4, 4), _c(128, 32, 8, 3),
-        _c(64, 64, 4, 2)]
-DQ = [_c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 3), _c(128, 32, 8, 3, "ptr"), _c(128, 128, 8, 2, "ptr")]
-DENSE_FWD = [_c(128, 128, 8, 3), _c(128, 64, 8, 3, "ptr")]
+        _c(64, 64, 4, 2), _c(64, 32, 4, 3, "tma", 168), _c(128, 32, 8, 3, "tma", 128)]
+DQ = [_c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 3), _c(128, 32, 8, 3, "ptr"), _c(128, 128, 8, 2, "ptr"),
+      _c(128, 64, 8, 2, "ptr", 128), _c(64, 64, 4, 3, "ptr")]
+DENSE_FWD = [_c(128, 128, 8, 3), _c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 2, "tma", 128)]
+
+# Hopper: 64K registers, 228 KB of shared memory (1 KB of it reserved per program) and 64 warps per SM
+SM_REGS, SM_SHARED, SM_WARPS = 65536, 233472, 64
+
+
+def resources(kernel, warps: int) -> str:
+    """Registers per thread, spills, shared memory and how many programs fit on one SM."""
+    if kernel is None or not hasattr(kernel, "n_regs"):
+        return "-"
+    regs, shared = kernel.n_regs, kernel.metadata.shared
+    per_warp = -(-regs * 32 // 256) * 256
+    fit = min(SM_WARPS // warps, SM_REGS // max(1, per_warp * warps), SM_SHARED // (shared + 1024))
+    return f"{regs} regs, {kernel.n_spills} spills, {shared // 1024} KB, {fit}/SM"
 
 
 DEVICE = "cuda"
@@ -78,14 +93,14 @@ def run_case(name, spec, N, rows, quick, passes=("fwd", "dkdv", "dq")):
                         o = torch.zeros_like(q)
                         ls = torch.full_like(lse, float("-inf"))
                         run = lambda: low._launch_fwd(cfg, q, k, v, kpm, False, o, ls)  # noqa: E731
-                        run()
+                        kern = run()
                         err = max(rel_err(o, out), rel_err(ls, lse))
                         flops = flops_f
                     elif pass_name == "dkdv":
                         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
                         run = lambda: low._launch_dkdv(cfg, q, k, v, kpm, False, dout, lse, delta,  # noqa: E731
                                                        dk, dv, False)
-                        run()
+                        kern = run()
                         err = max(rel_err(dk, ref_dk), rel_err(dv, ref_dv))
                         flops = flops_b * 4 / 5    # of the five backward matmuls, dk/dv's pass does four
                     else:
@@ -93,14 +108,14 @@ def run_case(name, spec, N, rows, quick, passes=("fwd", "dkdv", "dq")):
                         dl = delta.clone()  # rows no tile selects keep their value
                         run = lambda: low._launch_dq(cfg, q, k, v, kpm, False, dout, out, None, lse,  # noqa: E731
                                                      dl, dq, False)
-                        run()
+                        kern = run()
                         err = max(rel_err(dq, ref_dq), rel_err(dl, delta))
                         flops = flops_b * 3 / 5    # (and delta of its rows)
                     ms = bench(run)
-                    rows.append((name, pass_name, label, ms, flops / ms / 1e9, err))
+                    rows.append((name, pass_name, label, ms, flops / ms / 1e9, err, resources(kern, cfg.num_warps)))
                 except Exception as e:  # a config that does not fit: report it, go on
                     rows.append((name, pass_name, label, float("nan"), float("nan"),
-                                 f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"))
+                                 f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}", "-"))
                 print(rows[-1], flush=True)
 
 
@@ -125,13 +140,13 @@ def main():
     where = torch.cuda.get_device_name() if DEVICE == "cuda" else "interpreter"
     print(f"\n{where}, bf16, {H} heads, D={D}; kernel times (median), useful TFLOP/s of the pass; "
           f"err = relative difference to the default variant ({time.time() - t0:.0f} s)")
-    print("| case | pass | variant | ms | TFLOP/s | err |\n|---|---|---|---|---|---|")
+    print("| case | pass | variant | ms | TFLOP/s | err | resources |\n|---|---|---|---|---|---|---|")
     for case in dict.fromkeys(r[0] for r in rows):
         for p in ("fwd", "dkdv", "dq"):
             sel = sorted((r for r in rows if r[0] == case and r[1] == p), key=lambda r: (math.isnan(r[3]), r[3]))
             for r in sel:
                 err = r[5] if isinstance(r[5], str) else f"{r[5]:.1e}"
-                print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.0f} | {err} |")
+                print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.0f} | {err} | {r[6]} |")
 
 
 if __name__ == "__main__":

@@ -25,16 +25,25 @@ class TileConfig(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool = True    # tiles through tensor descriptors where the GPU and the tensors allow, else pointer loads
+    maxnreg: int = 0    # register cap per thread (0: the compiler's choice); a cap can let two programs share an SM
 
     def __str__(self) -> str:
-        return f"{self.block}x{self.partner}/w{self.num_warps}/s{self.num_stages}/{'tma' if self.tma else 'ptr'}"
+        text = f"{self.block}x{self.partner}/w{self.num_warps}/s{self.num_stages}/{'tma' if self.tma else 'ptr'}"
+        return text + (f"/r{self.maxnreg}" if self.maxnreg else "")
+
+    def launch_options(self) -> dict:
+        """Triton launch options of this config."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 INTERPRETER_CONFIG = TileConfig(16, 16, 1, 1)
 
 
-def _c(block, partner, warps, stages, path="tma"):
-    return TileConfig(block, partner, warps, stages, path == "tma")
+def _c(block, partner, warps, stages, path="tma", maxnreg=0):
+    return TileConfig(block, partner, warps, stages, path == "tma", maxnreg)
 
 
 # (pass, head_dim bucket) -> candidates, best first guess first. Kept small on purpose: each is compiled and

@@ -202,13 +202,13 @@ class TritonLowering:
         else:
             stride_og, stride_lg = 0, 0
             ob, lb = out, lse
-        self.kernels.dilated_fwd[(T, B)](
+        return self.kernels.dilated_fwd[(T, B)](
             q, k, v, kpm, out, lse, table, self.scale * math.log2(math.e),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             stride_og, ob.stride(0), ob.stride(1), ob.stride(2), stride_lg, lb.stride(0), lb.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.block, BLOCK_N=cfg.partner, GQA=self.gqa,
             CAUSAL=self.causal, HAS_KPM=has_kpm, MERGE=self.merge, TMA=cfg.tma and self._tma(q, k, v, out),
-            ZFILL=zfill, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            ZFILL=zfill, **cfg.launch_options())
 
     def forward(self, q, k, v, key_padding_mask=None):
         self._check_device(q)
@@ -251,27 +251,27 @@ class TritonLowering:
         B, N, H, D = q.shape
         assert out.stride() == q.stride() == dout.stride()
         has_dlse = dlse is not None
-        self.kernels.dilated_bwd_dq[(table.shape[0], B)](
+        return self.kernels.dilated_bwd_dq[(table.shape[0], B)](
             q, k, v, kpm, dout, out, dlse if has_dlse else lse, lse, delta, dq, table,
             self.scale * math.log2(math.e), self.scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), lse.stride(0),
             lse.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.block, BLOCK_N=cfg.partner, GQA=self.gqa,
             CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, TMA=cfg.tma and self._tma(q, k, v, dout, out, dq),
-            ZFILL=zfill, HAS_DLSE=has_dlse, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            ZFILL=zfill, HAS_DLSE=has_dlse, **cfg.launch_options())
 
     def _launch_dkdv(self, cfg, q, k, v, kpm, has_kpm, dout, lse, delta, dk, dv, atomic, zfill=False):
         table = self._table("k", cfg, q.device)
         if table.shape[0] == 0:
             return
         B, N, H, D = q.shape
-        self.kernels.dilated_bwd_dkdv[(table.shape[0], B)](
+        return self.kernels.dilated_bwd_dkdv[(table.shape[0], B)](
             q, k, v, kpm, dout, lse, delta, dk, dv, table, self.scale * math.log2(math.e), self.scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), lse.stride(0),
             lse.stride(1), N,
             HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_M=cfg.partner, BLOCK_N=cfg.block, GQA=self.gqa,
             CAUSAL=self.causal, HAS_KPM=has_kpm, ATOMIC=atomic, TMA=cfg.tma and self._tma(q, k, v, dout, dk, dv),
-            ZFILL=zfill, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            ZFILL=zfill, **cfg.launch_options())
 
     def backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None):
         self._check_device(q)
