@@ -60,6 +60,36 @@ def test_cpu_tensors_without_interpreter_raise():
         attn(q, k, v)
 
 
+def test_gluon_forward_selection_without_gpu():
+    """Which calls the Gluon forward would take, decided without a GPU; its source is valid Python."""
+    import triton
+    from dilated_compiler import build_plan
+    from dilated_compiler.lowering.triton import gluon_hopper
+    from dilated_compiler.lowering.triton.lowering import TritonLowering
+    from dilated_compiler.lowering.triton.tables import tile_table
+    four = (Branch(256, 1), Branch(512, 2), Branch(1024, 4), Branch(2048, 8))
+
+    def reason(spec, N=4096, H=8, Hkv=8, D=128, dtype=torch.bfloat16, kpm=False, device="cuda"):
+        table = tile_table(build_plan(spec, N, H, D), "q", 128, 128)
+        return gluon_hopper.unsupported_reason(spec=spec, seq_len=N, heads=H, kv_heads=Hkv, head_dim=D, dtype=dtype,
+                                               device=torch.device(device), table=table, has_kpm=kpm,
+                                               triton_version=triton.__version__)
+    assert "grouped" in reason(AttentionSpec(four, head_assignment="all"))
+    assert "causal" in reason(AttentionSpec(four, causal=True))
+    assert "padding" in reason(AttentionSpec(four), kpm=True)
+    assert "grouped-query" in reason(AttentionSpec(four), Hkv=4)
+    assert "head_dim" in reason(AttentionSpec(four), D=64)
+    assert "bf16" in reason(AttentionSpec(four), dtype=torch.float32)
+    assert "branches" in reason(AttentionSpec(four + (Branch(4096, 16),)), H=10, Hkv=10)
+    assert "multiple of every dilation" in reason(AttentionSpec(four), N=4092)
+    assert "multiples of their dilations" in reason(AttentionSpec(four[:3] + (Branch(2046, 4),)))
+    assert "multiple of 128" in reason(AttentionSpec(four), N=3840)
+    assert reason(AttentionSpec(four), device="cpu") == "not a CUDA device"
+    low = TritonLowering(build_plan(AttentionSpec(four), 4096, 8, 128), torch.device("cpu"), torch.bfloat16)
+    compile(low._gluon_text, "gluon_fwd", "exec")
+    assert "gluon_fwd" in low.source() and "def gluon_fwd(" in low.source()
+
+
 def test_unsupported_dtype_and_head_dim():
     attn = compile_attention(AttentionSpec((Branch(8, 1),)), backend="triton")
     with pytest.raises(BackendError, match="dtypes"):
@@ -210,6 +240,33 @@ def test_gpu_against_reference(pattern, dtype, head_dim, mode, causal, poisoned)
     check_against_reference(attn, spec, q, k, v)
 
 
+def _gluon_calls(lowering_module, monkeypatch):
+    calls = []
+    launch = lowering_module.TritonLowering._launch_gluon_fwd
+    monkeypatch.setattr(lowering_module.TritonLowering, "_launch_gluon_fwd",
+                        lambda self, *a: calls.append(a[0].shape) or launch(self, *a))
+    return calls
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype,N,batch", [(torch.bfloat16, 4096, 2), (torch.float16, 4096, 1),
+                                           (torch.bfloat16, 3840, 1)])
+def test_gpu_gluon_forward(dtype, N, batch, poisoned, monkeypatch):
+    """On Hopper with the checked triton, grouped non-causal calls whose segments are whole 128-row tiles run
+    the Gluon forward (N = 4096 here); others (N = 3840: a ragged last segment) the tl one. Same results."""
+    import triton
+    from dilated_compiler.lowering.triton import gluon_hopper
+    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
+        pytest.skip("the Gluon forward runs on compute capability 9.0 with the checked triton only")
+    calls = _gluon_calls(poisoned, monkeypatch)
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1), Branch(1024, 4), Branch(2048, 8)))
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(batch, N, 8, 128, dtype=dtype, device="cuda", requires_grad=True)
+    check_against_reference(attn, spec, q, k, v)
+    assert bool(calls) == (N % 2048 == 0)
+
+
 @pytest.mark.gpu
 @cuda
 def test_gpu_pointer_path(poisoned, monkeypatch):
@@ -265,15 +322,19 @@ def test_gpu_torch_compile_fullgraph():
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_past_int32_offsets():
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_past_int32_offsets(causal, poisoned, monkeypatch):
     """q, k, v with more than 2^31 elements each; compare the last segments (positions whose element offsets
-    pass 2^31) against the reference on just those segments, forward and backward."""
+    pass 2^31) against the reference on just those segments, forward and backward. (Non-causal with N a
+    multiple of 2048: on Hopper the Gluon forward runs it.)"""
     H, D = 16, 128
-    N = 2 ** 31 // (H * D) + 2000
+    N = 2 ** 31 // (H * D) + (2000 if causal else 2048)
+    torch.cuda.empty_cache()  # earlier tests' cached blocks count as used
     free = torch.cuda.mem_get_info()[0]
     if free < 12 * N * H * D * 2:
         pytest.skip("not enough GPU memory")
-    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=True)
+    calls = _gluon_calls(poisoned, monkeypatch)
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=causal)
     attn = compile_attention(spec, backend="triton")
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
@@ -291,3 +352,7 @@ def test_gpu_past_int32_offsets():
     ref_grads = torch.autograd.grad(ref_out, (qs, ks, vs), dout[:, s0:].double().cpu())
     for name, a, e in zip("qkv", (dq, dk, dv), ref_grads):
         assert_close(a[:, s0:], e, torch.bfloat16, f"grad {name}", grad=True)
+    import triton
+    from dilated_compiler.lowering.triton import gluon_hopper
+    hopper = torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith(gluon_hopper.CHECKED_TRITON)
+    assert bool(calls) == (hopper and not causal)

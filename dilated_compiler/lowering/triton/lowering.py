@@ -4,6 +4,8 @@ Per pass, one launch covers every branch, segment, head and tile of the plan, dr
 (:mod:`.tables`):
 
 * forward: ``dilated_fwd`` (grouped: out/lse directly; all: per-branch out_b/lse_b, then ``dilated_merge``);
+  on Hopper GPUs, grouped non-causal calls whose segments are whole 128-row tiles run ``gluon_fwd`` instead, a
+  warp-specialised persistent kernel written in Gluon (:mod:`.gluon_hopper`; same tile table, same results);
 * backward: ``dilated_bwd_dq`` (which also computes delta = rowsum(dO * O) - dlse of its rows), then
   ``dilated_bwd_dkdv``. Recomputes the probabilities; nothing of size N*w is ever stored.
 
@@ -23,13 +25,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 
 import torch
 import triton  # noqa: F401  (an ImportError here keeps the backend unregistered)
 
 from ...planner import Plan
 from ..base import BackendError, aux_shape, register_lowering, softmax_scale
-from . import autotune
+from . import autotune, gluon_hopper
 from .autotune import TileConfig, candidates, interpreting
 from .diskcache import load_module
 from .generator import generate_source, generator_fingerprint
@@ -75,6 +78,10 @@ def _tma_supported(device: torch.device) -> bool:
 
 # set to False (tests, experiments) to run the pointer-load path everywhere
 USE_TMA = True
+# set to False (or DILATED_COMPILER_GLUON=0) to run the generated tl forward where the Gluon one would run
+USE_GLUON = os.environ.get("DILATED_COMPILER_GLUON", "1") != "0"
+# the Gluon forward's tiles (gluon_hopper.BLOCK_M x BLOCK_N): its tile table and zero-fill spans
+_GLUON_TILES = TileConfig(gluon_hopper.BLOCK_M, gluon_hopper.BLOCK_N, 4, 2)
 
 
 class TritonLowering:
@@ -116,6 +123,12 @@ class TritonLowering:
                             torch.__version__, triton.__version__])
         self.cache_key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
         self._module = None
+        self._gluon_text = gluon_hopper.gluon_source(self.spec, self.specialisation)
+        self._gluon_key = hashlib.sha256("|".join([key_src, gluon_hopper.source_fingerprint(), "gluon"]).encode()
+                                         ).hexdigest()[:24]
+        self._gluon_module = None
+        self._gluon_reasons: dict[tuple, str | None] = {}
+        self.last_forward_kernel = None  # "gluon_fwd" or "dilated_fwd": which kernel the last forward ran
         self._tables: dict[tuple, torch.Tensor] = {}
         self._configs: dict[str, TileConfig] = {}
         self._covers: dict[tuple, bool] = {}
@@ -126,6 +139,41 @@ class TritonLowering:
         if self._module is None:
             self._module = load_module(self.cache_key, self._text)
         return self._module
+
+    @property
+    def gluon_kernels(self):
+        if self._gluon_module is None:
+            self._gluon_module = load_module(self._gluon_key, self._gluon_text)
+        return self._gluon_module
+
+    def gluon_unsupported(self, q: torch.Tensor, has_kpm: bool) -> str | None:
+        """None if the Gluon forward (:mod:`.gluon_hopper`) runs this call, else why not."""
+        if not USE_GLUON:
+            return "turned off (DILATED_COMPILER_GLUON=0)"
+        key = (q.device, tuple(q.shape), q.dtype, has_kpm)
+        if key not in self._gluon_reasons:
+            table = self._table("q", _GLUON_TILES, q.device) if q.device.type == "cuda" else torch.zeros(0, 11)
+            self._gluon_reasons[key] = gluon_hopper.unsupported_reason(
+                spec=self.spec, seq_len=q.shape[1], heads=self.heads, kv_heads=self.kv_heads,
+                head_dim=self.head_dim, dtype=q.dtype, device=q.device, table=table.cpu(), has_kpm=has_kpm,
+                triton_version=triton.__version__)
+        return self._gluon_reasons[key]
+
+    def _launch_gluon_fwd(self, q, k, v, out, lse, zfill, zfill_by=None, consumer_regs=None):
+        table = self._table("q", _GLUON_TILES, q.device)
+        T = table.shape[0]
+        B, N, H, D = q.shape
+        key = ("gluon dilations", q.device)
+        if key not in self._tables:
+            self._tables[key] = torch.tensor(gluon_hopper.padded_dilations(self.spec), dtype=torch.int32,
+                                             device=q.device)
+        _ensure_allocator()  # the kernel makes its tensor descriptors
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        return self.gluon_kernels.gluon_fwd[(min(T, sms), B)](
+            q, k, v, out, lse, table, self._tables[key], T, B, N, H, self.scale * math.log2(math.e), q.stride(0),
+            out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M,
+            BLOCK_N=gluon_hopper.BLOCK_N, STAGES=2, ZFILL=(zfill_by or gluon_hopper.ZFILL_BY) if zfill else 0,
+            CONSUMER_REGS=consumer_regs or gluon_hopper.CONSUMER_REGS, num_warps=4)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
@@ -222,6 +270,14 @@ class TritonLowering:
             dest, dest_lse = torch.empty((G, B, N, H, D), dtype=q.dtype, device=q.device), aux
         else:
             dest_lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
+
+        if not self.merge and self.gluon_unsupported(q, has_kpm) is None:
+            zfill = self._zfill("q", _GLUON_TILES, q.device)
+            out = _uninitialized(q.shape, q.dtype, q.device) if zfill else torch.zeros_like(q)
+            self._launch_gluon_fwd(q, k, v, out, dest_lse, zfill)
+            self.last_forward_kernel = "gluon_fwd"
+            return out, dest_lse, aux
+        self.last_forward_kernel = "dilated_fwd"
 
         def time_one(cfg):
             d = dest if self.merge else torch.zeros_like(q)
@@ -328,8 +384,16 @@ class TritonLowering:
             lines.append(f"#   {name:<18} grid=({T} tiles, B={B})  tiles {cfg}")
         if self.merge:
             lines.append("#   dilated_merge      one program per 64 (row, head) pairs")
+        gluon = gluon_hopper.spec_reason(self.spec, heads=self.heads, kv_heads=self.kv_heads,
+                                         head_dim=self.head_dim, dtype=self.dtype) is None
+        if gluon:
+            lines.append(f"#   on a Hopper GPU (compute capability 9.0, triton {gluon_hopper.CHECKED_TRITON[0]}x), "
+                         f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
+                         f"{gluon_hopper.BLOCK_N} and no key padding mask is given, gluon_fwd (after the tl "
+                         "kernels) runs instead of dilated_fwd")
         lines.append("")
-        return "\n".join(lines) + "\n" + self._text
+        text = "\n".join(lines) + "\n" + self._text
+        return text + ("\n\n" + self._gluon_text if gluon else "")
 
 
 @register_lowering("triton")
