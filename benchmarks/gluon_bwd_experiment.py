@@ -260,10 +260,11 @@ def gluon_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, RB, T, B, N, H, qk_scale,
     kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     qd_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     qd_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_ready, count=1)
+    # a "ready" phase takes two copies (K and V; Q and dO), each arriving once with its byte count
+    mbarrier.init(kv_ready, count=2)
     mbarrier.init(kv_empty, count=2)
     for st in gl.static_range(STAGES):
-        mbarrier.init(qd_ready.index(st), count=1)
+        mbarrier.init(qd_ready.index(st), count=2)
         mbarrier.init(qd_empty.index(st), count=2)
     gl.warp_specialize([
         (_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale,
