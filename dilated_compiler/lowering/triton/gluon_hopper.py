@@ -35,7 +35,6 @@ BLOCK_M, BLOCK_N = 128, 128
 MAX_BRANCHES = 4
 CHECKED_TRITON = ("3.6.",)  # Gluon's API as of these releases
 HEAD_DIM = 128
-ZFILL_BY = 3          # zeros of unselected positions: 1 the consumers, 2 the producer, 3 the producer by TMA
 CONSUMER_REGS = 232   # registers per consumer thread (the producer gets 512 - 2 * this)
 
 
@@ -112,10 +111,9 @@ _KERNEL = r'''#
 #                     g % STAGES, "ready" barrier phase (g // STAGES) & 1; a slot is refilled once both consumers
 #                     arrived on its "empty" barrier
 #   S, P, acc         scores (base 2 after qk_scale), probabilities, output numerator; m_i, l_i row max / sum
-#   ZFILL             write 0 to the positions in the tile's span [zlo, zhi) that its branch does not select:
-#                     0 no, 1 by the two consumers after their epilogue, 2 by the producer after its copies,
-#                     3 by the producer as TMA stores of a zero tile: the span of a tile is rows
-#                     [rbase + row0, rbase + row0 + 128) of every combo o'*H + h, and the gaps are the o' != o
+#   ZFILL             the producer writes 0 to the positions in the tile's span that its branch does not select,
+#                     as TMA stores of a zero tile: the span of a tile is rows [rbase + row0, rbase + row0 + 128)
+#                     of every combo o'*H + h, and the gaps are the combos o' != o (needs w % r == 0)
 
 import triton
 from triton.experimental import gluon
@@ -165,26 +163,9 @@ def _tile_coords(row, RB, H):
 
 
 @gluon.jit
-def _zero_gaps(base, stride_n, zlo, zhi, pos0, r, L, PART: gl.constexpr, NPARTS: gl.constexpr,
-               HEAD_DIM: gl.constexpr, ZBLOCK: gl.constexpr):
-    # write 0 to every position p in [zlo, zhi) that is not a selected row (p = pos0 + j*r, 0 <= j < L); NPARTS
-    # warpgroups take alternate ZBLOCK-row chunks, this one (PART) every NPARTS-th
-    lay: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, lay))
-    zero = gl.zeros([ZBLOCK, HEAD_DIM], base.dtype.element_ty, lay)
-    for p0 in range(zlo + PART * ZBLOCK, zhi, NPARTS * ZBLOCK):
-        p = p0 + gl.arange(0, ZBLOCK, layout=gl.SliceLayout(1, lay))
-        rel = p - pos0
-        selected = (rel >= 0) & (rel % r == 0) & (rel < L * r)
-        gap = (p < zhi) & (selected == 0)
-        ptrs = base + gl.expand_dims(p.to(gl.int64) * stride_n, 1) + gl.expand_dims(offs_d, 0)
-        gl.store(ptrs, zero, mask=gl.expand_dims(gap, 1))
-
-
-@gluon.jit
-def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, OUT, TABLE, RB, T, H, stride_ob,
-              stride_on, stride_oh, q_smem, k_smem, v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-              v_empty, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr):
+def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
+              v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, ZFILL: gl.constexpr):
     b = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
@@ -206,12 +187,7 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, OU
             mbarrier.wait(v_empty.index(st), ph)
             _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, v_ready.index(st), v_smem.index(st), True)
         c += n_k
-        if ZFILL == 2:
-            pos0 = gl.load(row + 2)
-            _zero_gaps(OUT + b.to(gl.int64) * stride_ob + gl.load(row + 0).to(gl.int64) * stride_oh, stride_on,
-                       gl.load(row + 9), gl.load(row + 10), pos0, gl.load(RB + br), gl.load(row + 3), 0, 1, HEAD_DIM,
-                       32)
-        if ZFILL == 3:
+        if ZFILL:
             r = gl.load(RB + br)
             own = gl.load(row + 2) % r
             row0 = rbase + gl.load(row + 4)
@@ -224,10 +200,9 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, OU
 
 
 @gluon.jit
-def _consumer(o0, o1, o2, o3, OUT, LSE, TABLE, RB, T, H, qk_scale, stride_ob, stride_on, stride_oh, stride_lb,
-              stride_lh, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-              WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, ZFILL: gl.constexpr):
+def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem, v_smem,
+              q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, HEAD_DIM, 16])
@@ -290,7 +265,7 @@ def _consumer(o0, o1, o2, o3, OUT, LSE, TABLE, RB, T, H, qk_scale, stride_ob, st
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
         mbarrier.arrive(v_empty.index(st), count=1)
         c += n_k
-        # epilogue: out through shared memory and a TMA store, lse by pointers, then the zero fill
+        # epilogue: out through shared memory and a TMA store, lse by pointers
         out = acc / gl.expand_dims(l_i, 1)
         tma.store_wait(0)
         o_half.store(out.to(dtype))
@@ -300,9 +275,6 @@ def _consumer(o0, o1, o2, o3, OUT, LSE, TABLE, RB, T, H, qk_scale, stride_ob, st
         lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
         gl.store(LSE + b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + rows * r, lse,
                  mask=rows < L)
-        if ZFILL == 1:
-            _zero_gaps(OUT + b.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh, stride_on,
-                       gl.load(row + 9), gl.load(row + 10), pos0, r, L, WG, 2, HEAD_DIM, 32)
     tma.store_wait(0)
 
 
@@ -316,8 +288,8 @@ def _branch_desc(X, RB, i: gl.constexpr, B, N, H, stride_b, ROWS: gl.constexpr, 
 
 
 @gluon.jit
-def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_on, stride_oh, stride_lb,
-              stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_lb, stride_lh,
+              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, ZFILL: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     # the descriptors: made once per program (Q, K, V: 128-row blocks; out: 64-row blocks, one per consumer)
     q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -362,14 +334,13 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
         mbarrier.init(v_ready.index(st), count=1)
         mbarrier.init(v_empty.index(st), count=2)
     gl.warp_specialize([
-        (_consumer, (o0, o1, o2, o3, OUT, LSE, TABLE, RB, T, H, qk_scale, stride_b, stride_on, stride_oh, stride_lb,
-                     stride_lh, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                     0, HEAD_DIM, HALF, BLOCK_N, STAGES, ZFILL)),
-        (_consumer, (o0, o1, o2, o3, OUT, LSE, TABLE, RB, T, H, qk_scale, stride_b, stride_on, stride_oh, stride_lb,
-                     stride_lh, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                     1, HEAD_DIM, HALF, BLOCK_N, STAGES, ZFILL)),
-        (_producer, (q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, OUT, TABLE, RB, T, H, stride_b,
-                     stride_on, stride_oh, q_smem, k_smem, v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-                     v_empty, HEAD_DIM, BLOCK_N, STAGES, ZFILL)),
+        (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem,
+                     v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 0, HEAD_DIM, HALF, BLOCK_N,
+                     STAGES)),
+        (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem,
+                     v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 1, HEAD_DIM, HALF, BLOCK_N,
+                     STAGES)),
+        (_producer, (q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
+                     v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N, STAGES, ZFILL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 '''

@@ -76,6 +76,11 @@ def _tma_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(triton.language, "make_tensor_descriptor")
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 # set to False (tests, experiments) to run the pointer-load path everywhere
 USE_TMA = True
 # set to False (or DILATED_COMPILER_GLUON=0) to run the generated tl forward where the Gluon one would run
@@ -159,7 +164,7 @@ class TritonLowering:
                 triton_version=triton.__version__)
         return self._gluon_reasons[key]
 
-    def _launch_gluon_fwd(self, q, k, v, out, lse, zfill, zfill_by=None, consumer_regs=None):
+    def _launch_gluon_fwd(self, q, k, v, out, lse, zfill, consumer_regs=gluon_hopper.CONSUMER_REGS):
         table = self._table("q", _GLUON_TILES, q.device)
         T = table.shape[0]
         B, N, H, D = q.shape
@@ -168,12 +173,10 @@ class TritonLowering:
             self._tables[key] = torch.tensor(gluon_hopper.padded_dilations(self.spec), dtype=torch.int32,
                                              device=q.device)
         _ensure_allocator()  # the kernel makes its tensor descriptors
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        return self.gluon_kernels.gluon_fwd[(min(T, sms), B)](
+        return self.gluon_kernels.gluon_fwd[(min(T, _sm_count(q.device)), B)](
             q, k, v, out, lse, table, self._tables[key], T, B, N, H, self.scale * math.log2(math.e), q.stride(0),
-            out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M,
-            BLOCK_N=gluon_hopper.BLOCK_N, STAGES=2, ZFILL=(zfill_by or gluon_hopper.ZFILL_BY) if zfill else 0,
-            CONSUMER_REGS=consumer_regs or gluon_hopper.CONSUMER_REGS, num_warps=4)
+            lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M, BLOCK_N=gluon_hopper.BLOCK_N,
+            STAGES=2, ZFILL=zfill, CONSUMER_REGS=consumer_regs, num_warps=4)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
