@@ -86,6 +86,7 @@ def test_gluon_forward_selection_without_gpu():
     assert "multiple of 128" in reason(AttentionSpec(four), N=3840)
     assert reason(AttentionSpec(four), device="cpu") == "not a CUDA device"
     low = TritonLowering(build_plan(AttentionSpec(four), 4096, 8, 128), torch.device("cpu"), torch.bfloat16)
+    assert low.gluon_unsupported(torch.zeros(1, 4096, 8, 128, dtype=torch.bfloat16), False) == "not a CUDA device"
     compile(low._gluon_text, "gluon_fwd", "exec")
     assert "gluon_fwd" in low.source() and "def gluon_fwd(" in low.source()
 

@@ -133,7 +133,6 @@ class TritonLowering:
                                          ).hexdigest()[:24]
         self._gluon_module = None
         self._gluon_reasons: dict[tuple, str | None] = {}
-        self.last_forward_kernel = None  # "gluon_fwd" or "dilated_fwd": which kernel the last forward ran
         self._tables: dict[tuple, torch.Tensor] = {}
         self._configs: dict[str, TileConfig] = {}
         self._covers: dict[tuple, bool] = {}
@@ -157,10 +156,10 @@ class TritonLowering:
             return "turned off (DILATED_COMPILER_GLUON=0)"
         key = (q.device, tuple(q.shape), q.dtype, has_kpm)
         if key not in self._gluon_reasons:
-            table = self._table("q", _GLUON_TILES, q.device) if q.device.type == "cuda" else torch.zeros(0, 11)
             self._gluon_reasons[key] = gluon_hopper.unsupported_reason(
                 spec=self.spec, seq_len=q.shape[1], heads=self.heads, kv_heads=self.kv_heads,
-                head_dim=self.head_dim, dtype=q.dtype, device=q.device, table=table.cpu(), has_kpm=has_kpm,
+                head_dim=self.head_dim, dtype=q.dtype, device=q.device,
+                table=self._table("q", _GLUON_TILES, q.device).cpu(), has_kpm=has_kpm,
                 triton_version=triton.__version__)
         return self._gluon_reasons[key]
 
@@ -278,9 +277,7 @@ class TritonLowering:
             zfill = self._zfill("q", _GLUON_TILES, q.device)
             out = _uninitialized(q.shape, q.dtype, q.device) if zfill else torch.zeros_like(q)
             self._launch_gluon_fwd(q, k, v, out, dest_lse, zfill)
-            self.last_forward_kernel = "gluon_fwd"
             return out, dest_lse, aux
-        self.last_forward_kernel = "dilated_fwd"
 
         def time_one(cfg):
             d = dest if self.merge else torch.zeros_like(q)
