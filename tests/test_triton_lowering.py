@@ -91,6 +91,43 @@ def test_gluon_forward_selection_without_gpu():
     assert "gluon_fwd" in low.source() and "def gluon_fwd(" in low.source()
 
 
+def test_gluon_forward_launch_wiring_without_gpu(monkeypatch):
+    """The launcher's arguments bind to the generated Gluon kernel's parameters, with the right values (the kernel
+    itself runs only on a Hopper GPU: tests marked gpu)."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    import inspect
+    import math
+    from dilated_compiler import build_plan
+    from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
+    from dilated_compiler.lowering.triton.tables import tile_table
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4)))
+    B, N, H, D = 2, 4096, 6, 128
+    low = triton_lowering.TritonLowering(build_plan(spec, N, H, D), torch.device("cpu"), torch.bfloat16)
+    kernel = low.gluon_kernels.gluon_fwd
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, inspect.signature(kernel.fn).bind(*args, **kwargs)))
+    monkeypatch.setattr(low.gluon_kernels, "gluon_fwd", Recorder())
+    monkeypatch.setattr(triton_lowering.TritonLowering, "gluon_unsupported", lambda self, q, has_kpm: None)
+    monkeypatch.setattr(triton_lowering, "_sm_count", lambda device: 5)
+    monkeypatch.setattr(triton_lowering, "_ensure_allocator", lambda: None)
+    monkeypatch.setattr(triton_lowering.TritonLowering, "_check_device", lambda self, t: None)  # CPU tensors here
+    q, k, v = (torch.randn(B, N, H, D, dtype=torch.bfloat16) for _ in range(3))
+    out, lse, _ = low.forward(q, k, v)
+    (grid, bound), = launches
+    a = bound.arguments
+    table = tile_table(low.plan, "q", gluon_hopper.BLOCK_M, gluon_hopper.BLOCK_N)
+    assert grid == (5, B) and a["T"] == table.shape[0] and torch.equal(a["TABLE"].cpu(), table)
+    assert a["Q"] is q and a["K"] is k and a["V"] is v and a["OUT"] is out and a["LSE"] is lse
+    assert a["RB"].tolist() == [1, 2, 4, 1] and (a["B"], a["N"], a["H"]) == (B, N, H)
+    assert a["stride_b"] == N * H * D and (a["stride_lb"], a["stride_lh"]) == (H * N, N)
+    assert math.isclose(a["qk_scale"], D ** -0.5 * math.log2(math.e), rel_tol=1e-6)
+    assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == gluon_hopper.CONSUMER_REGS
+    assert torch.isinf(lse).all()  # nothing ran: the kernel would fill the selected rows
+
+
 def test_unsupported_dtype_and_head_dim():
     attn = compile_attention(AttentionSpec((Branch(8, 1),)), backend="triton")
     with pytest.raises(BackendError, match="dtypes"):
