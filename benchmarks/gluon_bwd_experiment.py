@@ -1,6 +1,6 @@
-"""Experiment (prepared, not yet run on a GPU): a warp-specialised Gluon dk/dv kernel for Hopper, built like the
-lowering's Gluon forward (dilated_compiler/lowering/triton/gluon_hopper.py), against the generated tl
-dilated_bwd_dkdv.
+"""Experiment (prepared, not yet run on a GPU): warp-specialised Gluon backward kernels for Hopper (dk/dv, and dq
+with delta), built like the lowering's Gluon forward (dilated_compiler/lowering/triton/gluon_hopper.py), against
+the generated tl dilated_bwd_dkdv and dilated_bwd_dq.
 
 Why: under ncu (benchmarks/profile_kernels.py, H100) the generated dk/dv kernel keeps the tensor pipe busy 43%
 of the time (2.15 ms of the four-branch 64K backward's 3.5 ms), cuDNN's backward 63%. The forward went from 50%
@@ -19,7 +19,10 @@ Structure (grouped, non-causal, no key padding, D = 128, segments of whole 128-r
   key positions the tile's branch does not select (TMA stores of a zero tile), so dK and dV need no memset;
 * descriptors per branch made once per program over x viewed as (B, r*H, N/r, D).
 
-delta = rowsum(dO * O) comes from the generated dilated_bwd_dq, which runs first as in the lowering.
+dq (gluon_dq): persistent over 128-row query tiles, two consumer warpgroups of 64 rows each; the producer copies
+each tile's Q, dO and O, then K/V tiles of 64 rows into a ring; each consumer computes delta = rowsum(dO * O)
+of its rows from shared memory (and stores it for dk/dv), then per key step S = Q K^T and dP = dO V^T together,
+P = exp2(S * qk_scale - lse), dS = P (dP - delta), dQ += dS K. It runs before dk/dv, as in the lowering.
 
     PYTHONPATH=. python benchmarks/gluon_bwd_experiment.py [--check-compile]
 
@@ -89,7 +92,7 @@ def _tile_coords(row, RB, H):
 
 
 @gluon.jit
-def _producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1, dv2,
+def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1, dv2,
               dv3, TABLE, RB, T, H, k_smem, v_smem, q_smem, do_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty,
               BLOCK_M: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr):
     b = gl.program_id(1)
@@ -127,7 +130,7 @@ def _producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk
 
 
 @gluon.jit
-def _consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb,
+def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb,
               stride_lh, k_smem, v_smem, q_smem, do_smem, dk_smem, dv_smem, kv_ready, kv_empty, qd_ready, qd_empty,
               WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr,
               STAGES: gl.constexpr, TOGETHER: gl.constexpr):
@@ -267,13 +270,13 @@ def gluon_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, RB, T, B, N, H, qk_scale,
         mbarrier.init(qd_ready.index(st), count=2)
         mbarrier.init(qd_empty.index(st), count=2)
     gl.warp_specialize([
-        (_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale,
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale,
                      stride_lb, stride_lh, k_smem, v_smem, q_smem, do_smem, dk_smem, dv_smem, kv_ready, kv_empty,
                      qd_ready, qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES, TOGETHER)),
-        (_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale,
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale,
                      stride_lb, stride_lh, k_smem, v_smem, q_smem, do_smem, dk_smem, dv_smem, kv_ready, kv_empty,
                      qd_ready, qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES, TOGETHER)),
-        (_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1,
+        (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1,
                      dv2, dv3, TABLE, RB, T, H, k_smem, v_smem, q_smem, do_smem, z_smem, kv_ready, kv_empty,
                      qd_ready, qd_empty, BLOCK_M, HALF, STAGES, ZFILL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
@@ -286,9 +289,188 @@ SIGNATURE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "DK": "*bf
              "ZFILL": "constexpr", "TOGETHER": "constexpr", "CONSUMER_REGS": "constexpr", "num_warps": "constexpr"}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# dq (and delta), the same way: persistent over 128-row query tiles, two consumer warpgroups of 64 rows each, a
+# producer warpgroup copying each tile's Q, dO and O, then K/V tiles of 64 rows into a ring.
+
+@gluon.jit
+def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0, k1, k2, k3, v0, v1, v2, v3, dq0,
+                 dq1, dq2, dq3, TABLE, RB, T, H, q_smem, do_smem, o_smem, k_smem, v_smem, z_smem, t_ready, t_empty,
+                 kv_ready, kv_empty, BLOCK_N: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr,
+                 ZFILL: gl.constexpr):
+    b = gl.program_id(1)
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    n_mine = (T - pid + G - 1) // G
+    c = 0
+    for i in range(n_mine):
+        row = TABLE + (pid + i * G) * NCOLS
+        br, combo, rbase = _tile_coords(row, RB, H)
+        row0 = gl.load(row + 4)
+        n_k = gl.cdiv(gl.load(row + 3), BLOCK_N)
+        mbarrier.wait(t_empty, (i & 1) ^ 1)
+        _copy_in(q0, q1, q2, q3, br, b, combo, rbase + row0, t_ready, q_smem, True)
+        _copy_in(do0, do1, do2, do3, br, b, combo, rbase + row0, t_ready, do_smem, True)
+        _copy_in(out0, out1, out2, out3, br, b, combo, rbase + row0, t_ready, o_smem, True)
+        for j in range(n_k):
+            g = c + j
+            st = g % STAGES
+            mbarrier.wait(kv_empty.index(st), ((g // STAGES) & 1) ^ 1)
+            _copy_in(k0, k1, k2, k3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), k_smem.index(st), True)
+            _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), v_smem.index(st), True)
+        c += n_k
+        if ZFILL:
+            r = gl.load(RB + br)
+            own = gl.load(row + 2) % r
+            for o in range(0, r):
+                if o != own:
+                    zc = o * H + gl.load(row + 0)
+                    for half in gl.static_range(2):
+                        _copy_out(dq0, dq1, dq2, dq3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _dq_consumer(dq0, dq1, dq2, dq3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb, stride_lh, q_smem,
+                 do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty, WG: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    dtype: gl.constexpr = q_smem.dtype
+    # S, dP: (HALF queries, BLOCK_N keys); dQ: (HALF queries, HEAD_DIM)
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, HEAD_DIM, 16])
+    op_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    rows_l: gl.constexpr = gl.SliceLayout(1, s_l)
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    b = gl.program_id(1)
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    n_mine = (T - pid + G - 1) // G
+    q_half = q_smem.slice(WG * HALF, HALF)
+    do_half = do_smem.slice(WG * HALF, HALF)
+    o_half = o_smem.slice(WG * HALF, HALF)
+    dq_out = dq_smem.index(WG)
+    c = 0
+    for i in range(n_mine):
+        row = TABLE + (pid + i * G) * NCOLS
+        br, combo, rbase = _tile_coords(row, RB, H)
+        head = gl.load(row + 0)
+        pos0 = gl.load(row + 2)
+        L = gl.load(row + 3)
+        row0 = gl.load(row + 4) + WG * HALF
+        r = gl.load(RB + br)
+        n_k = gl.cdiv(L, BLOCK_N)
+        offs = b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + (row0 + gl.arange(0, HALF,
+                                                                                                     layout=rows_l)) * r
+        lse = gl.load(LSE + offs)
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        mbarrier.wait(t_ready, i & 1)
+        # delta = rowsum(dO * O) of these rows, for this kernel and for dk/dv
+        prod = do_half.load(blk).to(gl.float32) * o_half.load(blk).to(gl.float32)
+        delta = gl.convert_layout(gl.sum(prod, axis=1), rows_l)
+        gl.store(DELTA + offs, delta)
+        dq = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
+        for j in range(n_k):
+            g = c + j
+            st = g % STAGES
+            mbarrier.wait(kv_ready.index(st), (g // STAGES) & 1)
+            k_t = k_smem.index(st)
+            s_tok = warpgroup_mma(q_half, k_t.permute((1, 0)), gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l),
+                                  use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(do_half, v_smem.index(st).permute((1, 0)),
+                                   gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+            dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+            ds = p * (dp - gl.expand_dims(delta, 1))
+            dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_l), k_t, dq, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq, ))
+            mbarrier.arrive(kv_empty.index(st), count=1)
+        mbarrier.arrive(t_empty, count=1)
+        c += n_k
+        tma.store_wait(0)
+        dq_out.store((dq * sm_scale).to(dtype))
+        fence_async_shared()
+        _copy_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def gluon_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b, stride_lb,
+             stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+             ZFILL: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    HALF: gl.constexpr = BLOCK_M // 2
+    q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q1 = _branch_desc(Q, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q2 = _branch_desc(Q, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q3 = _branch_desc(Q, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    do0 = _branch_desc(DO, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    do1 = _branch_desc(DO, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    do2 = _branch_desc(DO, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    do3 = _branch_desc(DO, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    out0 = _branch_desc(OUT, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    out1 = _branch_desc(OUT, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    out2 = _branch_desc(OUT, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    out3 = _branch_desc(OUT, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    k0 = _branch_desc(K, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k1 = _branch_desc(K, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k2 = _branch_desc(K, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k3 = _branch_desc(K, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v0 = _branch_desc(V, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v1 = _branch_desc(V, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v2 = _branch_desc(V, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v3 = _branch_desc(V, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    dq0 = _branch_desc(DQ, RB, 0, B, N, H, stride_b, HALF, HEAD_DIM)
+    dq1 = _branch_desc(DQ, RB, 1, B, N, H, stride_b, HALF, HEAD_DIM)
+    dq2 = _branch_desc(DQ, RB, 2, B, N, H, stride_b, HALF, HEAD_DIM)
+    dq3 = _branch_desc(DQ, RB, 3, B, N, H, stride_b, HALF, HEAD_DIM)
+    m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    n_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    h_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, HEAD_DIM], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], m_sl)
+    do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], m_sl)
+    o_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], m_sl)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], n_sl)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], n_sl)
+    dq_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
+    zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    z_smem = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], h_sl, value=gl.zeros([HALF, HEAD_DIM], dtype, zl))
+    fence_async_shared()
+    t_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    t_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # "ready" phases take all their copies (Q, dO, O; K, V), each arriving once with its byte count
+    mbarrier.init(t_ready, count=3)
+    mbarrier.init(t_empty, count=2)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(kv_ready.index(st), count=2)
+        mbarrier.init(kv_empty.index(st), count=2)
+    gl.warp_specialize([
+        (_dq_consumer, (dq0, dq1, dq2, dq3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb, stride_lh,
+                        q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty, 0,
+                        HEAD_DIM, HALF, BLOCK_N, STAGES)),
+        (_dq_consumer, (dq0, dq1, dq2, dq3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb, stride_lh,
+                        q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty, 1,
+                        HEAD_DIM, HALF, BLOCK_N, STAGES)),
+        (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0, k1, k2, k3, v0, v1, v2, v3,
+                        dq0, dq1, dq2, dq3, TABLE, RB, T, H, q_smem, do_smem, o_smem, k_smem, v_smem, z_smem,
+                        t_ready, t_empty, kv_ready, kv_empty, BLOCK_N, HALF, STAGES, ZFILL)),
+    ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
+
+
+DQ_SIGNATURE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "OUT": "*bf16", "DQ": "*bf16",
+                "LSE": "*fp32", "DELTA": "*fp32", "TABLE": "*i32", "RB": "*i32", "T": "i32", "B": "i32", "N": "i32",
+                "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32", "stride_b": "i64", "stride_lb": "i32",
+                "stride_lh": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                "STAGES": "constexpr", "ZFILL": "constexpr", "CONSUMER_REGS": "constexpr", "num_warps": "constexpr"}
+
+
 def check_compile():
     """Compile each variant for sm_90a and count spill instructions (STL/LDL) in the SASS: between the matrix
-    instructions of a query step (HGMMA runs with no branch between them) and elsewhere."""
+    instructions of a step (HGMMA runs with no branch between them) and elsewhere."""
     import os
     import re
     import subprocess
@@ -297,12 +479,14 @@ def check_compile():
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     tools = os.path.dirname(triton.__file__) + "/backends/nvidia/bin/"
-    for together, regs in ((True, 240), (True, 232), (False, 240), (False, 232)):
-        consts = {"HEAD_DIM": 128, "BLOCK_N": 128, "BLOCK_M": 64, "STAGES": 2, "ZFILL": True, "TOGETHER": together,
-                  "CONSUMER_REGS": regs, "num_warps": 4}
-        src = GluonASTSource(gluon_dkdv, SIGNATURE,
-                             constexprs={(list(SIGNATURE).index(k), ): v for k, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+    def report(label, fn, sig, consts):
+        src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
+        try:
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        except Exception as e:  # e.g. out of shared memory
+            print(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            return
         with tempfile.TemporaryDirectory() as d:
             with open(f"{d}/k.cubin", "wb") as f:
                 f.write(k.asm["cubin"])
@@ -311,9 +495,17 @@ def check_compile():
         marks = "".join("M" if "HGMMA" in ln else "S" if ("STL" in ln or "LDL" in ln) else "B"
                         for ln in sass if "HGMMA" in ln or "STL" in ln or "LDL" in ln or "BRA" in ln)
         between = sum(run.count("S") for run in re.findall(r"M[MS]*M", marks))
-        print(f"S^T and dP^T together={together}, consumer regs {regs}: shared {k.metadata.shared} B, "
-              f"HGMMA {marks.count('M')}, spill instructions among a step's HGMMAs {between}, "
-              f"elsewhere {marks.count('S') - between}")
+        print(f"{label}: shared {k.metadata.shared} B, HGMMA {marks.count('M')}, spill instructions among a "
+              f"step's HGMMAs {between}, elsewhere {marks.count('S') - between}")
+
+    for together, regs in ((True, 240), (True, 232), (False, 240), (False, 232)):
+        report(f"dk/dv, S^T and dP^T together={together}, consumer regs {regs}", gluon_dkdv, SIGNATURE,
+               {"HEAD_DIM": 128, "BLOCK_N": 128, "BLOCK_M": 64, "STAGES": 2, "ZFILL": True, "TOGETHER": together,
+                "CONSUMER_REGS": regs, "num_warps": 4})
+    for stages, regs in ((2, 240), (2, 232)):  # 3 stages need 246 KB of shared memory, over the 227 KB limit
+        report(f"dq, K/V stages {stages}, consumer regs {regs}", gluon_dq, DQ_SIGNATURE,
+               {"HEAD_DIM": 128, "BLOCK_M": 128, "BLOCK_N": 64, "STAGES": stages, "ZFILL": True,
+                "CONSUMER_REGS": regs, "num_warps": 4})
 
 
 def run_gpu():
@@ -333,46 +525,61 @@ def run_gpu():
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, dout = (torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
     kpm = torch.zeros(1, dtype=torch.uint8, device="cuda")
-    out, lse, aux = low.forward(q, k, v)
-    delta = torch.empty_like(lse)
-    dq = torch.zeros_like(q)
-    low._launch_dq(TileConfig(128, 64, 8, 3, False), q, k, v, kpm, False, dout, out, None, lse, delta, dq, False)
-    flops = float(plan.flops_backward) * 4 / 5  # of the five backward matmuls, dk/dv's pass does four
-    ref_dk, ref_dv = torch.zeros_like(k), torch.zeros_like(v)
-    cfg = TileConfig(64, 32, 4, 3)
-    run_ref = lambda: low._launch_dkdv(cfg, q, k, v, kpm, False, dout, lse, delta, ref_dk, ref_dv,  # noqa: E731
-                                       False)
-    run_ref()
-    rows = [("generated dilated_bwd_dkdv 64x32/w4/s3", do_bench(run_ref, warmup=10, rep=50, return_mode="median"),
-             0.0)]
-    table = tile_table(plan, "k", 128, 64).cuda()
-    T = table.shape[0]
+    out, lse, _ = low.forward(q, k, v)
+    qk_scale = low.scale * 1.4426950408889634
     rb = torch.tensor(gluon_hopper.padded_dilations(spec), dtype=torch.int32, device="cuda")
     tl_lowering._ensure_allocator()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for together, regs in ((True, 240), (False, 240), (True, 232)):
-        name = f"gluon warp-specialised dk/dv, S^T and dP^T together={together}, consumer regs {regs}"
-        try:
-            dk = torch.full_like(k, float("nan"))
-            dv = torch.full_like(v, float("nan"))
+    rows = []
 
-            def run():
-                gluon_dkdv[(min(sms, T), 1)](
-                    q, k, v, dout, dk, dv, lse, delta, table, rb, T, 1, N, H, low.scale * 1.4426950408889634,
-                    low.scale, q.stride(0), lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_N=128, BLOCK_M=64,
-                    STAGES=2, ZFILL=True, TOGETHER=together, CONSUMER_REGS=regs, num_warps=4)
-            run()
+    def bench(name, fn, flops, check):
+        try:
+            fn()
             torch.cuda.synchronize()
-            err = max(float((dk.float() - ref_dk.float()).norm() / ref_dk.float().norm()),
-                      float((dv.float() - ref_dv.float()).norm() / ref_dv.float().norm()))
-            rows.append((name, do_bench(run, warmup=10, rep=50, return_mode="median"), err))
+            err = check()
+            rows.append((name, do_bench(fn, warmup=10, rep=50, return_mode="median"), flops, err))
         except Exception as e:
-            rows.append((name, math.nan, f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"))
+            rows.append((name, math.nan, flops, f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"))
         print(rows[-1], flush=True)
-    print(f"\n{torch.cuda.get_device_name()}: dk/dv kernel, four-branch grouped N=64K, bf16, H={H}, D={D}")
-    print("| variant | ms | TFLOP/s | err (NaN: positions left unwritten) |\n|---|---|---|---|")
-    for name, ms, err in rows:
-        print(f"| {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | {err if isinstance(err, str) else f'{err:.1e}'} |")
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    # the generated kernels (references): dq with delta, then dk/dv
+    ref_dq, ref_delta = torch.zeros_like(q), torch.zeros_like(lse)
+    ref_dk, ref_dv = torch.zeros_like(k), torch.zeros_like(v)
+    bench("generated dilated_bwd_dq 128x64/w8/s3/ptr (with delta)",
+          lambda: low._launch_dq(TileConfig(128, 64, 8, 3, False), q, k, v, kpm, False, dout, out, None, lse,
+                                 ref_delta, ref_dq, False), plan.flops_backward * 3 / 5, lambda: 0.0)
+    bench("generated dilated_bwd_dkdv 64x32/w4/s3",
+          lambda: low._launch_dkdv(TileConfig(64, 32, 4, 3), q, k, v, kpm, False, dout, lse, ref_delta, ref_dk,
+                                   ref_dv, False), plan.flops_backward * 4 / 5, lambda: 0.0)
+    # Gluon dq (and delta): outputs poisoned with NaN (delta keeps its values on rows no tile selects: none here)
+    q_table = tile_table(plan, "q", 128, 64).cuda()
+    dq, delta = torch.full_like(q, float("nan")), torch.full_like(lse, float("nan"))
+    for regs in (240, 232):
+        bench(f"gluon dq (with delta), consumer regs {regs}",
+              lambda: gluon_dq[(min(sms, q_table.shape[0]), 1)](
+                  q, k, v, dout, out, dq, lse, delta, q_table, rb, q_table.shape[0], 1, N, H, qk_scale, low.scale,
+                  q.stride(0), lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=128, BLOCK_N=64, STAGES=2,
+                  ZFILL=True, CONSUMER_REGS=regs, num_warps=4),
+              plan.flops_backward * 3 / 5, lambda: max(rel(dq, ref_dq), rel(delta, ref_delta)))
+    # Gluon dk/dv, reading the Gluon delta
+    k_table = tile_table(plan, "k", 128, 64).cuda()
+    dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+    for together, regs in ((True, 240), (False, 240), (True, 232)):
+        bench(f"gluon dk/dv, S^T and dP^T together={together}, consumer regs {regs}",
+              lambda: gluon_dkdv[(min(sms, k_table.shape[0]), 1)](
+                  q, k, v, dout, dk, dv, lse, delta, k_table, rb, k_table.shape[0], 1, N, H, qk_scale, low.scale,
+                  q.stride(0), lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_N=128, BLOCK_M=64, STAGES=2,
+                  ZFILL=True, TOGETHER=together, CONSUMER_REGS=regs, num_warps=4),
+              plan.flops_backward * 4 / 5, lambda: max(rel(dk, ref_dk), rel(dv, ref_dv)))
+    print(f"\n{torch.cuda.get_device_name()}: backward kernels, four-branch grouped N=64K, bf16, H={H}, D={D}")
+    print("| variant | ms | TFLOP/s of its matmuls | err against the generated kernels (NaN: unwritten) |")
+    print("|---|---|---|---|")
+    for name, ms, flops, err in rows:
+        print(f"| {name} | {ms:.3f} | {float(flops) / ms / 1e9:.0f} | "
+              f"{err if isinstance(err, str) else f'{err:.1e}'} |")
 
 
 if __name__ == "__main__":
