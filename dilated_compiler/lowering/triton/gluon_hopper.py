@@ -194,8 +194,9 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TA
             for o in range(0, r):
                 if o != own:
                     zc = o * H + gl.load(row + 0)
+                    # two stores of the zero tile (the out descriptors' blocks are half a tile)
                     _copy_out(o0, o1, o2, o3, br, b, zc, row0, z_smem)
-                    _copy_out(o0, o1, o2, o3, br, b, zc, row0 + BLOCK_N // 2, z_smem)
+                    _copy_out(o0, o1, o2, o3, br, b, zc, row0 + o0.block_type.shape[2], z_smem)
     tma.store_wait(0)
 
 
