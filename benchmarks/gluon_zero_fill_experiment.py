@@ -34,7 +34,7 @@ def main():
     flops = float(plan.flops)
     ref_o, ref_l = torch.zeros_like(q), torch.full((1, H, N), float("-inf"), device="cuda")
     low._launch_fwd(TileConfig(128, 128, 8, 3), q, k, v, kpm, False, ref_o, ref_l)
-    assert low.gluon_unsupported(q, False) is None, low.gluon_unsupported(q, False)
+    assert low.gluon_unsupported(q, k, v, False) is None, low.gluon_unsupported(q, k, v, False)
     rows = []
     for zfill, regs in ((False, 232), (True, 232), (True, 240)):
         out = torch.full_like(q, float("nan")) if zfill else torch.zeros_like(q)

@@ -86,7 +86,11 @@ def test_gluon_forward_selection_without_gpu():
     assert "multiple of 128" in reason(AttentionSpec(four), N=3840)
     assert reason(AttentionSpec(four), device="cpu") == "not a CUDA device"
     low = TritonLowering(build_plan(AttentionSpec(four), 4096, 8, 128), torch.device("cpu"), torch.bfloat16)
-    assert low.gluon_unsupported(torch.zeros(1, 4096, 8, 128, dtype=torch.bfloat16), False) == "not a CUDA device"
+    x = torch.zeros(1, 4096, 8, 128, dtype=torch.bfloat16)
+    assert low.gluon_unsupported(x, x, x, False) == "not a CUDA device"
+    n = 4096 * 8 * 128
+    unaligned = torch.zeros(n + 8, dtype=torch.bfloat16)[1:1 + n].view(1, 4096, 8, 128)
+    assert "16 bytes" in low.gluon_unsupported(x, unaligned, x, False)
     compile(low._gluon_text, "gluon_fwd", "exec")
     assert "gluon_fwd" in low.source() and "def gluon_fwd(" in low.source()
 
@@ -110,7 +114,7 @@ def test_gluon_forward_launch_wiring_without_gpu(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((grid, inspect.signature(kernel.fn).bind(*args, **kwargs)))
     monkeypatch.setattr(low.gluon_kernels, "gluon_fwd", Recorder())
-    monkeypatch.setattr(triton_lowering.TritonLowering, "gluon_unsupported", lambda self, q, has_kpm: None)
+    monkeypatch.setattr(triton_lowering.TritonLowering, "gluon_unsupported", lambda self, q, k, v, has_kpm: None)
     monkeypatch.setattr(triton_lowering, "_sm_count", lambda device: 5)
     monkeypatch.setattr(triton_lowering, "_ensure_allocator", lambda: None)
     monkeypatch.setattr(triton_lowering.TritonLowering, "_check_device", lambda self, t: None)  # CPU tensors here
@@ -303,6 +307,21 @@ def test_gpu_gluon_forward(dtype, N, batch, poisoned, monkeypatch):
     q, k, v = make_qkv(batch, N, 8, 128, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
     assert bool(calls) == (N % 2048 == 0)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_gluon_forward_unaligned_inputs(poisoned, monkeypatch):
+    """Inputs that do not start on 16 bytes cannot feed tensor descriptors: the tl forward runs them, correctly."""
+    calls = _gluon_calls(poisoned, monkeypatch)
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)))
+    attn = compile_attention(spec, backend="triton")
+    n = 1024 * 4 * 128
+    store = torch.randn(3, n + 8, dtype=torch.bfloat16, device="cuda")
+    q, k, v = (store[i, 1:1 + n].view(1, 1024, 4, 128).requires_grad_() for i in range(3))
+    assert q.data_ptr() % 16 != 0
+    check_against_reference(attn, spec, q, k, v)
+    assert not calls
 
 
 @pytest.mark.gpu

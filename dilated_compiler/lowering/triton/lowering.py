@@ -150,10 +150,12 @@ class TritonLowering:
             self._gluon_module = load_module(self._gluon_key, self._gluon_text)
         return self._gluon_module
 
-    def gluon_unsupported(self, q: torch.Tensor, has_kpm: bool) -> str | None:
-        """None if the Gluon forward (:mod:`.gluon_hopper`) runs this call, else why not."""
+    def gluon_unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_kpm: bool) -> str | None:
+        """None if the Gluon forward (:mod:`.gluon_hopper`) runs this call (contiguous q, k, v), else why not."""
         if not USE_GLUON:
             return "turned off (DILATED_COMPILER_GLUON=0)"
+        if any(t.data_ptr() % 16 for t in (q, k, v)):
+            return "q, k and v must start on 16 bytes (tensor descriptors)"
         key = (q.device, tuple(q.shape), q.dtype, has_kpm)
         if key not in self._gluon_reasons:
             self._gluon_reasons[key] = gluon_hopper.unsupported_reason(
@@ -273,7 +275,7 @@ class TritonLowering:
         else:
             dest_lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
 
-        if not self.merge and self.gluon_unsupported(q, has_kpm) is None:
+        if not self.merge and self.gluon_unsupported(q, k, v, has_kpm) is None:
             zfill = self._zfill("q", _GLUON_TILES, q.device)
             out = _uninitialized(q.shape, q.dtype, q.device) if zfill else torch.zeros_like(q)
             self._launch_gluon_fwd(q, k, v, out, dest_lse, zfill)
