@@ -391,8 +391,8 @@ class TritonLowering:
         if gluon:
             lines.append(f"#   on a Hopper GPU (compute capability 9.0, triton {gluon_hopper.CHECKED_TRITON[0]}x), "
                          f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
-                         f"{gluon_hopper.BLOCK_N} and no key padding mask is given, gluon_fwd (after the tl "
-                         "kernels) runs instead of dilated_fwd")
+                         f"{gluon_hopper.BLOCK_N}, q, k and v start on 16 bytes and no key padding mask is given, "
+                         "gluon_fwd (after the tl kernels) runs instead of dilated_fwd")
         lines.append("")
         text = "\n".join(lines) + "\n" + self._text
         return text + ("\n\n" + self._gluon_text if gluon else "")
