@@ -43,52 +43,18 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-NCOLS = gl.constexpr(11)  # columns of the tile table (dilated_compiler.lowering.triton.tables.NCOLS)
+from dilated_compiler import AttentionSpec, Branch
+from dilated_compiler.lowering.triton import gluon_hopper
+from dilated_compiler.lowering.triton.diskcache import load_module
 
+FOUR = AttentionSpec(tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8))))
 
-@gluon.jit
-def _branch_desc(X, RB, i: gl.constexpr, B, N, H, stride_b, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
-    # x (B, N, H, D) viewed as (B, r*H, N/r, D) for branch i (RB padded with the first branch's dilation)
-    r = gl.load(RB + i)
-    layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, HEAD_DIM], X.dtype.element_ty)
-    return tma.make_tensor_descriptor(X, [B, r * H, N // r, HEAD_DIM], [stride_b, HEAD_DIM, r * H * HEAD_DIM, 1],
-                                      [1, 1, ROWS, HEAD_DIM], layout)
-
-
-@gluon.jit
-def _copy_in(d0, d1, d2, d3, branch, b, combo, row, bar, smem, pred):
-    dst = smem._reinterpret(smem.dtype, d0.block_type.shape, d0.layout)
-    mbarrier.expect(bar, d0.block_type.nbytes, pred=pred)
-    if branch == 0:
-        tma.async_copy_global_to_shared(d0, [b, combo, row, 0], bar, dst, pred=pred)
-    elif branch == 1:
-        tma.async_copy_global_to_shared(d1, [b, combo, row, 0], bar, dst, pred=pred)
-    elif branch == 2:
-        tma.async_copy_global_to_shared(d2, [b, combo, row, 0], bar, dst, pred=pred)
-    else:
-        tma.async_copy_global_to_shared(d3, [b, combo, row, 0], bar, dst, pred=pred)
-
-
-@gluon.jit
-def _copy_out(d0, d1, d2, d3, branch, b, combo, row, smem):
-    src = smem._reinterpret(smem.dtype, d0.block_type.shape, d0.layout)
-    if branch == 0:
-        tma.async_copy_shared_to_global(d0, [b, combo, row, 0], src)
-    elif branch == 1:
-        tma.async_copy_shared_to_global(d1, [b, combo, row, 0], src)
-    elif branch == 2:
-        tma.async_copy_shared_to_global(d2, [b, combo, row, 0], src)
-    else:
-        tma.async_copy_shared_to_global(d3, [b, combo, row, 0], src)
-
-
-@gluon.jit
-def _tile_coords(row, RB, H):
-    head = gl.load(row + 0)
-    branch = gl.load(row + 1)
-    pos0 = gl.load(row + 2)
-    r = gl.load(RB + branch)
-    return branch, (pos0 % r) * H + head, pos0 // r
+# The forward's helpers, from the lowering's Gluon source (the same text the lowering writes to its disk cache):
+# _branch_desc (a branch's (B, r*H, N/r, D) view), _copy_in / _copy_out (a TMA copy through the tile's branch's
+# descriptor), _tile_coords (a tile's branch, combo and view row), NCOLS.
+_fwd = load_module(f"gluon_fwd_helpers_{gluon_hopper.source_fingerprint()}", gluon_hopper.gluon_source(FOUR, {}))
+_branch_desc, _copy_in, _copy_out, _tile_coords = _fwd._branch_desc, _fwd._copy_in, _fwd._copy_out, _fwd._tile_coords
+NCOLS = _fwd.NCOLS
 
 
 @gluon.jit
@@ -512,14 +478,13 @@ def run_gpu():
     import torch
     from triton.testing import do_bench
 
-    from dilated_compiler import AttentionSpec, Branch, build_plan
-    from dilated_compiler.lowering.triton import gluon_hopper
+    from dilated_compiler import build_plan
     from dilated_compiler.lowering.triton import lowering as tl_lowering
     from dilated_compiler.lowering.triton.autotune import TileConfig
     from dilated_compiler.lowering.triton.tables import tile_table
 
     H, D, N = 16, 128, 65536
-    spec = AttentionSpec(tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8))))
+    spec = FOUR
     plan = build_plan(spec, N, H, D)
     low = tl_lowering.TritonLowering(plan, torch.device("cuda"), torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(0)
