@@ -35,7 +35,7 @@ BLOCK_M, BLOCK_N = 128, 128
 MAX_BRANCHES = 4
 CHECKED_TRITON = ("3.6.",)  # Gluon's API as of these releases
 HEAD_DIM = 128
-CONSUMER_REGS = 232   # registers per consumer thread (the producer gets 512 - 2 * this)
+CONSUMER_REGS = 232   # setmaxnreg of the worker consumer; the other consumer gets 8 fewer, the producer 512 - 2 * this
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
