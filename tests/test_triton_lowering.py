@@ -95,9 +95,9 @@ def test_gluon_forward_selection_without_gpu():
     assert "gluon_fwd" in low.source() and "def gluon_fwd(" in low.source()
 
 
-def test_gluon_forward_launch_wiring_without_gpu(monkeypatch):
-    """The launcher's arguments bind to the generated Gluon kernel's parameters, with the right values (the kernel
-    itself runs only on a Hopper GPU: tests marked gpu)."""
+def test_gluon_launch_wiring_without_gpu(monkeypatch):
+    """The launchers' arguments bind to the generated Gluon kernels' parameters, with the right values, forward
+    and backward (the kernels themselves run only on a Hopper GPU: tests marked gpu)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     import inspect
     import math
@@ -107,21 +107,26 @@ def test_gluon_forward_launch_wiring_without_gpu(monkeypatch):
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4)))
     B, N, H, D = 2, 4096, 6, 128
     low = triton_lowering.TritonLowering(build_plan(spec, N, H, D), torch.device("cpu"), torch.bfloat16)
-    kernel = low.gluon_kernels.gluon_fwd
     launches = []
 
     class Recorder:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(low.gluon_kernels, name)
+
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((grid, inspect.signature(kernel.fn).bind(*args, **kwargs)))
-    monkeypatch.setattr(low.gluon_kernels, "gluon_fwd", Recorder())
-    monkeypatch.setattr(triton_lowering.TritonLowering, "gluon_unsupported", lambda self, q, k, v, has_kpm: None)
+            return lambda *args, **kwargs: launches.append(
+                (self.name, grid, inspect.signature(self.kernel.fn).bind(*args, **kwargs)))
+    for name in ("gluon_fwd", "gluon_bwd_dq", "gluon_bwd_dkdv"):
+        monkeypatch.setattr(low.gluon_kernels, name, Recorder(name))
+    monkeypatch.setattr(triton_lowering.TritonLowering, "gluon_unsupported", lambda self, q, k, v, has_kpm, *m: None)
     monkeypatch.setattr(triton_lowering, "_sm_count", lambda device: 5)
     monkeypatch.setattr(triton_lowering, "_ensure_allocator", lambda: None)
     monkeypatch.setattr(triton_lowering.TritonLowering, "_check_device", lambda self, t: None)  # CPU tensors here
     q, k, v = (torch.randn(B, N, H, D, dtype=torch.bfloat16) for _ in range(3))
-    out, lse, _ = low.forward(q, k, v)
-    (grid, bound), = launches
+    out, lse, aux = low.forward(q, k, v)
+    (name, grid, bound), = launches
     a = bound.arguments
+    assert name == "gluon_fwd"
     table = tile_table(low.plan, "q", gluon_hopper.BLOCK_M, gluon_hopper.BLOCK_N)
     assert grid == (5, B) and a["T"] == table.shape[0] and torch.equal(a["TABLE"].cpu(), table)
     assert a["Q"] is q and a["K"] is k and a["V"] is v and a["OUT"] is out and a["LSE"] is lse
@@ -130,6 +135,33 @@ def test_gluon_forward_launch_wiring_without_gpu(monkeypatch):
     assert math.isclose(a["qk_scale"], D ** -0.5 * math.log2(math.e), rel_tol=1e-6)
     assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == gluon_hopper.CONSUMER_REGS
     assert torch.isinf(lse).all()  # nothing ran: the kernel would fill the selected rows
+
+    # the backward: dq (and delta) first, then dk/dv reading that delta
+    launches.clear()
+    lse = torch.randn_like(lse)
+    dout, dlse = torch.randn_like(q), torch.randn_like(lse)
+    dq, dk, dv = low.backward(dout, dlse, q, k, v, out, lse, aux)
+    (n1, grid1, b1), (n2, grid2, b2) = launches
+    a1, a2 = b1.arguments, b2.arguments
+    assert (n1, n2) == ("gluon_bwd_dq", "gluon_bwd_dkdv") and grid1 == grid2 == (5, B)
+    q_table = tile_table(low.plan, "q", gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP)
+    k_table = tile_table(low.plan, "k", gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP)
+    assert a1["T"] == q_table.shape[0] and torch.equal(a1["TABLE"].cpu(), q_table)
+    assert a2["T"] == k_table.shape[0] and torch.equal(a2["TABLE"].cpu(), k_table)
+    assert a1["Q"] is q and a1["K"] is k and a1["V"] is v and a1["DO"] is dout and a1["OUT"] is out
+    assert a1["DQ"] is dq and a1["LSE"] is lse and a1["DLSE"] is dlse and a1["HAS_DLSE"] is True
+    assert a2["Q"] is q and a2["K"] is k and a2["V"] is v and a2["DO"] is dout
+    assert a2["DK"] is dk and a2["DV"] is dv and a2["LSE"] is lse and a2["DELTA"] is a1["DELTA"]
+    for a, regs in ((a1, gluon_hopper.DQ_CONSUMER_REGS), (a2, gluon_hopper.DKDV_CONSUMER_REGS)):
+        assert a["RB"].tolist() == [1, 2, 4, 1] and (a["B"], a["N"], a["H"]) == (B, N, H)
+        assert a["stride_b"] == N * H * D and (a["stride_lb"], a["stride_lh"]) == (H * N, N)
+        assert math.isclose(a["qk_scale"], D ** -0.5 * math.log2(math.e), rel_tol=1e-6)
+        assert math.isclose(a["sm_scale"], D ** -0.5, rel_tol=1e-6)
+        assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == regs and a["STAGES"] == 2
+    assert (a1["BLOCK_M"], a1["BLOCK_N"]) == (a2["BLOCK_N"], a2["BLOCK_M"]) == (128, 64)
+    launches.clear()
+    low.backward(dout, None, q, k, v, out, lse, aux)
+    assert launches[0][2].arguments["HAS_DLSE"] is False
 
 
 def test_unsupported_dtype_and_head_dim():
@@ -283,10 +315,14 @@ def test_gpu_against_reference(pattern, dtype, head_dim, mode, causal, poisoned)
 
 
 def _gluon_calls(lowering_module, monkeypatch):
-    calls = []
-    launch = lowering_module.TritonLowering._launch_gluon_fwd
-    monkeypatch.setattr(lowering_module.TritonLowering, "_launch_gluon_fwd",
-                        lambda self, *a: calls.append(a[0].shape) or launch(self, *a))
+    """The Gluon launches of a test, by kernel: {"fwd": [q shapes], "dq": [...], "dkdv": [...]}."""
+    calls = {"fwd": [], "dq": [], "dkdv": []}
+
+    def record(name):
+        launch = getattr(lowering_module.TritonLowering, f"_launch_gluon_{name}")
+        return lambda self, *a: calls[name].append(a[0].shape) or launch(self, *a)
+    for name in calls:
+        monkeypatch.setattr(lowering_module.TritonLowering, f"_launch_gluon_{name}", record(name))
     return calls
 
 
@@ -294,9 +330,10 @@ def _gluon_calls(lowering_module, monkeypatch):
 @cuda
 @pytest.mark.parametrize("dtype,N,batch", [(torch.bfloat16, 4096, 2), (torch.float16, 4096, 1),
                                            (torch.bfloat16, 3840, 1)])
-def test_gpu_gluon_forward(dtype, N, batch, poisoned, monkeypatch):
+def test_gpu_gluon_kernels(dtype, N, batch, poisoned, monkeypatch):
     """On Hopper with the checked triton, grouped non-causal calls whose segments are whole 128-row tiles run
-    the Gluon forward (N = 4096 here); others (N = 3840: a ragged last segment) the tl one. Same results."""
+    the Gluon forward and backward (N = 4096 here); others (N = 3840: a ragged last segment) the tl ones. Same
+    results (out, lse, and the gradients of a loss on both)."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
@@ -306,7 +343,8 @@ def test_gpu_gluon_forward(dtype, N, batch, poisoned, monkeypatch):
     attn = compile_attention(spec, backend="triton")
     q, k, v = make_qkv(batch, N, 8, 128, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
-    assert bool(calls) == (N % 2048 == 0)
+    expected = [(batch, N, 8, 128)] if N % 2048 == 0 else []
+    assert calls == {"fwd": expected, "dq": expected, "dkdv": expected}
 
 
 @pytest.mark.gpu
@@ -321,7 +359,34 @@ def test_gpu_gluon_forward_unaligned_inputs(poisoned, monkeypatch):
     q, k, v = (store[i, 1:1 + n].view(1, 1024, 4, 128).requires_grad_() for i in range(3))
     assert q.data_ptr() % 16 != 0
     check_against_reference(attn, spec, q, k, v)
-    assert not calls
+    assert calls == {"fwd": [], "dq": [], "dkdv": []}
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_gluon_backward_unaligned_gradient(poisoned, monkeypatch):
+    """An output gradient that does not start on 16 bytes: the Gluon forward runs, the tl backward, correctly."""
+    import triton
+    from dilated_compiler.lowering.triton import gluon_hopper
+    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
+        pytest.skip("the Gluon kernels run on compute capability 9.0 with the checked triton only")
+    from dilated_compiler import build_plan
+    calls = _gluon_calls(poisoned, monkeypatch)
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)))
+    low = poisoned.TritonLowering(build_plan(spec, 1024, 4, 128), torch.device("cuda"), torch.bfloat16)
+    q, k, v = make_qkv(1, 1024, 4, 128, dtype=torch.bfloat16, device="cuda")
+    out, lse, aux = low.forward(q, k, v)
+    n = out.numel()
+    dout = torch.randn(n + 8, dtype=torch.bfloat16, device="cuda")[1:1 + n].view(out.shape)
+    assert dout.data_ptr() % 16 != 0
+    grads = low.backward(dout, None, q, k, v, out, lse, aux)
+    qr, kr, vr = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    ref = reference.attention(qr, kr, vr, spec)
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout.double().cpu())
+    assert_close(out, ref, torch.bfloat16, "out")
+    for name, a, e in zip("qkv", grads, ref_grads):
+        assert_close(a, e, torch.bfloat16, f"grad {name}", grad=True)
+    assert calls == {"fwd": [(1, 1024, 4, 128)], "dq": [], "dkdv": []}
 
 
 @pytest.mark.gpu
@@ -412,4 +477,5 @@ def test_gpu_past_int32_offsets(causal, poisoned, monkeypatch):
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     hopper = torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith(gluon_hopper.CHECKED_TRITON)
-    assert bool(calls) == (hopper and not causal)
+    expected = [(1, N, H, D)] if hopper and not causal else []
+    assert calls == {"fwd": expected, "dq": expected, "dkdv": expected}

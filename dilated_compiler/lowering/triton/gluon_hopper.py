@@ -1,4 +1,4 @@
-"""A warp-specialised forward kernel for Hopper GPUs, written in Gluon (``triton.experimental.gluon``).
+"""Warp-specialised forward and backward kernels for Hopper GPUs, written in Gluon (``triton.experimental.gluon``).
 
 Triton's ``tl`` kernels leave the tensor cores idle half of the time on short segments (2048 keys: 16 key tiles
 per program), because every program pays its prologue and epilogue, and its in-kernel tensor descriptors, in
@@ -13,9 +13,13 @@ full (benchmarks/results/H100-triton.md). This kernel is FA3's structure over th
   viewed as (B, r*H, N/r, D) with strides (N*H*D, D, r*H*D, 1): selected row j of the segment whose row 0 sits
   at position pos0 is [b, (pos0 % r)*H + h, pos0 // r + j, :]. Each copy picks its tile's branch's descriptor.
 
-It computes exactly what ``dilated_fwd`` computes (same tile table, same arithmetic per tile) for the cases in
-:func:`unsupported_reason`; the lowering runs it where that returns None and says which kernel runs in
-``kernel_source()``. Gluon is experimental and changes between Triton releases, so the kernel is used only with
+The backward has the same structure: ``gluon_bwd_dq`` (persistent over 128-row query tiles; it also writes delta)
+and then ``gluon_bwd_dkdv`` (persistent over 128-row key tiles, each consumer owning 64 keys and stepping over 64
+query rows at a time with transposed products, as FA3 does).
+
+They compute exactly what ``dilated_fwd``, ``dilated_bwd_dq`` and ``dilated_bwd_dkdv`` compute (same tile tables,
+same arithmetic per tile) for the cases in :func:`unsupported_reason`; the lowering runs them where that returns
+None and says which kernels run in ``kernel_source()``. Gluon is experimental and changes between Triton releases, so the kernel is used only with
 the Triton version it was checked on (:data:`CHECKED_TRITON`).
 
 Nothing here imports triton: the source text and the checks work on any machine.
@@ -28,14 +32,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BLOCK_M", "BLOCK_N", "CHECKED_TRITON", "MAX_BRANCHES", "gluon_source", "spec_reason",
-           "unsupported_reason", "padded_dilations"]
+__all__ = ["BLOCK_M", "BLOCK_N", "BWD_BLOCK", "BWD_STEP", "CHECKED_TRITON", "MAX_BRANCHES", "gluon_source",
+           "spec_reason", "unsupported_reason", "padded_dilations"]
 
 BLOCK_M, BLOCK_N = 128, 128
 MAX_BRANCHES = 4
 CHECKED_TRITON = ("3.6.",)  # Gluon's API as of these releases
 HEAD_DIM = 128
 CONSUMER_REGS = 232   # setmaxnreg of the worker consumer; the other consumer gets 8 fewer, the producer 512 - 2 * this
+# the backward: a program's own tile (query tile for dq, key tile for dk/dv) and the rows of its inner steps
+BWD_BLOCK, BWD_STEP = 128, 64
+DQ_CONSUMER_REGS = 232     # measured on an H100 (benchmarks/results/H100-triton.md): 1.142 ms against 1.166 at 240
+DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -343,5 +351,370 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
                      STAGES)),
         (_producer, (q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
                      v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N, STAGES, ZFILL)),
+    ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
+
+# ---------------------------------------------------------------------------------------------------------------
+# The backward: gluon_bwd_dq (dq, and delta for dk/dv), then gluon_bwd_dkdv. They compute what dilated_bwd_dq and
+# dilated_bwd_dkdv compute, with the forward's structure (persistent, a producer warpgroup issuing TMA copies and
+# two consumer warpgroups of 64 rows each, descriptors per branch). Symbols, besides the forward's:
+#   DO, dO            the gradient of out; DLSE, dlse that of lse (HAS_DLSE)
+#   delta             rowsum(dO * O) - dlse of each selected query row: written by gluon_bwd_dq, read by dk/dv
+#   lse2              lse in base 2; P = exp2(S * qk_scale - lse2) recomputes the forward's probabilities
+#   dS                P * (dP - delta), dP = dO V^T; dQ = sm_scale * dS K, dK = sm_scale * dS^T Q, dV = P^T dO
+#   gluon_bwd_dq      TABLE: 128-row query tiles; each consumer owns 64 rows; the producer copies the tile's Q, dO
+#                     and O, then 64-row K/V tiles into a 2-deep ring (kv_ready / kv_empty)
+#   gluon_bwd_dkdv    TABLE: 128-row key tiles; each consumer owns 64 keys and works on transposed products
+#                     (S^T = K Q^T, dP^T = V dO^T); the producer copies the tile's K and V, then 64-row Q/dO steps
+#                     into a 2-deep ring (qd_ready / qd_empty); S^T and dP^T are issued together so the softmax
+#                     runs while dP^T does (FA3's order)
+#   ZFILL             as in the forward: the producer writes zeros to the rows of the tile's span that its branch
+#                     does not select, so dq, dk and dv need no memset
+
+
+@gluon.jit
+def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0, k1, k2, k3, v0, v1, v2, v3, dq0,
+                 dq1, dq2, dq3, TABLE, RB, T, H, q_smem, do_smem, o_smem, k_smem, v_smem, z_smem, t_ready, t_empty,
+                 kv_ready, kv_empty, BLOCK_N: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr,
+                 ZFILL: gl.constexpr):
+    b = gl.program_id(1)
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    n_mine = (T - pid + G - 1) // G
+    c = 0
+    for i in range(n_mine):
+        row = TABLE + (pid + i * G) * NCOLS
+        br, combo, rbase = _tile_coords(row, RB, H)
+        row0 = gl.load(row + 4)
+        n_k = gl.cdiv(gl.load(row + 3), BLOCK_N)
+        mbarrier.wait(t_empty, (i & 1) ^ 1)
+        _copy_in(q0, q1, q2, q3, br, b, combo, rbase + row0, t_ready, q_smem, True)
+        _copy_in(do0, do1, do2, do3, br, b, combo, rbase + row0, t_ready, do_smem, True)
+        _copy_in(out0, out1, out2, out3, br, b, combo, rbase + row0, t_ready, o_smem, True)
+        for j in range(n_k):
+            g = c + j
+            st = g % STAGES
+            mbarrier.wait(kv_empty.index(st), ((g // STAGES) & 1) ^ 1)
+            _copy_in(k0, k1, k2, k3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), k_smem.index(st), True)
+            _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), v_smem.index(st), True)
+        c += n_k
+        if ZFILL:
+            r = gl.load(RB + br)
+            own = gl.load(row + 2) % r
+            for o in range(0, r):
+                if o != own:
+                    zc = o * H + gl.load(row + 0)
+                    for half in gl.static_range(2):
+                        _copy_out(dq0, dq1, dq2, dq3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _dq_consumer(dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb, stride_lh,
+                 q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty,
+                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr):
+    dtype: gl.constexpr = q_smem.dtype
+    # S, dP: (HALF queries, BLOCK_N keys); dQ: (HALF queries, HEAD_DIM)
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, HEAD_DIM, 16])
+    op_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    rows_l: gl.constexpr = gl.SliceLayout(1, s_l)
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    b = gl.program_id(1)
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    n_mine = (T - pid + G - 1) // G
+    q_half = q_smem.slice(WG * HALF, HALF)
+    do_half = do_smem.slice(WG * HALF, HALF)
+    o_half = o_smem.slice(WG * HALF, HALF)
+    dq_out = dq_smem.index(WG)
+    c = 0
+    for i in range(n_mine):
+        row = TABLE + (pid + i * G) * NCOLS
+        br, combo, rbase = _tile_coords(row, RB, H)
+        head = gl.load(row + 0)
+        pos0 = gl.load(row + 2)
+        L = gl.load(row + 3)
+        row0 = gl.load(row + 4) + WG * HALF
+        r = gl.load(RB + br)
+        n_k = gl.cdiv(L, BLOCK_N)
+        offs = b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + (row0 + gl.arange(0, HALF,
+                                                                                                     layout=rows_l)) * r
+        lse = gl.load(LSE + offs)
+        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        mbarrier.wait(t_ready, i & 1)
+        # delta = rowsum(dO * O) - dlse of these rows, for this kernel and for dk/dv
+        prod = do_half.load(blk).to(gl.float32) * o_half.load(blk).to(gl.float32)
+        delta = gl.convert_layout(gl.sum(prod, axis=1), rows_l)
+        if HAS_DLSE:
+            delta = delta - gl.load(DLSE + offs)
+        gl.store(DELTA + offs, delta)
+        dq = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
+        for j in range(n_k):
+            g = c + j
+            st = g % STAGES
+            mbarrier.wait(kv_ready.index(st), (g // STAGES) & 1)
+            k_t = k_smem.index(st)
+            s_tok = warpgroup_mma(q_half, k_t.permute((1, 0)), gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l),
+                                  use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(do_half, v_smem.index(st).permute((1, 0)),
+                                   gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+            dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+            ds = p * (dp - gl.expand_dims(delta, 1))
+            dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_l), k_t, dq, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq, ))
+            mbarrier.arrive(kv_empty.index(st), count=1)
+        mbarrier.arrive(t_empty, count=1)
+        c += n_k
+        tma.store_wait(0)
+        dq_out.store((dq * sm_scale).to(dtype))
+        fence_async_shared()
+        _copy_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b,
+                 stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                 num_warps: gl.constexpr):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    HALF: gl.constexpr = BLOCK_M // 2
+    q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q1 = _branch_desc(Q, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q2 = _branch_desc(Q, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q3 = _branch_desc(Q, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    do0 = _branch_desc(DO, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    do1 = _branch_desc(DO, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    do2 = _branch_desc(DO, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    do3 = _branch_desc(DO, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    out0 = _branch_desc(OUT, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    out1 = _branch_desc(OUT, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    out2 = _branch_desc(OUT, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    out3 = _branch_desc(OUT, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    k0 = _branch_desc(K, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k1 = _branch_desc(K, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k2 = _branch_desc(K, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k3 = _branch_desc(K, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v0 = _branch_desc(V, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v1 = _branch_desc(V, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v2 = _branch_desc(V, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v3 = _branch_desc(V, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    dq0 = _branch_desc(DQ, RB, 0, B, N, H, stride_b, HALF, HEAD_DIM)
+    dq1 = _branch_desc(DQ, RB, 1, B, N, H, stride_b, HALF, HEAD_DIM)
+    dq2 = _branch_desc(DQ, RB, 2, B, N, H, stride_b, HALF, HEAD_DIM)
+    dq3 = _branch_desc(DQ, RB, 3, B, N, H, stride_b, HALF, HEAD_DIM)
+    m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    n_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    h_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, HEAD_DIM], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], m_sl)
+    do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], m_sl)
+    o_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], m_sl)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], n_sl)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], n_sl)
+    dq_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
+    zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    z_smem = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], h_sl, value=gl.zeros([HALF, HEAD_DIM], dtype, zl))
+    fence_async_shared()
+    t_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    t_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # "ready" phases take all their copies (Q, dO, O; K, V), each arriving once with its byte count
+    mbarrier.init(t_ready, count=3)
+    mbarrier.init(t_empty, count=2)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(kv_ready.index(st), count=2)
+        mbarrier.init(kv_empty.index(st), count=2)
+    gl.warp_specialize([
+        (_dq_consumer, (dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb,
+                        stride_lh, q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
+                        kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE)),
+        (_dq_consumer, (dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb,
+                        stride_lh, q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
+                        kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE)),
+        (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0, k1, k2, k3, v0, v1, v2, v3,
+                        dq0, dq1, dq2, dq3, TABLE, RB, T, H, q_smem, do_smem, o_smem, k_smem, v_smem, z_smem,
+                        t_ready, t_empty, kv_ready, kv_empty, BLOCK_N, HALF, STAGES, ZFILL)),
+    ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
+
+
+@gluon.jit
+def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1, dv2,
+              dv3, TABLE, RB, T, H, k_smem, v_smem, q_smem, do_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty,
+              BLOCK_M: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr):
+    b = gl.program_id(1)
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    n_mine = (T - pid + G - 1) // G
+    c = 0
+    for i in range(n_mine):
+        row = TABLE + (pid + i * G) * NCOLS
+        br, combo, rbase = _tile_coords(row, RB, H)
+        row0 = gl.load(row + 4)
+        n_m = gl.cdiv(gl.load(row + 3), BLOCK_M)
+        mbarrier.wait(kv_empty, (i & 1) ^ 1)
+        _copy_in(k0, k1, k2, k3, br, b, combo, rbase + row0, kv_ready, k_smem, True)
+        _copy_in(v0, v1, v2, v3, br, b, combo, rbase + row0, kv_ready, v_smem, True)
+        for j in range(n_m):
+            g = c + j
+            st = g % STAGES
+            mbarrier.wait(qd_empty.index(st), ((g // STAGES) & 1) ^ 1)
+            _copy_in(q0, q1, q2, q3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), q_smem.index(st), True)
+            _copy_in(o0, o1, o2, o3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), do_smem.index(st),
+                     True)
+        c += n_m
+        if ZFILL:
+            # the key positions of this tile's span that its branch does not select: combos o*H + h, o != own
+            r = gl.load(RB + br)
+            own = gl.load(row + 2) % r
+            for o in range(0, r):
+                if o != own:
+                    zc = o * H + gl.load(row + 0)
+                    for half in gl.static_range(2):
+                        _copy_out(dk0, dk1, dk2, dk3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+                        _copy_out(dv0, dv1, dv2, dv3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb,
+              stride_lh, k_smem, v_smem, q_smem, do_smem, dk_smem, dv_smem, kv_ready, kv_empty, qd_ready, qd_empty,
+              WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr,
+              STAGES: gl.constexpr):
+    dtype: gl.constexpr = k_smem.dtype
+    # S^T, dP^T: (HALF keys, BLOCK_M queries); dK, dV: (HALF keys, HEAD_DIM)
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, HEAD_DIM, 16])
+    op_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    cols_l: gl.constexpr = gl.SliceLayout(0, s_l)
+    b = gl.program_id(1)
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    n_mine = (T - pid + G - 1) // G
+    k_half = k_smem.slice(WG * HALF, HALF)
+    v_half = v_smem.slice(WG * HALF, HALF)
+    dk_out = dk_smem.index(WG)
+    dv_out = dv_smem.index(WG)
+    c = 0
+    for i in range(n_mine):
+        row = TABLE + (pid + i * G) * NCOLS
+        br, combo, rbase = _tile_coords(row, RB, H)
+        head = gl.load(row + 0)
+        pos0 = gl.load(row + 2)
+        L = gl.load(row + 3)
+        row0 = gl.load(row + 4) + WG * HALF
+        r = gl.load(RB + br)
+        n_m = gl.cdiv(L, BLOCK_M)
+        l_base = LSE + b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0
+        d_base = DELTA + b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0
+        dk = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
+        dv = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
+        mbarrier.wait(kv_ready, i & 1)
+        for j in range(n_m):
+            g = c + j
+            st = g % STAGES
+            cols = j * BLOCK_M + gl.arange(0, BLOCK_M, layout=cols_l)
+            lse = gl.load(l_base + cols * r)
+            delta = gl.load(d_base + cols * r)
+            mbarrier.wait(qd_ready.index(st), (g // STAGES) & 1)
+            q_t = q_smem.index(st)
+            do_t = do_smem.index(st)
+            # S^T and dP^T issued together; the softmax of S^T runs while dP^T is computed (FA3's order)
+            st_tok = warpgroup_mma(k_half, q_t.permute((1, 0)),
+                                   gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l), use_acc=False,
+                                   is_async=True)
+            dpt_tok = warpgroup_mma(v_half, do_t.permute((1, 0)),
+                                    gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l), use_acc=False,
+                                    is_async=True)
+            s_t = warpgroup_mma_wait(1, deps=(st_tok, ))
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse2, 0))
+            dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_l), do_t, dv, is_async=True)
+            dp_t = warpgroup_mma_wait(1, deps=(dpt_tok, ))
+            ds_t = p_t * (dp_t - gl.expand_dims(delta, 0))
+            dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_l), q_t, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            mbarrier.arrive(qd_empty.index(st), count=1)
+        mbarrier.arrive(kv_empty, count=1)
+        c += n_m
+        tma.store_wait(0)
+        dk_out.store((dk * sm_scale).to(dtype))
+        dv_out.store(dv.to(dtype))
+        fence_async_shared()
+        _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, dk_out)
+        _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, dv_out)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b, stride_lb,
+               stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+               STAGES: gl.constexpr, ZFILL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+               num_warps: gl.constexpr):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    HALF: gl.constexpr = BLOCK_N // 2
+    q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q1 = _branch_desc(Q, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q2 = _branch_desc(Q, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q3 = _branch_desc(Q, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    o0 = _branch_desc(DO, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    o1 = _branch_desc(DO, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    o2 = _branch_desc(DO, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    o3 = _branch_desc(DO, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    k0 = _branch_desc(K, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k1 = _branch_desc(K, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k2 = _branch_desc(K, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k3 = _branch_desc(K, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v0 = _branch_desc(V, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v1 = _branch_desc(V, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v2 = _branch_desc(V, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v3 = _branch_desc(V, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    dk0 = _branch_desc(DK, RB, 0, B, N, H, stride_b, HALF, HEAD_DIM)
+    dk1 = _branch_desc(DK, RB, 1, B, N, H, stride_b, HALF, HEAD_DIM)
+    dk2 = _branch_desc(DK, RB, 2, B, N, H, stride_b, HALF, HEAD_DIM)
+    dk3 = _branch_desc(DK, RB, 3, B, N, H, stride_b, HALF, HEAD_DIM)
+    dv0 = _branch_desc(DV, RB, 0, B, N, H, stride_b, HALF, HEAD_DIM)
+    dv1 = _branch_desc(DV, RB, 1, B, N, H, stride_b, HALF, HEAD_DIM)
+    dv2 = _branch_desc(DV, RB, 2, B, N, H, stride_b, HALF, HEAD_DIM)
+    dv3 = _branch_desc(DV, RB, 3, B, N, H, stride_b, HALF, HEAD_DIM)
+    n_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    h_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, HEAD_DIM], dtype)
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], n_sl)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], n_sl)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
+    dk_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
+    dv_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
+    zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    z_smem = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], h_sl, value=gl.zeros([HALF, HEAD_DIM], dtype, zl))
+    fence_async_shared()
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    qd_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    qd_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # a "ready" phase takes two copies (K and V; Q and dO), each arriving once with its byte count
+    mbarrier.init(kv_ready, count=2)
+    mbarrier.init(kv_empty, count=2)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(qd_ready.index(st), count=2)
+        mbarrier.init(qd_empty.index(st), count=2)
+    gl.warp_specialize([
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale,
+                     stride_lb, stride_lh, k_smem, v_smem, q_smem, do_smem, dk_smem, dv_smem, kv_ready, kv_empty,
+                     qd_ready, qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale,
+                     stride_lb, stride_lh, k_smem, v_smem, q_smem, do_smem, dk_smem, dv_smem, kv_ready, kv_empty,
+                     qd_ready, qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES)),
+        (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1,
+                     dv2, dv3, TABLE, RB, T, H, k_smem, v_smem, q_smem, do_smem, z_smem, kv_ready, kv_empty,
+                     qd_ready, qd_empty, BLOCK_M, HALF, STAGES, ZFILL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 '''

@@ -7,7 +7,8 @@ Per pass, one launch covers every branch, segment, head and tile of the plan, dr
   on Hopper GPUs, grouped non-causal calls whose segments are whole 128-row tiles run ``gluon_fwd`` instead, a
   warp-specialised persistent kernel written in Gluon (:mod:`.gluon_hopper`; same tile table, same results);
 * backward: ``dilated_bwd_dq`` (which also computes delta = rowsum(dO * O) - dlse of its rows), then
-  ``dilated_bwd_dkdv``. Recomputes the probabilities; nothing of size N*w is ever stored.
+  ``dilated_bwd_dkdv``. Recomputes the probabilities; nothing of size N*w is ever stored. The calls that run
+  ``gluon_fwd`` run ``gluon_bwd_dq`` and ``gluon_bwd_dkdv`` instead (same structure, same results).
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported; for tests). Producing the source (``source()``) needs neither.
@@ -87,6 +88,8 @@ USE_TMA = True
 USE_GLUON = os.environ.get("DILATED_COMPILER_GLUON", "1") != "0"
 # the Gluon forward's tiles (gluon_hopper.BLOCK_M x BLOCK_N): its tile table and zero-fill spans
 _GLUON_TILES = TileConfig(gluon_hopper.BLOCK_M, gluon_hopper.BLOCK_N, 4, 2)
+# the Gluon backward's tiles: 128-row query tiles (dq) and key tiles (dk/dv), inner steps of 64 rows
+_GLUON_BWD_TILES = TileConfig(gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP, 4, 2)
 
 
 class TritonLowering:
@@ -150,12 +153,15 @@ class TritonLowering:
             self._gluon_module = load_module(self._gluon_key, self._gluon_text)
         return self._gluon_module
 
-    def gluon_unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_kpm: bool) -> str | None:
-        """None if the Gluon forward (:mod:`.gluon_hopper`) runs this call (contiguous q, k, v), else why not."""
+    def gluon_unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_kpm: bool,
+                          *more: torch.Tensor) -> str | None:
+        """None if the Gluon kernels (:mod:`.gluon_hopper`) run this call (contiguous q, k, v and, for the
+        backward, out and its gradient in ``more``), else why not."""
         if not USE_GLUON:
             return "turned off (DILATED_COMPILER_GLUON=0)"
-        if any(t.data_ptr() % 16 for t in (q, k, v)):
-            return "q, k and v must start on 16 bytes (tensor descriptors)"
+        if any(t.data_ptr() % 16 for t in (q, k, v, *more)):
+            return ("q, k and v must start on 16 bytes (tensor descriptors)" if not more else
+                    "q, k, v, out and its gradient must start on 16 bytes (tensor descriptors)")
         key = (q.device, tuple(q.shape), q.dtype, has_kpm)
         if key not in self._gluon_reasons:
             self._gluon_reasons[key] = gluon_hopper.unsupported_reason(
@@ -169,15 +175,42 @@ class TritonLowering:
         table = self._table("q", _GLUON_TILES, q.device)
         T = table.shape[0]
         B, N, H, D = q.shape
-        key = ("gluon dilations", q.device)
-        if key not in self._tables:
-            self._tables[key] = torch.tensor(gluon_hopper.padded_dilations(self.spec), dtype=torch.int32,
-                                             device=q.device)
         _ensure_allocator()  # the kernel makes its tensor descriptors
         return self.gluon_kernels.gluon_fwd[(min(T, _sm_count(q.device)), B)](
-            q, k, v, out, lse, table, self._tables[key], T, B, N, H, self.scale * math.log2(math.e), q.stride(0),
+            q, k, v, out, lse, table, self._gluon_dilations(q.device), T, B, N, H, self.scale * math.log2(math.e), q.stride(0),
             lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M, BLOCK_N=gluon_hopper.BLOCK_N,
             STAGES=2, ZFILL=zfill, CONSUMER_REGS=consumer_regs, num_warps=4)
+
+    def _gluon_dilations(self, device: torch.device) -> torch.Tensor:
+        key = ("gluon dilations", device)
+        if key not in self._tables:
+            self._tables[key] = torch.tensor(gluon_hopper.padded_dilations(self.spec), dtype=torch.int32,
+                                             device=device)
+        return self._tables[key]
+
+    def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
+                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS):
+        table = self._table("q", _GLUON_BWD_TILES, q.device)
+        T = table.shape[0]
+        B, N, H, D = q.shape
+        _ensure_allocator()
+        return self.gluon_kernels.gluon_bwd_dq[(min(T, _sm_count(q.device)), B)](
+            q, k, v, dout, out, dq, lse, delta, dlse if dlse is not None else lse, table,
+            self._gluon_dilations(q.device), T, B, N, H, self.scale * math.log2(math.e), self.scale, q.stride(0),
+            lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
+            STAGES=2, ZFILL=zfill, HAS_DLSE=dlse is not None, CONSUMER_REGS=consumer_regs, num_warps=4)
+
+    def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, lse, delta, zfill,
+                           consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS):
+        table = self._table("k", _GLUON_BWD_TILES, q.device)
+        T = table.shape[0]
+        B, N, H, D = q.shape
+        _ensure_allocator()
+        return self.gluon_kernels.gluon_bwd_dkdv[(min(T, _sm_count(q.device)), B)](
+            q, k, v, dout, dk, dv, lse, delta, table, self._gluon_dilations(q.device), T, B, N, H,
+            self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0), lse.stride(1), HEAD_DIM=D,
+            BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP, STAGES=2, ZFILL=zfill,
+            CONSUMER_REGS=consumer_regs, num_warps=4)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
@@ -341,6 +374,16 @@ class TritonLowering:
         # delta = rowsum(dO * O) - dlse of every selected row: written by dilated_bwd_dq, read by dilated_bwd_dkdv
         delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
         dlse = dlse.to(torch.float32).contiguous() if dlse is not None else None
+        if not self.merge and self.gluon_unsupported(q, k, v, has_kpm, out, dout) is None:
+            # written in full where the tiles' spans cover every row (zero fill), else into zeros
+            zfill_q = self._zfill("q", _GLUON_BWD_TILES, q.device)
+            dq = (_uninitialized if zfill_q else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
+            self._launch_gluon_dq(q, k, v, dout, out, dq, lse, delta, dlse, zfill_q)
+            zfill_kv = self._zfill("k", _GLUON_BWD_TILES, q.device)
+            dk = (_uninitialized if zfill_kv else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
+            dv = (_uninitialized if zfill_kv else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
+            self._launch_gluon_dkdv(q, k, v, dout, dk, dv, lse, delta, zfill_kv)
+            return dq, dk, dv
         atomic_q = self.merge
         atomic_kv = self.merge or self.gqa > 1
         dq_dtype = torch.float32 if atomic_q else q.dtype
@@ -392,7 +435,9 @@ class TritonLowering:
             lines.append(f"#   on a Hopper GPU (compute capability 9.0, triton {gluon_hopper.CHECKED_TRITON[0]}x), "
                          f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
                          f"{gluon_hopper.BLOCK_N}, q, k and v start on 16 bytes and no key padding mask is given, "
-                         "gluon_fwd (after the tl kernels) runs instead of dilated_fwd")
+                         "gluon_fwd, gluon_bwd_dq and gluon_bwd_dkdv (after the tl kernels) run instead of "
+                         "dilated_fwd, dilated_bwd_dq and dilated_bwd_dkdv (the backward also needs out and its "
+                         "gradient on 16 bytes)")
         lines.append("")
         text = "\n".join(lines) + "\n" + self._text
         return text + ("\n\n" + self._gluon_text if gluon else "")
