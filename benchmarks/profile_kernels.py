@@ -2,7 +2,7 @@
 grouped pattern (N = 64K, bf16, 16 heads, D = 128), then cuDNN SDPA forward and backward over the same segments
 gathered beforehand (what the speed targets are set against).
 
-    DILATED_COMPILER_AUTOTUNE=0 ncu -k regex:'dilated|cudnn|sm90' --section SpeedOfLight ... \
+    DILATED_COMPILER_AUTOTUNE=0 ncu -k regex:'dilated|gluon|cudnn|sm90' --section SpeedOfLight ... \
         python benchmarks/profile_kernels.py
 """
 
@@ -31,7 +31,8 @@ def main():
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         F.scaled_dot_product_attention(qs, ks, vs).backward(torch.randn_like(qs))
     torch.cuda.synchronize()
-    print("profiled: dilated_fwd, dilated_bwd_dq, dilated_bwd_dkdv; cuDNN fwd/bwd on (32, 4, 2048, 128)")
+    print("profiled: the lowering's forward and backward (on Hopper: gluon_fwd, gluon_bwd_dq, gluon_bwd_dkdv); "
+          "cuDNN fwd/bwd on (32, 4, 2048, 128)")
 
 
 if __name__ == "__main__":

@@ -149,15 +149,19 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert a1["T"] == q_table.shape[0] and torch.equal(a1["TABLE"].cpu(), q_table)
     assert a2["T"] == k_table.shape[0] and torch.equal(a2["TABLE"].cpu(), k_table)
     assert a1["Q"] is q and a1["K"] is k and a1["V"] is v and a1["DO"] is dout and a1["OUT"] is out
-    assert a1["DQ"] is dq and a1["LSE"] is lse and a1["DLSE"] is dlse and a1["HAS_DLSE"] is True
-    assert a2["Q"] is q and a2["K"] is k and a2["V"] is v and a2["DO"] is dout
-    assert a2["DK"] is dk and a2["DV"] is dv and a2["LSE"] is lse and a2["DELTA"] is a1["DELTA"]
-    for a, regs in ((a1, gluon_hopper.DQ_CONSUMER_REGS), (a2, gluon_hopper.DKDV_CONSUMER_REGS)):
+    assert a1["DQ"] is dq and a1["DLSE"] is dlse and a1["HAS_DLSE"] is True
+    assert a2["Q"] is q and a2["K"] is k and a2["V"] is v and a2["DO"] is dout and a2["DK"] is dk and a2["DV"] is dv
+    # dk/dv reads lse and delta from one buffer: lse (a copy), then the delta that dq writes
+    ld = a2["LD"]
+    assert ld.shape == (2, B, H, N) and a2["stride_ld"] == B * H * N and torch.equal(ld[0], lse)
+    assert a1["LSE"].data_ptr() == ld[0].data_ptr() and a1["DELTA"].data_ptr() == ld[1].data_ptr()
+    for a, regs, stages in ((a1, gluon_hopper.DQ_CONSUMER_REGS, 2),
+                            (a2, gluon_hopper.DKDV_CONSUMER_REGS, gluon_hopper.DKDV_STAGES)):
         assert a["RB"].tolist() == [1, 2, 4, 1] and (a["B"], a["N"], a["H"]) == (B, N, H)
         assert a["stride_b"] == N * H * D and (a["stride_lb"], a["stride_lh"]) == (H * N, N)
         assert math.isclose(a["qk_scale"], D ** -0.5 * math.log2(math.e), rel_tol=1e-6)
         assert math.isclose(a["sm_scale"], D ** -0.5, rel_tol=1e-6)
-        assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == regs and a["STAGES"] == 2
+        assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == regs and a["STAGES"] == stages
     assert (a1["BLOCK_M"], a1["BLOCK_N"]) == (a2["BLOCK_N"], a2["BLOCK_M"]) == (128, 64)
     launches.clear()
     low.backward(dout, None, q, k, v, out, lse, aux)

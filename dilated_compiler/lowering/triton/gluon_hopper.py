@@ -19,8 +19,8 @@ query rows at a time with transposed products, as FA3 does).
 
 They compute exactly what ``dilated_fwd``, ``dilated_bwd_dq`` and ``dilated_bwd_dkdv`` compute (same tile tables,
 same arithmetic per tile) for the cases in :func:`unsupported_reason`; the lowering runs them where that returns
-None and says which kernels run in ``kernel_source()``. Gluon is experimental and changes between Triton releases, so the kernel is used only with
-the Triton version it was checked on (:data:`CHECKED_TRITON`).
+None and says which kernels run in ``kernel_source()``. Gluon is experimental and changes between Triton
+releases, so the kernels are used only with the Triton version they were checked on (:data:`CHECKED_TRITON`).
 
 Nothing here imports triton: the source text and the checks work on any machine.
 """
@@ -44,6 +44,7 @@ CONSUMER_REGS = 232   # setmaxnreg of the worker consumer; the other consumer ge
 BWD_BLOCK, BWD_STEP = 128, 64
 DQ_CONSUMER_REGS = 232     # measured on an H100 (benchmarks/results/H100-triton.md): 1.142 ms against 1.166 at 240
 DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
+DKDV_STAGES = 3            # Q/dO/lse/delta ring: 1.659 ms against 1.735 with 2 (benchmarks/gluon_dkdv_experiment.py)
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -126,6 +127,7 @@ _KERNEL = r'''#
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
@@ -364,9 +366,11 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #   gluon_bwd_dq      TABLE: 128-row query tiles; each consumer owns 64 rows; the producer copies the tile's Q, dO
 #                     and O, then 64-row K/V tiles into a 2-deep ring (kv_ready / kv_empty)
 #   gluon_bwd_dkdv    TABLE: 128-row key tiles; each consumer owns 64 keys and works on transposed products
-#                     (S^T = K Q^T, dP^T = V dO^T); the producer copies the tile's K and V, then 64-row Q/dO steps
-#                     into a 2-deep ring (qd_ready / qd_empty); S^T and dP^T are issued together so the softmax
-#                     runs while dP^T does (FA3's order)
+#                     (S^T = K Q^T, dP^T = V dO^T); the producer copies the tile's K and V, then 64-row steps into
+#                     a STAGES-deep ring (qd_ready / qd_empty): Q and dO by TMA, the step's lse and delta (rows
+#                     strided by r) by cp.async into ld_smem. S^T and dP^T are issued together so the softmax runs
+#                     while dP^T does (FA3's order)
+#   LD, stride_ld     lse and delta in one (2, B, H, N) buffer: lse at LD + i, delta at LD + stride_ld + i
 #   ZFILL             as in the forward: the producer writes zeros to the rows of the tile's span that its branch
 #                     does not select, so dq, dk and dv need no memset
 
@@ -545,8 +549,15 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
 
 @gluon.jit
 def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1, dv2,
-              dv3, TABLE, RB, T, H, k_smem, v_smem, q_smem, do_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty,
-              BLOCK_M: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr):
+                   dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem, do_smem,
+                   ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M: gl.constexpr,
+                   HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr):
+    # per step: the 64 queries' lse and delta (strided by r: no TMA) by cp.async into the step's ld_smem slot, one
+    # element per thread, each thread arriving on qd_ready when its copy lands; then Q and dO by TMA
+    ld_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    idx = gl.arange(0, 2 * BLOCK_M, layout=ld_l)
+    which = idx // BLOCK_M   # 0: lse, 1: delta
+    steps = idx % BLOCK_M
     b = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
@@ -557,6 +568,8 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
         br, combo, rbase = _tile_coords(row, RB, H)
         row0 = gl.load(row + 4)
         n_m = gl.cdiv(gl.load(row + 3), BLOCK_M)
+        r = gl.load(RB + br)
+        ld_base = LD + b.to(gl.int64) * stride_lb + gl.load(row + 0).to(gl.int64) * stride_lh + gl.load(row + 2)
         mbarrier.wait(kv_empty, (i & 1) ^ 1)
         _copy_in(k0, k1, k2, k3, br, b, combo, rbase + row0, kv_ready, k_smem, True)
         _copy_in(v0, v1, v2, v3, br, b, combo, rbase + row0, kv_ready, v_smem, True)
@@ -564,13 +577,15 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
             g = c + j
             st = g % STAGES
             mbarrier.wait(qd_empty.index(st), ((g // STAGES) & 1) ^ 1)
+            async_copy.async_copy_global_to_shared(ld_smem.index(st),
+                                                   ld_base + which * stride_ld + (j * BLOCK_M + steps) * r)
+            async_copy.mbarrier_arrive(qd_ready.index(st), increment_count=False)
             _copy_in(q0, q1, q2, q3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), q_smem.index(st), True)
             _copy_in(o0, o1, o2, o3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), do_smem.index(st),
                      True)
         c += n_m
         if ZFILL:
             # the key positions of this tile's span that its branch does not select: combos o*H + h, o != own
-            r = gl.load(RB + br)
             own = gl.load(row + 2) % r
             for o in range(0, r):
                 if o != own:
@@ -582,10 +597,9 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
 
 
 @gluon.jit
-def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb,
-              stride_lh, k_smem, v_smem, q_smem, do_smem, dk_smem, dv_smem, kv_ready, kv_empty, qd_ready, qd_empty,
-              WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr,
-              STAGES: gl.constexpr):
+def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
+                   q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, WG: gl.constexpr,
+                   HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     # S^T, dP^T: (HALF keys, BLOCK_M queries); dK, dV: (HALF keys, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -600,64 +614,60 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB
     n_mine = (T - pid + G - 1) // G
     k_half = k_smem.slice(WG * HALF, HALF)
     v_half = v_smem.slice(WG * HALF, HALF)
-    dk_out = dk_smem.index(WG)
-    dv_out = dv_smem.index(WG)
+    out = out_smem.index(WG)
     c = 0
     for i in range(n_mine):
         row = TABLE + (pid + i * G) * NCOLS
         br, combo, rbase = _tile_coords(row, RB, H)
-        head = gl.load(row + 0)
-        pos0 = gl.load(row + 2)
         L = gl.load(row + 3)
         row0 = gl.load(row + 4) + WG * HALF
-        r = gl.load(RB + br)
         n_m = gl.cdiv(L, BLOCK_M)
-        l_base = LSE + b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0
-        d_base = DELTA + b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0
         dk = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
         dv = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
         mbarrier.wait(kv_ready, i & 1)
         for j in range(n_m):
             g = c + j
             st = g % STAGES
-            cols = j * BLOCK_M + gl.arange(0, BLOCK_M, layout=cols_l)
-            lse = gl.load(l_base + cols * r)
-            delta = gl.load(d_base + cols * r)
             mbarrier.wait(qd_ready.index(st), (g // STAGES) & 1)
             q_t = q_smem.index(st)
             do_t = do_smem.index(st)
             # S^T and dP^T issued together; the softmax of S^T runs while dP^T is computed (FA3's order)
-            st_tok = warpgroup_mma(k_half, q_t.permute((1, 0)),
-                                   gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l), use_acc=False,
-                                   is_async=True)
+            st_tok = warpgroup_mma(k_half, q_t.permute((1, 0)), gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l),
+                                   use_acc=False, is_async=True)
             dpt_tok = warpgroup_mma(v_half, do_t.permute((1, 0)),
                                     gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l), use_acc=False,
                                     is_async=True)
             s_t = warpgroup_mma_wait(1, deps=(st_tok, ))
+            lse = ld_smem.index(st).slice(0, BLOCK_M).load(cols_l)
             lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse2, 0))
-            dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_l), do_t, dv, is_async=True)
+            dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_l), do_t, dv, is_async=True)
             dp_t = warpgroup_mma_wait(1, deps=(dpt_tok, ))
+            delta = ld_smem.index(st).slice(BLOCK_M, BLOCK_M).load(cols_l)
             ds_t = p_t * (dp_t - gl.expand_dims(delta, 0))
-            dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_l), q_t, dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            dk_tok = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_l), q_t, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
             mbarrier.arrive(qd_empty.index(st), count=1)
         mbarrier.arrive(kv_empty, count=1)
         c += n_m
+        # epilogue: dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
         tma.store_wait(0)
-        dk_out.store((dk * sm_scale).to(dtype))
-        dv_out.store(dv.to(dtype))
+        out.store((dk * sm_scale).to(dtype))
         fence_async_shared()
-        _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, dk_out)
-        _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, dv_out)
+        _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out)
+        tma.store_wait(0)
+        out.store(dv.to(dtype))
+        fence_async_shared()
+        _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out)
     tma.store_wait(0)
 
 
 @gluon.jit
-def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b, stride_lb,
-               stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-               STAGES: gl.constexpr, ZFILL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-               num_warps: gl.constexpr):
+def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b, stride_ld, stride_lb,
+                   stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                   STAGES: gl.constexpr, ZFILL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                   num_warps: gl.constexpr):
+    # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
     q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -691,8 +701,9 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, RB, T, B, N, H, qk_sc
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], n_sl)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
-    dk_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
-    dv_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
+    out_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
+    # a step's lse then delta (a rank-1 layout: a stage's index() is a plain vector)
+    ld_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2 * BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     z_smem = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], h_sl, value=gl.zeros([HALF, HEAD_DIM], dtype, zl))
     fence_async_shared()
@@ -700,21 +711,23 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, RB, T, B, N, H, qk_sc
     kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     qd_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     qd_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    # a "ready" phase takes two copies (K and V; Q and dO), each arriving once with its byte count
+    # a "ready" phase: K and V (two TMA copies); Q and dO (two TMA copies) and lse/delta (one cp.async arrival per
+    # producer thread: 4 warps)
     mbarrier.init(kv_ready, count=2)
     mbarrier.init(kv_empty, count=2)
     for st in gl.static_range(STAGES):
-        mbarrier.init(qd_ready.index(st), count=2)
+        mbarrier.init(qd_ready.index(st), count=2 + 4 * 32)
         mbarrier.init(qd_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale,
-                     stride_lb, stride_lh, k_smem, v_smem, q_smem, do_smem, dk_smem, dv_smem, kv_ready, kv_empty,
-                     qd_ready, qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES)),
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, LSE, DELTA, TABLE, RB, T, H, qk_scale, sm_scale,
-                     stride_lb, stride_lh, k_smem, v_smem, q_smem, do_smem, dk_smem, dv_smem, kv_ready, kv_empty,
-                     qd_ready, qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES)),
-        (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1,
-                     dv2, dv3, TABLE, RB, T, H, k_smem, v_smem, q_smem, do_smem, z_smem, kv_ready, kv_empty,
-                     qd_ready, qd_empty, BLOCK_M, HALF, STAGES, ZFILL)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
+                          q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 0, HEAD_DIM,
+                          HALF, BLOCK_M, STAGES)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
+                          q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 1, HEAD_DIM,
+                          HALF, BLOCK_M, STAGES)),
+        (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0,
+                          dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem,
+                          do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M, HALF, STAGES,
+                          ZFILL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 '''

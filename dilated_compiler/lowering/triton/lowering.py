@@ -200,17 +200,17 @@ class TritonLowering:
             lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
             STAGES=2, ZFILL=zfill, HAS_DLSE=dlse is not None, CONSUMER_REGS=consumer_regs, num_warps=4)
 
-    def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, lse, delta, zfill,
-                           consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS):
+    def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS):
+        """``ld``: lse and delta in one (2, B, H, N) buffer."""
         table = self._table("k", _GLUON_BWD_TILES, q.device)
         T = table.shape[0]
         B, N, H, D = q.shape
         _ensure_allocator()
         return self.gluon_kernels.gluon_bwd_dkdv[(min(T, _sm_count(q.device)), B)](
-            q, k, v, dout, dk, dv, lse, delta, table, self._gluon_dilations(q.device), T, B, N, H,
-            self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0), lse.stride(1), HEAD_DIM=D,
-            BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP, STAGES=2, ZFILL=zfill,
-            CONSUMER_REGS=consumer_regs, num_warps=4)
+            q, k, v, dout, dk, dv, ld, table, self._gluon_dilations(q.device), T, B, N, H,
+            self.scale * math.log2(math.e), self.scale, q.stride(0), ld.stride(0), ld.stride(1), ld.stride(2),
+            HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
+            STAGES=gluon_hopper.DKDV_STAGES, ZFILL=zfill, CONSUMER_REGS=consumer_regs, num_warps=4)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
@@ -371,19 +371,22 @@ class TritonLowering:
         dout = dout.to(q.dtype).contiguous()
         B, N, H, D = q.shape
         kpm, has_kpm = self._kpm(key_padding_mask, q)
-        # delta = rowsum(dO * O) - dlse of every selected row: written by dilated_bwd_dq, read by dilated_bwd_dkdv
-        delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
         dlse = dlse.to(torch.float32).contiguous() if dlse is not None else None
+        # delta = rowsum(dO * O) - dlse of every selected row: written by the dq kernel, read by the dk/dv kernel
         if not self.merge and self.gluon_unsupported(q, k, v, has_kpm, out, dout) is None:
+            # lse and delta side by side: the dk/dv kernel copies both per step with one asynchronous copy
+            ld = torch.empty((2, B, H, N), dtype=torch.float32, device=q.device)
+            ld[0].copy_(lse)
             # written in full where the tiles' spans cover every row (zero fill), else into zeros
             zfill_q = self._zfill("q", _GLUON_BWD_TILES, q.device)
             dq = (_uninitialized if zfill_q else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
-            self._launch_gluon_dq(q, k, v, dout, out, dq, lse, delta, dlse, zfill_q)
+            self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, zfill_q)
             zfill_kv = self._zfill("k", _GLUON_BWD_TILES, q.device)
             dk = (_uninitialized if zfill_kv else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
             dv = (_uninitialized if zfill_kv else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
-            self._launch_gluon_dkdv(q, k, v, dout, dk, dv, lse, delta, zfill_kv)
+            self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, zfill_kv)
             return dq, dk, dv
+        delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
         atomic_q = self.merge
         atomic_kv = self.merge or self.gqa > 1
         dq_dtype = torch.float32 if atomic_q else q.dtype
