@@ -149,7 +149,7 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert a1["T"] == q_table.shape[0] and torch.equal(a1["TABLE"].cpu(), q_table)
     assert a2["T"] == k_table.shape[0] and torch.equal(a2["TABLE"].cpu(), k_table)
     assert a1["Q"] is q and a1["K"] is k and a1["V"] is v and a1["DO"] is dout and a1["OUT"] is out
-    assert a1["DQ"] is dq and a1["DLSE"] is dlse and a1["HAS_DLSE"] is True
+    assert a1["DQ"] is dq and a1["DLSE"] is dlse and a1["HAS_DLSE"] is True and a1["PIPE"] is gluon_hopper.DQ_PIPELINE
     assert a2["Q"] is q and a2["K"] is k and a2["V"] is v and a2["DO"] is dout and a2["DK"] is dk and a2["DV"] is dv
     # dk/dv reads lse and delta from one buffer: lse (a copy), then the delta that dq writes
     ld = a2["LD"]

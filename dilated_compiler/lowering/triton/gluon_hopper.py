@@ -43,6 +43,7 @@ CONSUMER_REGS = 232   # setmaxnreg of the worker consumer; the other consumer ge
 # the backward: a program's own tile (query tile for dq, key tile for dk/dv) and the rows of its inner steps
 BWD_BLOCK, BWD_STEP = 128, 64
 DQ_CONSUMER_REGS = 232     # measured on an H100 (benchmarks/results/H100-triton.md): 1.142 ms against 1.166 at 240
+DQ_PIPELINE = True         # issue the next key step's S and dP before waiting for this step's dQ product
 DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
 DKDV_STAGES = 3            # Q/dO/lse/delta ring: 1.659 ms against 1.735 with 2 (benchmarks/gluon_dkdv_experiment.py)
 
@@ -416,7 +417,7 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0,
 def _dq_consumer(dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb, stride_lh,
                  q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty,
                  WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr):
+                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, dP: (HALF queries, BLOCK_N keys); dQ: (HALF queries, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -456,21 +457,45 @@ def _dq_consumer(dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale
             delta = delta - gl.load(DLSE + offs)
         gl.store(DELTA + offs, delta)
         dq = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
+        if PIPE:
+            # key step 0's S and dP; each step issues the next step's after its dQ product
+            mbarrier.wait(kv_ready.index(c % STAGES), (c // STAGES) & 1)
+            s_tok = warpgroup_mma(q_half, k_smem.index(c % STAGES).permute((1, 0)),
+                                  gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(do_half, v_smem.index(c % STAGES).permute((1, 0)),
+                                   gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
         for j in range(n_k):
             g = c + j
             st = g % STAGES
-            mbarrier.wait(kv_ready.index(st), (g // STAGES) & 1)
             k_t = k_smem.index(st)
-            s_tok = warpgroup_mma(q_half, k_t.permute((1, 0)), gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l),
-                                  use_acc=False, is_async=True)
-            dp_tok = warpgroup_mma(do_half, v_smem.index(st).permute((1, 0)),
-                                   gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
+            if not PIPE:
+                mbarrier.wait(kv_ready.index(st), (g // STAGES) & 1)
+                s_tok = warpgroup_mma(q_half, k_t.permute((1, 0)),
+                                      gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
+                                      is_async=True)
+                dp_tok = warpgroup_mma(do_half, v_smem.index(st).permute((1, 0)),
+                                       gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
+                                       is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
             dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
             ds = p * (dp - gl.expand_dims(delta, 1))
-            dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_l), k_t, dq, is_async=True)
-            dq = warpgroup_mma_wait(0, deps=(dq, ))
+            dq_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_l), k_t, dq, is_async=True)
+            if PIPE:
+                if j + 1 < n_k:
+                    g1 = g + 1
+                    mbarrier.wait(kv_ready.index(g1 % STAGES), (g1 // STAGES) & 1)
+                    s_tok = warpgroup_mma(q_half, k_smem.index(g1 % STAGES).permute((1, 0)),
+                                          gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
+                                          is_async=True)
+                    dp_tok = warpgroup_mma(do_half, v_smem.index(g1 % STAGES).permute((1, 0)),
+                                           gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
+                                           is_async=True)
+                    dq = warpgroup_mma_wait(2, deps=(dq_tok, ))
+                else:
+                    dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+            else:
+                dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
             mbarrier.arrive(kv_empty.index(st), count=1)
         mbarrier.arrive(t_empty, count=1)
         c += n_k
@@ -484,8 +509,8 @@ def _dq_consumer(dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale
 @gluon.jit
 def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b,
                  stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                 num_warps: gl.constexpr):
+                 STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr,
+                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -537,10 +562,10 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
     gl.warp_specialize([
         (_dq_consumer, (dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb,
                         stride_lh, q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                        kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE)),
+                        kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, PIPE)),
         (_dq_consumer, (dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb,
                         stride_lh, q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                        kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE)),
+                        kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, PIPE)),
         (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0, k1, k2, k3, v0, v1, v2, v3,
                         dq0, dq1, dq2, dq3, TABLE, RB, T, H, q_smem, do_smem, o_smem, k_smem, v_smem, z_smem,
                         t_ready, t_empty, kv_ready, kv_empty, BLOCK_N, HALF, STAGES, ZFILL)),

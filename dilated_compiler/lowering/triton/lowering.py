@@ -189,7 +189,7 @@ class TritonLowering:
         return self._tables[key]
 
     def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
-                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS):
+                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, pipe=gluon_hopper.DQ_PIPELINE):
         table = self._table("q", _GLUON_BWD_TILES, q.device)
         T = table.shape[0]
         B, N, H, D = q.shape
@@ -198,7 +198,8 @@ class TritonLowering:
             q, k, v, dout, out, dq, lse, delta, dlse if dlse is not None else lse, table,
             self._gluon_dilations(q.device), T, B, N, H, self.scale * math.log2(math.e), self.scale, q.stride(0),
             lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
-            STAGES=2, ZFILL=zfill, HAS_DLSE=dlse is not None, CONSUMER_REGS=consumer_regs, num_warps=4)
+            STAGES=2, ZFILL=zfill, HAS_DLSE=dlse is not None, PIPE=pipe, CONSUMER_REGS=consumer_regs,
+            num_warps=4)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS):
         """``ld``: lse and delta in one (2, B, H, N) buffer."""
