@@ -43,7 +43,7 @@ CONSUMER_REGS = 232   # setmaxnreg of the worker consumer; the other consumer ge
 # the backward: a program's own tile (query tile for dq, key tile for dk/dv) and the rows of its inner steps
 BWD_BLOCK, BWD_STEP = 128, 64
 DQ_CONSUMER_REGS = 232     # measured on an H100 (benchmarks/results/H100-triton.md): 1.142 ms against 1.166 at 240
-DQ_PIPELINE = True         # issue the next key step's S and dP before waiting for this step's dQ product
+DQ_PIPELINE = False        # True: issue the next key step's S and dP before waiting for dQ (1.64 ms against 1.13-1.18)
 DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
 DKDV_STAGES = 3            # Q/dO/lse/delta ring: 1.659 ms against 1.735 with 2 (benchmarks/gluon_dkdv_experiment.py)
 
