@@ -430,7 +430,7 @@ def run_gpu(every: bool):
     low._launch_gluon_dq(q, k, v, dout, out, dq, lse, delta, None, True)
     ref_dk, ref_dv = torch.zeros_like(k), torch.zeros_like(v)
     low._launch_dkdv(TileConfig(64, 32, 4, 3), q, k, v, kpm, False, dout, lse, delta, ref_dk, ref_dv, False)
-    rb = low._gluon_dilations(q.device)
+    rb = low._gluon_launch_args("k", tl_lowering._GLUON_BWD_TILES, q)[2]
     table = tile_table(plan, "k", 128, 64).cuda()
     T = table.shape[0]
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -174,6 +174,20 @@ def _tile_coords(row, RB, H):
 
 
 @gluon.jit
+def _zero_gaps(d0, d1, d2, d3, row, RB, H, b, branch, span0, z_smem):
+    # [Note: zero fill] zeros over the rows [span0, span0 + 128) of the combos o*H + h, o != the tile's own offset:
+    # the positions of the tile's span that its branch does not select. Two stores of the zero tile per combo
+    # (the output descriptors' blocks are half a tile); needs w % r == 0
+    r = gl.load(RB + branch)
+    own = gl.load(row + 2) % r
+    for o in range(0, r):
+        if o != own:
+            zc = o * H + gl.load(row + 0)
+            _copy_out(d0, d1, d2, d3, branch, b, zc, span0, z_smem)
+            _copy_out(d0, d1, d2, d3, branch, b, zc, span0 + d0.block_type.shape[2], z_smem)
+
+
+@gluon.jit
 def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
               v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, ZFILL: gl.constexpr):
@@ -199,15 +213,7 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TA
             _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, v_ready.index(st), v_smem.index(st), True)
         c += n_k
         if ZFILL:
-            r = gl.load(RB + br)
-            own = gl.load(row + 2) % r
-            row0 = rbase + gl.load(row + 4)
-            for o in range(0, r):
-                if o != own:
-                    zc = o * H + gl.load(row + 0)
-                    # two stores of the zero tile (the out descriptors' blocks are half a tile)
-                    _copy_out(o0, o1, o2, o3, br, b, zc, row0, z_smem)
-                    _copy_out(o0, o1, o2, o3, br, b, zc, row0 + o0.block_type.shape[2], z_smem)
+            _zero_gaps(o0, o1, o2, o3, row, RB, H, b, br, rbase + gl.load(row + 4), z_smem)
     tma.store_wait(0)
 
 
@@ -379,8 +385,7 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 @gluon.jit
 def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0, k1, k2, k3, v0, v1, v2, v3, dq0,
                  dq1, dq2, dq3, TABLE, RB, T, H, q_smem, do_smem, o_smem, k_smem, v_smem, z_smem, t_ready, t_empty,
-                 kv_ready, kv_empty, BLOCK_N: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr,
-                 ZFILL: gl.constexpr):
+                 kv_ready, kv_empty, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr):
     b = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
@@ -403,13 +408,7 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0,
             _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), v_smem.index(st), True)
         c += n_k
         if ZFILL:
-            r = gl.load(RB + br)
-            own = gl.load(row + 2) % r
-            for o in range(0, r):
-                if o != own:
-                    zc = o * H + gl.load(row + 0)
-                    for half in gl.static_range(2):
-                        _copy_out(dq0, dq1, dq2, dq3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+            _zero_gaps(dq0, dq1, dq2, dq3, row, RB, H, b, br, rbase + row0, z_smem)
     tma.store_wait(0)
 
 
@@ -568,7 +567,7 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
                         kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, PIPE)),
         (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0, k1, k2, k3, v0, v1, v2, v3,
                         dq0, dq1, dq2, dq3, TABLE, RB, T, H, q_smem, do_smem, o_smem, k_smem, v_smem, z_smem,
-                        t_ready, t_empty, kv_ready, kv_empty, BLOCK_N, HALF, STAGES, ZFILL)),
+                        t_ready, t_empty, kv_ready, kv_empty, BLOCK_N, STAGES, ZFILL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 
 
@@ -610,7 +609,7 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
                      True)
         c += n_m
         if ZFILL:
-            # the key positions of this tile's span that its branch does not select: combos o*H + h, o != own
+            # _zero_gaps for dK and dV in one pass (two calls: the producer's 32 registers spill more)
             own = gl.load(row + 2) % r
             for o in range(0, r):
                 if o != own:

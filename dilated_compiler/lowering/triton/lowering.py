@@ -172,43 +172,40 @@ class TritonLowering:
         return self._gluon_reasons[key]
 
     def _launch_gluon_fwd(self, q, k, v, out, lse, zfill, consumer_regs=gluon_hopper.CONSUMER_REGS):
-        table = self._table("q", _GLUON_TILES, q.device)
-        T = table.shape[0]
+        table, grid, dilations = self._gluon_launch_args("q", _GLUON_TILES, q)
         B, N, H, D = q.shape
-        _ensure_allocator()  # the kernel makes its tensor descriptors
-        return self.gluon_kernels.gluon_fwd[(min(T, _sm_count(q.device)), B)](
-            q, k, v, out, lse, table, self._gluon_dilations(q.device), T, B, N, H, self.scale * math.log2(math.e), q.stride(0),
-            lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M, BLOCK_N=gluon_hopper.BLOCK_N,
-            STAGES=2, ZFILL=zfill, CONSUMER_REGS=consumer_regs, num_warps=4)
+        return self.gluon_kernels.gluon_fwd[grid](
+            q, k, v, out, lse, table, dilations, table.shape[0], B, N, H, self.scale * math.log2(math.e),
+            q.stride(0), lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M,
+            BLOCK_N=gluon_hopper.BLOCK_N, STAGES=2, ZFILL=zfill, CONSUMER_REGS=consumer_regs, num_warps=4)
 
-    def _gluon_dilations(self, device: torch.device) -> torch.Tensor:
-        key = ("gluon dilations", device)
+    def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor):
+        """A Gluon kernel's tile table, persistent grid (at most one program per SM, then batch) and padded
+        dilations."""
+        table = self._table(kind, tiles, q.device)
+        key = ("gluon dilations", q.device)
         if key not in self._tables:
             self._tables[key] = torch.tensor(gluon_hopper.padded_dilations(self.spec), dtype=torch.int32,
-                                             device=device)
-        return self._tables[key]
+                                             device=q.device)
+        _ensure_allocator()  # the kernels make their tensor descriptors
+        return table, (min(table.shape[0], _sm_count(q.device)), q.shape[0]), self._tables[key]
 
     def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
                          consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, pipe=gluon_hopper.DQ_PIPELINE):
-        table = self._table("q", _GLUON_BWD_TILES, q.device)
-        T = table.shape[0]
+        table, grid, dilations = self._gluon_launch_args("q", _GLUON_BWD_TILES, q)
         B, N, H, D = q.shape
-        _ensure_allocator()
-        return self.gluon_kernels.gluon_bwd_dq[(min(T, _sm_count(q.device)), B)](
-            q, k, v, dout, out, dq, lse, delta, dlse if dlse is not None else lse, table,
-            self._gluon_dilations(q.device), T, B, N, H, self.scale * math.log2(math.e), self.scale, q.stride(0),
-            lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
-            STAGES=2, ZFILL=zfill, HAS_DLSE=dlse is not None, PIPE=pipe, CONSUMER_REGS=consumer_regs,
-            num_warps=4)
+        return self.gluon_kernels.gluon_bwd_dq[grid](
+            q, k, v, dout, out, dq, lse, delta, dlse if dlse is not None else lse, table, dilations, table.shape[0],
+            B, N, H, self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0), lse.stride(1),
+            HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP, STAGES=2, ZFILL=zfill,
+            HAS_DLSE=dlse is not None, PIPE=pipe, CONSUMER_REGS=consumer_regs, num_warps=4)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS):
         """``ld``: lse and delta in one (2, B, H, N) buffer."""
-        table = self._table("k", _GLUON_BWD_TILES, q.device)
-        T = table.shape[0]
+        table, grid, dilations = self._gluon_launch_args("k", _GLUON_BWD_TILES, q)
         B, N, H, D = q.shape
-        _ensure_allocator()
-        return self.gluon_kernels.gluon_bwd_dkdv[(min(T, _sm_count(q.device)), B)](
-            q, k, v, dout, dk, dv, ld, table, self._gluon_dilations(q.device), T, B, N, H,
+        return self.gluon_kernels.gluon_bwd_dkdv[grid](
+            q, k, v, dout, dk, dv, ld, table, dilations, table.shape[0], B, N, H,
             self.scale * math.log2(math.e), self.scale, q.stride(0), ld.stride(0), ld.stride(1), ld.stride(2),
             HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
             STAGES=gluon_hopper.DKDV_STAGES, ZFILL=zfill, CONSUMER_REGS=consumer_regs, num_warps=4)
