@@ -53,6 +53,7 @@ def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.
     if spec.head_assignment != "grouped":
         return "grouped mode only"
     if spec.causal:
+        # the kernels have a CAUSAL form, not yet checked on a GPU (benchmarks/gluon_causal_experiment.py)
         return "non-causal only"
     if heads != kv_heads:
         return "no grouped-query attention"
@@ -121,6 +122,8 @@ _KERNEL = r'''#
 #                     g % STAGES, "ready" barrier phase (g // STAGES) & 1; a slot is refilled once both consumers
 #                     arrived on its "empty" barrier
 #   S, P, acc         scores (base 2 after qk_scale), probabilities, output numerator; m_i, l_i row max / sum
+#   CAUSAL            walk only the key tiles up to the diagonal (the table's hi column) and mask the scores of the
+#                     tiles from full_end on; the lowering does not run it yet (see spec_reason)
 #   ZFILL             the producer writes 0 to the positions in the tile's span that its branch does not select,
 #                     as TMA stores of a zero tile: the span of a tile is rows [rbase + row0, rbase + row0 + 128)
 #                     of every combo o'*H + h, and the gaps are the combos o' != o (needs w % r == 0)
@@ -174,6 +177,25 @@ def _tile_coords(row, RB, H):
 
 
 @gluon.jit
+def _causal_s(s, j, n_full, q_rows, BLOCK: gl.constexpr, cols_l: gl.constexpr):
+    # CAUSAL: scores (queries x keys) of key block j; from block n_full on, -inf where the key comes after the query
+    if j >= n_full:
+        keys = j * BLOCK + gl.arange(0, BLOCK, layout=cols_l)
+        s = gl.where(gl.expand_dims(keys, 0) <= gl.expand_dims(q_rows, 1), s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _causal_st(s_t, j, n_masked, k_rows, BLOCK: gl.constexpr, cols_l: gl.constexpr):
+    # CAUSAL: transposed scores (keys x queries) of query block j; before block n_masked, -inf where the query comes
+    # before the key
+    if j < n_masked:
+        queries = j * BLOCK + gl.arange(0, BLOCK, layout=cols_l)
+        s_t = gl.where(gl.expand_dims(queries, 0) >= gl.expand_dims(k_rows, 1), s_t, float("-inf"))
+    return s_t
+
+
+@gluon.jit
 def _zero_gaps(d0, d1, d2, d3, row, RB, H, b, branch, span0, z_smem):
     # [Note: zero fill] zeros over the rows [span0, span0 + 128) of the combos o*H + h, o != the tile's own offset:
     # the positions of the tile's span that its branch does not select. Two stores of the zero tile per combo
@@ -190,7 +212,7 @@ def _zero_gaps(d0, d1, d2, d3, row, RB, H, b, branch, span0, z_smem):
 @gluon.jit
 def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
               v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, ZFILL: gl.constexpr):
+              STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
     b = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
@@ -199,7 +221,10 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TA
     for i in range(n_mine):
         row = TABLE + (pid + i * G) * NCOLS
         br, combo, rbase = _tile_coords(row, RB, H)
-        n_k = gl.cdiv(gl.load(row + 3), BLOCK_N)
+        if CAUSAL:
+            n_k = gl.cdiv(gl.load(row + 8), BLOCK_N)  # key tiles up to the diagonal
+        else:
+            n_k = gl.cdiv(gl.load(row + 3), BLOCK_N)
         # Q's buffer is free once both consumers issued their last S of the previous tile
         mbarrier.wait(q_empty, (i & 1) ^ 1)
         _copy_in(q0, q1, q2, q3, br, b, combo, rbase + gl.load(row + 4), q_ready, q_smem, True)
@@ -220,12 +245,13 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TA
 @gluon.jit
 def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem, v_smem,
               q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, HEAD_DIM, 16])
     p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+    cols_l: gl.constexpr = gl.SliceLayout(0, mma)
     b = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
@@ -241,7 +267,12 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
         L = gl.load(row + 3)
         row0 = gl.load(row + 4) + WG * HALF
         r = gl.load(RB + br)
-        n_k = gl.cdiv(L, BLOCK_N)
+        if CAUSAL:
+            n_k = gl.cdiv(gl.load(row + 8), BLOCK_N)
+            n_full = gl.load(row + 7) // BLOCK_N  # key tiles before n_full need no mask
+            q_rows = row0 + gl.arange(0, HALF, layout=rows_l)
+        else:
+            n_k = gl.cdiv(L, BLOCK_N)
         m_i = gl.full([HALF], float("-inf"), gl.float32, layout=rows_l)
         acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=mma)
         mbarrier.wait(q_ready, i & 1)
@@ -251,6 +282,8 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
         s_tok = warpgroup_mma(q_half, k_smem.index(st).permute((1, 0)), acc, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st), count=1)
+        if CAUSAL:
+            s = _causal_s(s, 0, n_full, q_rows, BLOCK_N, cols_l)
         m_i = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
         l_i = gl.sum(p, axis=1)
@@ -266,6 +299,8 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
             acc_tok = warpgroup_mma(p_prev, v_smem.index(pst), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(st), count=1)
+            if CAUSAL:
+                s = _causal_s(s, j, n_full, q_rows, BLOCK_N, cols_l)
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
             p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
             alpha = gl.exp2(m_i - m_new)
@@ -308,7 +343,8 @@ def _branch_desc(X, RB, i: gl.constexpr, B, N, H, stride_b, ROWS: gl.constexpr, 
 @gluon.jit
 def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_lb, stride_lh,
               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, ZFILL: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+              STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+              num_warps: gl.constexpr):
     # the descriptors: made once per program (Q, K, V: 128-row blocks; out: 64-row blocks, one per consumer)
     q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
     q1 = _branch_desc(Q, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -354,12 +390,13 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
     gl.warp_specialize([
         (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem,
                      v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 0, HEAD_DIM, HALF, BLOCK_N,
-                     STAGES)),
+                     STAGES, CAUSAL)),
         (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem,
                      v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 1, HEAD_DIM, HALF, BLOCK_N,
-                     STAGES)),
+                     STAGES, CAUSAL)),
         (_producer, (q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
-                     v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N, STAGES, ZFILL)),
+                     v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N, STAGES, ZFILL,
+                     CAUSAL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,6 +415,8 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #                     strided by r) by cp.async into ld_smem. S^T and dP^T are issued together so the softmax runs
 #                     while dP^T does (FA3's order)
 #   LD, stride_ld     lse and delta in one (2, B, H, N) buffer: lse at LD + i, delta at LD + stride_ld + i
+#   CAUSAL            dq: key steps up to the diagonal, masked from full_end on; dk/dv: query steps from lo (the
+#                     diagonal) on, masked before mid
 #   ZFILL             as in the forward: the producer writes zeros to the rows of the tile's span that its branch
 #                     does not select, so dq, dk and dv need no memset
 
@@ -385,7 +424,8 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 @gluon.jit
 def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0, k1, k2, k3, v0, v1, v2, v3, dq0,
                  dq1, dq2, dq3, TABLE, RB, T, H, q_smem, do_smem, o_smem, k_smem, v_smem, z_smem, t_ready, t_empty,
-                 kv_ready, kv_empty, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr):
+                 kv_ready, kv_empty, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr,
+                 CAUSAL: gl.constexpr):
     b = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
@@ -395,7 +435,10 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0,
         row = TABLE + (pid + i * G) * NCOLS
         br, combo, rbase = _tile_coords(row, RB, H)
         row0 = gl.load(row + 4)
-        n_k = gl.cdiv(gl.load(row + 3), BLOCK_N)
+        if CAUSAL:
+            n_k = gl.cdiv(gl.load(row + 8), BLOCK_N)  # key steps up to the diagonal
+        else:
+            n_k = gl.cdiv(gl.load(row + 3), BLOCK_N)
         mbarrier.wait(t_empty, (i & 1) ^ 1)
         _copy_in(q0, q1, q2, q3, br, b, combo, rbase + row0, t_ready, q_smem, True)
         _copy_in(do0, do1, do2, do3, br, b, combo, rbase + row0, t_ready, do_smem, True)
@@ -416,7 +459,7 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0,
 def _dq_consumer(dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb, stride_lh,
                  q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty,
                  WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr):
+                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr, CAUSAL: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, dP: (HALF queries, BLOCK_N keys); dQ: (HALF queries, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -425,6 +468,7 @@ def _dq_consumer(dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale
                                                     instr_shape=[16, HEAD_DIM, 16])
     op_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
     rows_l: gl.constexpr = gl.SliceLayout(1, s_l)
+    cols_l: gl.constexpr = gl.SliceLayout(0, s_l)
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     b = gl.program_id(1)
     pid = gl.program_id(0)
@@ -443,7 +487,12 @@ def _dq_consumer(dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale
         L = gl.load(row + 3)
         row0 = gl.load(row + 4) + WG * HALF
         r = gl.load(RB + br)
-        n_k = gl.cdiv(L, BLOCK_N)
+        if CAUSAL:
+            n_k = gl.cdiv(gl.load(row + 8), BLOCK_N)
+            n_full = gl.load(row + 7) // BLOCK_N  # key steps before n_full need no mask
+            q_rows = row0 + gl.arange(0, HALF, layout=rows_l)
+        else:
+            n_k = gl.cdiv(L, BLOCK_N)
         offs = b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + (row0 + gl.arange(0, HALF,
                                                                                                      layout=rows_l)) * r
         lse = gl.load(LSE + offs)
@@ -476,6 +525,8 @@ def _dq_consumer(dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale
                                        gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
                                        is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            if CAUSAL:
+                s = _causal_s(s, j, n_full, q_rows, BLOCK_N, cols_l)
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
             dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
             ds = p * (dp - gl.expand_dims(delta, 1))
@@ -509,7 +560,7 @@ def _dq_consumer(dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale
 def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b,
                  stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr,
-                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                 CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -561,13 +612,13 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
     gl.warp_specialize([
         (_dq_consumer, (dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb,
                         stride_lh, q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                        kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, PIPE)),
+                        kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, PIPE, CAUSAL)),
         (_dq_consumer, (dq0, dq1, dq2, dq3, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_lb,
                         stride_lh, q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                        kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, PIPE)),
+                        kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, PIPE, CAUSAL)),
         (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0, k1, k2, k3, v0, v1, v2, v3,
                         dq0, dq1, dq2, dq3, TABLE, RB, T, H, q_smem, do_smem, o_smem, k_smem, v_smem, z_smem,
-                        t_ready, t_empty, kv_ready, kv_empty, BLOCK_N, STAGES, ZFILL)),
+                        t_ready, t_empty, kv_ready, kv_empty, BLOCK_N, STAGES, ZFILL, CAUSAL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 
 
@@ -575,7 +626,7 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
 def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1, dv2,
                    dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem, do_smem,
                    ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M: gl.constexpr,
-                   HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr):
+                   HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
     # per step: the 64 queries' lse and delta (strided by r: no TMA) by cp.async into the step's ld_smem slot, one
     # element per thread, each thread arriving on qd_ready when its copy lands; then Q and dO by TMA
     ld_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
@@ -592,13 +643,17 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
         br, combo, rbase = _tile_coords(row, RB, H)
         row0 = gl.load(row + 4)
         n_m = gl.cdiv(gl.load(row + 3), BLOCK_M)
+        if CAUSAL:
+            j0 = gl.load(row + 5) // BLOCK_M  # query steps before lo see none of the tile's keys
+        else:
+            j0 = 0
         r = gl.load(RB + br)
         ld_base = LD + b.to(gl.int64) * stride_lb + gl.load(row + 0).to(gl.int64) * stride_lh + gl.load(row + 2)
         mbarrier.wait(kv_empty, (i & 1) ^ 1)
         _copy_in(k0, k1, k2, k3, br, b, combo, rbase + row0, kv_ready, k_smem, True)
         _copy_in(v0, v1, v2, v3, br, b, combo, rbase + row0, kv_ready, v_smem, True)
-        for j in range(n_m):
-            g = c + j
+        for j in range(j0, n_m):
+            g = c + j - j0
             st = g % STAGES
             mbarrier.wait(qd_empty.index(st), ((g // STAGES) & 1) ^ 1)
             async_copy.async_copy_global_to_shared(ld_smem.index(st),
@@ -607,7 +662,7 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
             _copy_in(q0, q1, q2, q3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), q_smem.index(st), True)
             _copy_in(o0, o1, o2, o3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), do_smem.index(st),
                      True)
-        c += n_m
+        c += n_m - j0
         if ZFILL:
             # _zero_gaps for dK and dV in one pass (two calls: the producer's 32 registers spill more)
             own = gl.load(row + 2) % r
@@ -623,7 +678,8 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
 @gluon.jit
 def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
                    q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, WG: gl.constexpr,
-                   HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                   HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                   CAUSAL: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     # S^T, dP^T: (HALF keys, BLOCK_M queries); dK, dV: (HALF keys, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -646,11 +702,17 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_s
         L = gl.load(row + 3)
         row0 = gl.load(row + 4) + WG * HALF
         n_m = gl.cdiv(L, BLOCK_M)
+        if CAUSAL:
+            j0 = gl.load(row + 5) // BLOCK_M
+            n_masked = gl.cdiv(gl.load(row + 6), BLOCK_M)  # query steps before n_masked need masks
+            k_rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_l))
+        else:
+            j0 = 0
         dk = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
         dv = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
         mbarrier.wait(kv_ready, i & 1)
-        for j in range(n_m):
-            g = c + j
+        for j in range(j0, n_m):
+            g = c + j - j0
             st = g % STAGES
             mbarrier.wait(qd_ready.index(st), (g // STAGES) & 1)
             q_t = q_smem.index(st)
@@ -662,6 +724,8 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_s
                                     gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l), use_acc=False,
                                     is_async=True)
             s_t = warpgroup_mma_wait(1, deps=(st_tok, ))
+            if CAUSAL:
+                s_t = _causal_st(s_t, j, n_masked, k_rows, BLOCK_M, cols_l)
             lse = ld_smem.index(st).slice(0, BLOCK_M).load(cols_l)
             lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse2, 0))
@@ -673,7 +737,7 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_s
             dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
             mbarrier.arrive(qd_empty.index(st), count=1)
         mbarrier.arrive(kv_empty, count=1)
-        c += n_m
+        c += n_m - j0
         # epilogue: dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
         tma.store_wait(0)
         out.store((dk * sm_scale).to(dtype))
@@ -689,7 +753,7 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_s
 @gluon.jit
 def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b, stride_ld, stride_lb,
                    stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                   STAGES: gl.constexpr, ZFILL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                   STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                    num_warps: gl.constexpr):
     # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer)
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -745,13 +809,13 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
     gl.warp_specialize([
         (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
                           q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 0, HEAD_DIM,
-                          HALF, BLOCK_M, STAGES)),
+                          HALF, BLOCK_M, STAGES, CAUSAL)),
         (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
                           q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 1, HEAD_DIM,
-                          HALF, BLOCK_M, STAGES)),
+                          HALF, BLOCK_M, STAGES, CAUSAL)),
         (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0,
                           dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem,
                           do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M, HALF, STAGES,
-                          ZFILL)),
+                          ZFILL, CAUSAL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 '''

@@ -177,7 +177,8 @@ class TritonLowering:
         return self.gluon_kernels.gluon_fwd[grid](
             q, k, v, out, lse, table, dilations, table.shape[0], B, N, H, self.scale * math.log2(math.e),
             q.stride(0), lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M,
-            BLOCK_N=gluon_hopper.BLOCK_N, STAGES=2, ZFILL=zfill, CONSUMER_REGS=consumer_regs, num_warps=4)
+            BLOCK_N=gluon_hopper.BLOCK_N, STAGES=2, ZFILL=zfill, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs,
+            num_warps=4)
 
     def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor):
         """A Gluon kernel's tile table, persistent grid (at most one program per SM, then batch) and padded
@@ -198,7 +199,7 @@ class TritonLowering:
             q, k, v, dout, out, dq, lse, delta, dlse if dlse is not None else lse, table, dilations, table.shape[0],
             B, N, H, self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0), lse.stride(1),
             HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP, STAGES=2, ZFILL=zfill,
-            HAS_DLSE=dlse is not None, PIPE=pipe, CONSUMER_REGS=consumer_regs, num_warps=4)
+            HAS_DLSE=dlse is not None, PIPE=pipe, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS):
         """``ld``: lse and delta in one (2, B, H, N) buffer."""
@@ -208,7 +209,8 @@ class TritonLowering:
             q, k, v, dout, dk, dv, ld, table, dilations, table.shape[0], B, N, H,
             self.scale * math.log2(math.e), self.scale, q.stride(0), ld.stride(0), ld.stride(1), ld.stride(2),
             HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
-            STAGES=gluon_hopper.DKDV_STAGES, ZFILL=zfill, CONSUMER_REGS=consumer_regs, num_warps=4)
+            STAGES=gluon_hopper.DKDV_STAGES, ZFILL=zfill, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs,
+            num_warps=4)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":

@@ -1,0 +1,145 @@
+"""Experiment (prepared, not yet run on a GPU): the lowering's Gluon kernels with CAUSAL=True, against the
+generated tl kernels, on the four-branch causal grouped pattern (N = 64K, bf16, 16 heads, D = 128).
+
+Why: causal grouped calls still run the tl kernels, and there the forward is slower than the hand-written gather
++ SDPA + scatter (0.963 against 0.796 ms; fwd+bwd 3.94 ms against 2.33 for cuDNN over pre-gathered segments,
+benchmarks/results/H100-triton.md). Decoder-only language models train causal.
+
+What CAUSAL changes in gluon_fwd, gluon_bwd_dq and gluon_bwd_dkdv (dilated_compiler/lowering/triton/
+gluon_hopper.py): each tile walks only the partner tiles of its block table (the tile table's lo / hi columns:
+keys up to the diagonal; for dk/dv, query steps from the diagonal on) and masks the scores of the blocks that
+cross the diagonal (the mid / full_end columns), as the tl kernels do. With CAUSAL=False the three kernels
+compile to the same SASS instruction histograms as before the change (sm_90a, triton 3.6). The lowering does not
+run them causally yet: gluon_hopper.spec_reason still refuses causal specs until a GPU run of this script shows
+them correct (and faster).
+
+The check: outputs poisoned with NaN (lse with -inf, as the lowering allocates it); out, lse, dq, dk and dv
+against the tl kernels' (same lse and delta for the backward kernels).
+
+    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/gluon_causal_experiment.py [--check-compile]
+
+--check-compile compiles the three kernels with CAUSAL=True for sm_90a without a GPU (triton 3.6) and counts
+spill instructions among a step's matrix instructions and elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+
+import torch
+
+from dilated_compiler import AttentionSpec, Branch, build_plan
+from dilated_compiler.lowering.triton import lowering as tl_lowering
+
+CAUSAL_FOUR = AttentionSpec(tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8))),
+                            causal=True)
+H, D, N = 16, 128, 65536
+
+KERNELS = {  # name: constexprs
+    "gluon_fwd": dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=128, STAGES=2, ZFILL=True, CAUSAL=True,
+                      CONSUMER_REGS=232, num_warps=4),
+    "gluon_bwd_dq": dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, STAGES=2, ZFILL=True, HAS_DLSE=False,
+                         PIPE=False, CAUSAL=True, CONSUMER_REGS=232, num_warps=4),
+    "gluon_bwd_dkdv": dict(HEAD_DIM=128, BLOCK_N=128, BLOCK_M=64, STAGES=3, ZFILL=True, CAUSAL=True,
+                           CONSUMER_REGS=240, num_warps=4),
+}
+
+
+def check_compile():
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    tools = os.path.dirname(triton.__file__) + "/backends/nvidia/bin/"
+    low = tl_lowering.TritonLowering(build_plan(CAUSAL_FOUR, N, H, D), torch.device("cpu"), torch.bfloat16)
+    scalars = {"T": "i32", "B": "i32", "N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
+               "stride_b": "i64", "stride_ld": "i64", "stride_lb": "i32", "stride_lh": "i32", "TABLE": "*i32",
+               "RB": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "LD": "*fp32"}
+    for name, consts in KERNELS.items():
+        fn = getattr(low.gluon_kernels, name)
+        sig = {p: scalars.get(p, "*bf16" if p in ("Q", "K", "V", "DO", "OUT", "DQ", "DK", "DV") else "constexpr")
+               for p in inspect.signature(fn.fn).parameters}
+        src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        with tempfile.TemporaryDirectory() as d:
+            with open(f"{d}/k.cubin", "wb") as f:
+                f.write(k.asm["cubin"])
+            sass = subprocess.run([tools + "nvdisasm", "-c", f"{d}/k.cubin"], capture_output=True,
+                                  text=True).stdout.splitlines()
+        marks = "".join("M" if "HGMMA" in ln else "S" if ("STL" in ln or "LDL" in ln) else "B"
+                        for ln in sass if "HGMMA" in ln or "STL" in ln or "LDL" in ln or "BRA" in ln)
+        between = sum(run.count("S") for run in re.findall(r"M[MS]*M", marks))
+        print(f"{name} CAUSAL=True: shared {k.metadata.shared} B, HGMMA {marks.count('M')}, spill instructions "
+              f"among a step's HGMMAs {between}, elsewhere {marks.count('S') - between}")
+
+
+def run_gpu():
+    from triton.testing import do_bench
+
+    plan = build_plan(CAUSAL_FOUR, N, H, D)
+    low = tl_lowering.TritonLowering(plan, torch.device("cuda"), torch.bfloat16)
+    assert low.causal
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    # the tl kernels (the lowering refuses causal calls to the Gluon kernels): the reference
+    out, lse, aux = low.forward(q, k, v)
+    dq, dk, dv = low.backward(dout, None, q, k, v, out, lse, aux)
+    torch.cuda.synchronize()
+    rows = []
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    def bench(name, fn, check, flops):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            err = check()
+            rows.append((name, do_bench(fn, warmup=10, rep=60, return_mode="median"), flops, err))
+        except Exception as e:
+            rows.append((name, math.nan, flops, f"{type(e).__name__}: {str(e)[:150]}"))
+        print(rows[-1], flush=True)
+
+    def lse_err(a):
+        if not torch.equal(torch.isinf(a), torch.isinf(lse)):
+            return math.inf
+        fin = torch.isfinite(lse)
+        return float((a[fin] - lse[fin]).abs().max())
+
+    bench("tl forward (the lowering's, causal)", lambda: low.forward(q, k, v), lambda: 0.0, plan.flops)
+    bench("tl backward (the lowering's, causal)", lambda: low.backward(dout, None, q, k, v, out, lse, aux),
+          lambda: 0.0, plan.flops_backward)
+    out_g = torch.full_like(q, math.nan)
+    lse_g = torch.full_like(lse, -math.inf)
+    bench("gluon_fwd CAUSAL", lambda: low._launch_gluon_fwd(q, k, v, out_g, lse_g, True),
+          lambda: max(rel(out_g, out), lse_err(lse_g)), plan.flops)
+    ld = torch.empty((2, 1, H, N), dtype=torch.float32, device="cuda")
+    ld[0].copy_(lse)
+    dq_g = torch.full_like(q, math.nan)
+    bench("gluon_bwd_dq CAUSAL (with delta)",
+          lambda: low._launch_gluon_dq(q, k, v, dout, out, dq_g, ld[0], ld[1], None, True),
+          lambda: rel(dq_g, dq), plan.flops_backward * 3 / 5)
+    dk_g, dv_g = torch.full_like(k, math.nan), torch.full_like(v, math.nan)
+    bench("gluon_bwd_dkdv CAUSAL", lambda: low._launch_gluon_dkdv(q, k, v, dout, dk_g, dv_g, ld, True),
+          lambda: max(rel(dk_g, dk), rel(dv_g, dv)), plan.flops_backward * 4 / 5)
+    print(f"\n{torch.cuda.get_device_name()}: causal four-branch grouped N=64K, bf16, H={H}, D={D}")
+    print("| kernel | ms | TFLOP/s (useful, of its matmuls) | err against the tl kernels (rel; lse: max abs) |")
+    print("|---|---|---|---|")
+    for name, ms, flops, err in rows:
+        print(f"| {name} | {ms:.3f} | {float(flops) / ms / 1e9:.0f} | "
+              f"{err if isinstance(err, str) else f'{err:.1e}'} |")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check-compile", action="store_true")
+    if ap.parse_args().check_compile:
+        check_compile()
+    else:
+        run_gpu()
