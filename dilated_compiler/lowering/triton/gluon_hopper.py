@@ -178,6 +178,19 @@ def _tile_coords(row, RB, H):
 
 
 @gluon.jit
+def _key_walk(row, BLOCK: gl.constexpr, CAUSAL: gl.constexpr):
+    # a query tile's key blocks: the whole segment's, or (CAUSAL) those up to the diagonal (the table's hi column),
+    # blocks from n_full on masked (its full_end column)
+    if CAUSAL:
+        n_k = gl.cdiv(gl.load(row + 8), BLOCK)
+        n_full = gl.load(row + 7) // BLOCK
+    else:
+        n_k = gl.cdiv(gl.load(row + 3), BLOCK)
+        n_full = n_k
+    return n_k, n_full
+
+
+@gluon.jit
 def _causal_s(s, j, n_full, q_rows, BLOCK: gl.constexpr, cols_l: gl.constexpr):
     # CAUSAL: scores (queries x keys) of key block j; from block n_full on, -inf where the key comes after the query
     if j >= n_full:
@@ -222,10 +235,7 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TA
     for i in range(n_mine):
         row = TABLE + (pid + i * G) * NCOLS
         br, combo, rbase = _tile_coords(row, RB, H)
-        if CAUSAL:
-            n_k = gl.cdiv(gl.load(row + 8), BLOCK_N)  # key tiles up to the diagonal
-        else:
-            n_k = gl.cdiv(gl.load(row + 3), BLOCK_N)
+        n_k, _ = _key_walk(row, BLOCK_N, CAUSAL)
         # Q's buffer is free once both consumers issued their last S of the previous tile
         mbarrier.wait(q_empty, (i & 1) ^ 1)
         _copy_in(q0, q1, q2, q3, br, b, combo, rbase + gl.load(row + 4), q_ready, q_smem, True)
@@ -268,12 +278,9 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
         L = gl.load(row + 3)
         row0 = gl.load(row + 4) + WG * HALF
         r = gl.load(RB + br)
+        n_k, n_full = _key_walk(row, BLOCK_N, CAUSAL)
         if CAUSAL:
-            n_k = gl.cdiv(gl.load(row + 8), BLOCK_N)
-            n_full = gl.load(row + 7) // BLOCK_N  # key tiles before n_full need no mask
             q_rows = row0 + gl.arange(0, HALF, layout=rows_l)
-        else:
-            n_k = gl.cdiv(L, BLOCK_N)
         m_i = gl.full([HALF], float("-inf"), gl.float32, layout=rows_l)
         acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=mma)
         mbarrier.wait(q_ready, i & 1)
@@ -436,10 +443,7 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0,
         row = TABLE + (pid + i * G) * NCOLS
         br, combo, rbase = _tile_coords(row, RB, H)
         row0 = gl.load(row + 4)
-        if CAUSAL:
-            n_k = gl.cdiv(gl.load(row + 8), BLOCK_N)  # key steps up to the diagonal
-        else:
-            n_k = gl.cdiv(gl.load(row + 3), BLOCK_N)
+        n_k, _ = _key_walk(row, BLOCK_N, CAUSAL)
         mbarrier.wait(t_empty, (i & 1) ^ 1)
         _copy_in(q0, q1, q2, q3, br, b, combo, rbase + row0, t_ready, q_smem, True)
         _copy_in(do0, do1, do2, do3, br, b, combo, rbase + row0, t_ready, do_smem, True)
@@ -490,12 +494,9 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
         L = gl.load(row + 3)
         row0 = gl.load(row + 4) + WG * HALF
         r = gl.load(RB + br)
+        n_k, n_full = _key_walk(row, BLOCK_N, CAUSAL)
         if CAUSAL:
-            n_k = gl.cdiv(gl.load(row + 8), BLOCK_N)
-            n_full = gl.load(row + 7) // BLOCK_N  # key steps before n_full need no mask
             q_rows = row0 + gl.arange(0, HALF, layout=rows_l)
-        else:
-            n_k = gl.cdiv(L, BLOCK_N)
         offs = b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + (row0 + gl.arange(0, HALF,
                                                                                                      layout=rows_l)) * r
         lse = gl.load(LSE + offs)
