@@ -491,7 +491,6 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
         br, combo, rbase = _tile_coords(row, RB, H)
         head = gl.load(row + 0)
         pos0 = gl.load(row + 2)
-        L = gl.load(row + 3)
         row0 = gl.load(row + 4) + WG * HALF
         r = gl.load(RB + br)
         n_k, n_full = _key_walk(row, BLOCK_N, CAUSAL)
