@@ -1,19 +1,17 @@
-"""Experiment: the lowering's Gluon dq kernel (``gluon_bwd_dq``) with and without PIPE, against the generated tl
-dq kernel, on the four-branch grouped 64K backward (bf16, 16 heads, D = 128).
-
-PIPE: each consumer issues the next key step's S = Q K^T and dP = dO V^T right after this step's dQ += dS K,
-then waits for dQ only, so its products queue back to back (FA3-style software pipelining). Compiled for sm_90a
-(triton 3.6), neither form spills; PIPE has 72 HGMMA instructions against 40 (the first step is peeled).
+"""Experiment: the lowering's Gluon dq kernel (``gluon_bwd_dq``) against the generated tl dq kernel, on the
+four-branch grouped 64K backward (bf16, 16 heads, D = 128), by K/V ring depth and consumer registers.
 
 Outputs are poisoned with NaN and compared against the tl kernel's dq and delta.
 
-Result (H100): both correct; PIPE 1.644 ms (232 registers) and 1.656 ms (240) against 1.134-1.177 ms without
-it, so the lowering leaves it off (gluon_hopper.DQ_PIPELINE). A guess at why: with two K/V stages a pipelined
-consumer holds both, so the producer cannot load ahead.
+History (H100; every variant correct):
+- Run 1, O (for delta) through shared memory by TMA, two K/V stages: 1.134-1.177 ms. PIPE (each consumer issues
+  the next key step's S = Q K^T and dP = dO V^T right after this step's dQ += dS K, FA3-style) 1.644 / 1.656 ms.
+- Run 2: O_PTR (O's rows for delta read by pointers, once per tile, issued before the consumer waits for Q and
+  dO) frees O's 32 KB of shared memory for a third K/V stage: 1.158 ms with two stages, 1.122 with three,
+  against 1.172 / 1.187 for run 1's form in the same run; PIPE with three stages 1.482-1.496 ms.
+The lowering keeps O_PTR with three stages (gluon_hopper.DQ_STAGES); PIPE and the TMA copy of O are gone.
 
-Prepared next (not yet run on a GPU): O_PTR reads O's rows for delta by pointers (once per tile, issued before
-the consumer waits for Q and dO), which frees O's 32 KB of shared memory for a third K/V stage; then PIPE again
-with three stages. --check-compile compiles the variants for sm_90a (triton 3.6) and counts spill instructions.
+--check-compile compiles the variants for sm_90a (triton 3.6) and counts spill instructions.
 
     PYTHONPATH=. python benchmarks/gluon_dq_experiment.py [--check-compile]
 """
@@ -33,16 +31,12 @@ from dilated_compiler.lowering.triton.autotune import TileConfig
 FOUR = AttentionSpec(tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8))))
 
 
-# (PIPE, O_PTR, K/V stages, consumer registers). Run 1 (H100), the first four without the O_PTR column:
-# 1.177, 1.644, 1.656, 1.134 ms
+# (K/V stages, consumer registers); the first is the lowering's
 VARIANTS = [
-    (False, False, 2, 232),
-    (True, False, 2, 232),
-    (False, True, 2, 232),
-    (False, True, 3, 232),
-    (True, True, 3, 232),
-    (True, True, 3, 240),
-    (False, False, 2, 232),
+    (3, 232),
+    (2, 232),
+    (3, 240),
+    (3, 232),
 ]
 
 
@@ -63,11 +57,11 @@ def check_compile():
                "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32"}
     sig = {p: scalars.get(p, "*bf16" if p in ("Q", "K", "V", "DO", "OUT", "DQ") else "constexpr")
            for p in inspect.signature(fn.fn).parameters}
-    for pipe, o_ptr, stages, regs in VARIANTS[:-1]:
-        consts = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, STAGES=stages, ZFILL=True, HAS_DLSE=False, PIPE=pipe,
-                      CAUSAL=False, O_PTR=o_ptr, CONSUMER_REGS=regs, num_warps=4)
+    for stages, regs in VARIANTS[:-1]:
+        consts = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, STAGES=stages, ZFILL=True, HAS_DLSE=False,
+                      CAUSAL=False, CONSUMER_REGS=regs, num_warps=4)
         src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
-        label = f"PIPE={pipe}, O_PTR={o_ptr}, {stages} K/V stages, consumer regs {regs}"
+        label = f"{stages} K/V stages, consumer regs {regs}"
         try:
             kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         except Exception as e:
@@ -104,13 +98,12 @@ def main():
     def rel(a, b):
         return float((a.float() - b.float()).norm() / b.float().norm())
 
-    for pipe, o_ptr, stages, regs in VARIANTS:
+    for stages, regs in VARIANTS:
         dq, delta = torch.full_like(q, math.nan), torch.full_like(lse, math.nan)
-        label = f"PIPE={pipe}, O_PTR={o_ptr}, {stages} K/V stages, consumer regs {regs}"
+        label = f"{stages} K/V stages, consumer regs {regs}"
 
         def fn():
-            low._launch_gluon_dq(q, k, v, dout, out, dq, lse, delta, None, True, consumer_regs=regs, pipe=pipe,
-                                 o_ptr=o_ptr, stages=stages)
+            low._launch_gluon_dq(q, k, v, dout, out, dq, lse, delta, None, True, consumer_regs=regs, stages=stages)
         try:
             fn()
             torch.cuda.synchronize()

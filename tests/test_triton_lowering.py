@@ -75,7 +75,7 @@ def test_gluon_forward_selection_without_gpu():
                                                device=torch.device(device), table=table, has_kpm=kpm,
                                                triton_version=triton.__version__)
     assert "grouped" in reason(AttentionSpec(four, head_assignment="all"))
-    assert "causal" in reason(AttentionSpec(four, causal=True))
+    assert reason(AttentionSpec(four, causal=True), device="cpu") == "not a CUDA device"  # causal: both forms
     assert "padding" in reason(AttentionSpec(four), kpm=True)
     assert "grouped-query" in reason(AttentionSpec(four), Hkv=4)
     assert "head_dim" in reason(AttentionSpec(four), D=64)
@@ -150,13 +150,13 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert a1["T"] == q_table.shape[0] and torch.equal(a1["TABLE"].cpu(), q_table)
     assert a2["T"] == k_table.shape[0] and torch.equal(a2["TABLE"].cpu(), k_table)
     assert a1["Q"] is q and a1["K"] is k and a1["V"] is v and a1["DO"] is dout and a1["OUT"] is out
-    assert a1["DQ"] is dq and a1["DLSE"] is dlse and a1["HAS_DLSE"] is True and a1["PIPE"] is gluon_hopper.DQ_PIPELINE
+    assert a1["DQ"] is dq and a1["DLSE"] is dlse and a1["HAS_DLSE"] is True
     assert a2["Q"] is q and a2["K"] is k and a2["V"] is v and a2["DO"] is dout and a2["DK"] is dk and a2["DV"] is dv
     # dk/dv reads lse and delta from one buffer: lse (a copy), then the delta that dq writes
     ld = a2["LD"]
     assert ld.shape == (2, B, H, N) and a2["stride_ld"] == B * H * N and torch.equal(ld[0], lse)
     assert a1["LSE"].data_ptr() == ld[0].data_ptr() and a1["DELTA"].data_ptr() == ld[1].data_ptr()
-    for a, regs, stages in ((a1, gluon_hopper.DQ_CONSUMER_REGS, 2),
+    for a, regs, stages in ((a1, gluon_hopper.DQ_CONSUMER_REGS, gluon_hopper.DQ_STAGES),
                             (a2, gluon_hopper.DKDV_CONSUMER_REGS, gluon_hopper.DKDV_STAGES)):
         assert a["RB"].tolist() == [1, 2, 4, 1] and (a["B"], a["N"], a["H"]) == (B, N, H)
         assert a["stride_b"] == N * H * D and (a["stride_lb"], a["stride_lh"]) == (H * N, N)
@@ -168,6 +168,16 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     launches.clear()
     low.backward(dout, None, q, k, v, out, lse, aux)
     assert launches[0][2].arguments["HAS_DLSE"] is False
+    # a causal spec runs the same kernels in their CAUSAL form
+    low = triton_lowering.TritonLowering(build_plan(AttentionSpec(spec.branches, causal=True), N, H, D),
+                                         torch.device("cpu"), torch.bfloat16)
+    for name in ("gluon_fwd", "gluon_bwd_dq", "gluon_bwd_dkdv"):
+        monkeypatch.setattr(low.gluon_kernels, name, Recorder(name))
+    launches.clear()
+    out, lse, aux = low.forward(q, k, v)
+    low.backward(dout, None, q, k, v, out, lse, aux)
+    assert [n for n, _, _ in launches] == ["gluon_fwd", "gluon_bwd_dq", "gluon_bwd_dkdv"]
+    assert all(b.arguments["CAUSAL"] is True for _, _, b in launches)
 
 
 def test_unsupported_dtype_and_head_dim():
@@ -334,18 +344,19 @@ def _gluon_calls(lowering_module, monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("dtype,N,batch", [(torch.bfloat16, 4096, 2), (torch.float16, 4096, 1),
-                                           (torch.bfloat16, 3840, 1)])
-def test_gpu_gluon_kernels(dtype, N, batch, poisoned, monkeypatch):
-    """On Hopper with the checked triton, grouped non-causal calls whose segments are whole 128-row tiles run
-    the Gluon forward and backward (N = 4096 here); others (N = 3840: a ragged last segment) the tl ones. Same
-    results (out, lse, and the gradients of a loss on both)."""
+@pytest.mark.parametrize("dtype,N,batch,causal", [(torch.bfloat16, 4096, 2, False), (torch.float16, 4096, 1, False),
+                                                  (torch.bfloat16, 3840, 1, False), (torch.bfloat16, 4096, 2, True),
+                                                  (torch.float16, 4096, 1, True), (torch.bfloat16, 3840, 1, True)])
+def test_gpu_gluon_kernels(dtype, N, batch, causal, poisoned, monkeypatch):
+    """On Hopper with the checked triton, grouped calls whose segments are whole 128-row tiles run the Gluon
+    forward and backward (N = 4096 here), causal or not; others (N = 3840: a ragged last segment) the tl ones.
+    Same results (out, lse, and the gradients of a loss on both)."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
         pytest.skip("the Gluon forward runs on compute capability 9.0 with the checked triton only")
     calls = _gluon_calls(poisoned, monkeypatch)
-    spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1), Branch(1024, 4), Branch(2048, 8)))
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1), Branch(1024, 4), Branch(2048, 8)), causal=causal)
     attn = compile_attention(spec, backend="triton")
     q, k, v = make_qkv(batch, N, 8, 128, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
@@ -450,13 +461,13 @@ def test_gpu_torch_compile_fullgraph():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("causal", [True, False])
-def test_gpu_past_int32_offsets(causal, poisoned, monkeypatch):
+@pytest.mark.parametrize("causal,tail", [(True, 2000), (False, 2048), (True, 2048)])
+def test_gpu_past_int32_offsets(causal, tail, poisoned, monkeypatch):
     """q, k, v with more than 2^31 elements each; compare the last segments (positions whose element offsets
-    pass 2^31) against the reference on just those segments, forward and backward. (Non-causal with N a
-    multiple of 2048: on Hopper the Gluon forward runs it.)"""
+    pass 2^31) against the reference on just those segments, forward and backward. (With N a multiple of 2048,
+    on Hopper the Gluon kernels run it; with a ragged last segment the tl ones.)"""
     H, D = 16, 128
-    N = 2 ** 31 // (H * D) + (2000 if causal else 2048)
+    N = 2 ** 31 // (H * D) + tail
     torch.cuda.empty_cache()  # earlier tests' cached blocks count as used
     free = torch.cuda.mem_get_info()[0]
     if free < 12 * N * H * D * 2:
@@ -483,5 +494,5 @@ def test_gpu_past_int32_offsets(causal, poisoned, monkeypatch):
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     hopper = torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith(gluon_hopper.CHECKED_TRITON)
-    expected = [(1, N, H, D)] if hopper and not causal else []
+    expected = [(1, N, H, D)] if hopper and tail == 2048 else []
     assert calls == {"fwd": expected, "dq": expected, "dkdv": expected}

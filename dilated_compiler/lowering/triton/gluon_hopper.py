@@ -43,8 +43,7 @@ CONSUMER_REGS = 232   # setmaxnreg of the worker consumer; the other consumer ge
 # the backward: a program's own tile (query tile for dq, key tile for dk/dv) and the rows of its inner steps
 BWD_BLOCK, BWD_STEP = 128, 64
 DQ_CONSUMER_REGS = 232     # measured on an H100 (benchmarks/results/H100-triton.md): 1.142 ms against 1.166 at 240
-DQ_PIPELINE = False        # True: issue the next key step's S and dP before waiting for dQ (1.64 ms against 1.13-1.18)
-DQ_O_PTR, DQ_STAGES = False, 2  # O_PTR: delta from O read by pointers, leaving room for 3 K/V stages (not yet timed)
+DQ_STAGES = 3              # K/V ring; O is read by pointers to make room: 1.122 ms against 1.158 with 2 stages
 DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
 DKDV_STAGES = 3            # Q/dO/lse/delta ring: 1.659 ms against 1.735 with 2 (benchmarks/gluon_dkdv_experiment.py)
 
@@ -53,9 +52,6 @@ def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.
     """None if the spec and the shape-independent facts of a call allow the Gluon forward, else why not."""
     if spec.head_assignment != "grouped":
         return "grouped mode only"
-    if spec.causal:
-        # the kernels have a CAUSAL form, not yet checked on a GPU (benchmarks/gluon_causal_experiment.py)
-        return "non-causal only"
     if heads != kv_heads:
         return "no grouped-query attention"
     if head_dim != HEAD_DIM:
@@ -124,7 +120,7 @@ _KERNEL = r'''#
 #                     arrived on its "empty" barrier
 #   S, P, acc         scores (base 2 after qk_scale), probabilities, output numerator; m_i, l_i row max / sum
 #   CAUSAL            walk only the key tiles up to the diagonal (the table's hi column) and mask the scores of the
-#                     tiles from full_end on; the lowering does not run it yet (see spec_reason)
+#                     tiles from full_end on
 #   ZFILL             the producer writes 0 to the positions in the tile's span that its branch does not select,
 #                     as TMA stores of a zero tile: the span of a tile is rows [rbase + row0, rbase + row0 + 128)
 #                     of every combo o'*H + h, and the gaps are the combos o' != o (needs w % r == 0)
@@ -430,10 +426,9 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 
 
 @gluon.jit
-def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0, k1, k2, k3, v0, v1, v2, v3, dq0,
-                 dq1, dq2, dq3, TABLE, RB, T, H, q_smem, do_smem, o_smem, k_smem, v_smem, z_smem, t_ready, t_empty,
-                 kv_ready, kv_empty, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr,
-                 CAUSAL: gl.constexpr, O_PTR: gl.constexpr):
+def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE, RB,
+                 T, H, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
     b = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
@@ -447,8 +442,6 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0,
         mbarrier.wait(t_empty, (i & 1) ^ 1)
         _copy_in(q0, q1, q2, q3, br, b, combo, rbase + row0, t_ready, q_smem, True)
         _copy_in(do0, do1, do2, do3, br, b, combo, rbase + row0, t_ready, do_smem, True)
-        if not O_PTR:
-            _copy_in(out0, out1, out2, out3, br, b, combo, rbase + row0, t_ready, o_smem, True)
         for j in range(n_k):
             g = c + j
             st = g % STAGES
@@ -463,10 +456,9 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0,
 
 @gluon.jit
 def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
-                 stride_lb, stride_lh, q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                 kv_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr, CAUSAL: gl.constexpr,
-                 O_PTR: gl.constexpr):
+                 stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty,
+                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, dP: (HALF queries, BLOCK_N keys); dQ: (HALF queries, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -483,7 +475,6 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
     n_mine = (T - pid + G - 1) // G
     q_half = q_smem.slice(WG * HALF, HALF)
     do_half = do_smem.slice(WG * HALF, HALF)
-    o_half = o_smem.slice(WG * HALF, HALF)
     dq_out = dq_smem.index(WG)
     c = 0
     for i in range(n_mine):
@@ -500,44 +491,32 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
                                                                                                      layout=rows_l)) * r
         lse = gl.load(LSE + offs)
         lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        if O_PTR:
-            # O's rows by pointers (issued before the wait), which leaves its shared buffer to the K/V ring
-            o_rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, blk))
-            o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blk))
-            o_ptrs = (OUT + b.to(gl.int64) * stride_b
-                      + (pos0 + gl.expand_dims(o_rows, 1) * r).to(gl.int64) * (H * HEAD_DIM)
-                      + head * HEAD_DIM + gl.expand_dims(o_cols, 0))
-            o_val = gl.load(o_ptrs)
+        # O's rows by pointers, issued before the wait (its shared buffer would cost the K/V ring a stage)
+        o_rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, blk))
+        o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blk))
+        o_ptrs = (OUT + b.to(gl.int64) * stride_b
+                  + (pos0 + gl.expand_dims(o_rows, 1) * r).to(gl.int64) * (H * HEAD_DIM)
+                  + head * HEAD_DIM + gl.expand_dims(o_cols, 0))
+        o_val = gl.load(o_ptrs)
         mbarrier.wait(t_ready, i & 1)
         # delta = rowsum(dO * O) - dlse of these rows, for this kernel and for dk/dv
-        if O_PTR:
-            prod = do_half.load(blk).to(gl.float32) * o_val.to(gl.float32)
-        else:
-            prod = do_half.load(blk).to(gl.float32) * o_half.load(blk).to(gl.float32)
+        prod = do_half.load(blk).to(gl.float32) * o_val.to(gl.float32)
         delta = gl.convert_layout(gl.sum(prod, axis=1), rows_l)
         if HAS_DLSE:
             delta = delta - gl.load(DLSE + offs)
         gl.store(DELTA + offs, delta)
         dq = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
-        if PIPE:
-            # key step 0's S and dP; each step issues the next step's after its dQ product
-            mbarrier.wait(kv_ready.index(c % STAGES), (c // STAGES) & 1)
-            s_tok = warpgroup_mma(q_half, k_smem.index(c % STAGES).permute((1, 0)),
-                                  gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
-            dp_tok = warpgroup_mma(do_half, v_smem.index(c % STAGES).permute((1, 0)),
-                                   gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
         for j in range(n_k):
             g = c + j
             st = g % STAGES
             k_t = k_smem.index(st)
-            if not PIPE:
-                mbarrier.wait(kv_ready.index(st), (g // STAGES) & 1)
-                s_tok = warpgroup_mma(q_half, k_t.permute((1, 0)),
-                                      gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
-                                      is_async=True)
-                dp_tok = warpgroup_mma(do_half, v_smem.index(st).permute((1, 0)),
-                                       gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
-                                       is_async=True)
+            mbarrier.wait(kv_ready.index(st), (g // STAGES) & 1)
+            s_tok = warpgroup_mma(q_half, k_t.permute((1, 0)),
+                                  gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
+                                  is_async=True)
+            dp_tok = warpgroup_mma(do_half, v_smem.index(st).permute((1, 0)),
+                                   gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
+                                   is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             if CAUSAL:
                 s = _causal_s(s, j, n_full, q_rows, BLOCK_N, cols_l)
@@ -545,21 +524,7 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
             dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
             ds = p * (dp - gl.expand_dims(delta, 1))
             dq_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_l), k_t, dq, is_async=True)
-            if PIPE:
-                if j + 1 < n_k:
-                    g1 = g + 1
-                    mbarrier.wait(kv_ready.index(g1 % STAGES), (g1 // STAGES) & 1)
-                    s_tok = warpgroup_mma(q_half, k_smem.index(g1 % STAGES).permute((1, 0)),
-                                          gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
-                                          is_async=True)
-                    dp_tok = warpgroup_mma(do_half, v_smem.index(g1 % STAGES).permute((1, 0)),
-                                           gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
-                                           is_async=True)
-                    dq = warpgroup_mma_wait(2, deps=(dq_tok, ))
-                else:
-                    dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
-            else:
-                dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+            dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
             mbarrier.arrive(kv_empty.index(st), count=1)
         mbarrier.arrive(t_empty, count=1)
         c += n_k
@@ -573,8 +538,8 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
 @gluon.jit
 def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b,
                  stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, PIPE: gl.constexpr,
-                 CAUSAL: gl.constexpr, O_PTR: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                 STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
+                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -585,10 +550,6 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
     do1 = _branch_desc(DO, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
     do2 = _branch_desc(DO, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
     do3 = _branch_desc(DO, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    out0 = _branch_desc(OUT, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    out1 = _branch_desc(OUT, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    out2 = _branch_desc(OUT, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    out3 = _branch_desc(OUT, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
     k0 = _branch_desc(K, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
     k1 = _branch_desc(K, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
     k2 = _branch_desc(K, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
@@ -606,10 +567,6 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
     h_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, HEAD_DIM], dtype)
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], m_sl)
     do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], m_sl)
-    if O_PTR:
-        o_smem = do_smem  # not used: the consumers read O by pointers
-    else:
-        o_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], m_sl)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], n_sl)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], n_sl)
     dq_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
@@ -620,25 +577,22 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
     t_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    # "ready" phases take all their copies (Q, dO and, unless O_PTR, O; K, V), each arriving once with its byte count
-    if O_PTR:
-        mbarrier.init(t_ready, count=2)
-    else:
-        mbarrier.init(t_ready, count=3)
+    # "ready" phases take all their copies (Q and dO; K and V), each arriving once with its byte count
+    mbarrier.init(t_ready, count=2)
     mbarrier.init(t_empty, count=2)
     for st in gl.static_range(STAGES):
         mbarrier.init(kv_ready.index(st), count=2)
         mbarrier.init(kv_empty.index(st), count=2)
     gl.warp_specialize([
         (_dq_consumer, (dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
-                        stride_lb, stride_lh, q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty,
-                        kv_ready, kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, PIPE, CAUSAL, O_PTR)),
+                        stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
+                        kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL)),
         (_dq_consumer, (dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
-                        stride_lb, stride_lh, q_smem, do_smem, o_smem, k_smem, v_smem, dq_smem, t_ready, t_empty,
-                        kv_ready, kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, PIPE, CAUSAL, O_PTR)),
-        (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, out0, out1, out2, out3, k0, k1, k2, k3, v0, v1, v2, v3,
-                        dq0, dq1, dq2, dq3, TABLE, RB, T, H, q_smem, do_smem, o_smem, k_smem, v_smem, z_smem,
-                        t_ready, t_empty, kv_ready, kv_empty, BLOCK_N, STAGES, ZFILL, CAUSAL, O_PTR)),
+                        stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
+                        kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL)),
+        (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE,
+                        RB, T, H, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
+                        BLOCK_N, STAGES, ZFILL, CAUSAL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 
 

@@ -192,16 +192,14 @@ class TritonLowering:
         return table, (min(table.shape[0], _sm_count(q.device)), q.shape[0]), self._tables[key]
 
     def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
-                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, pipe=gluon_hopper.DQ_PIPELINE,
-                         o_ptr=gluon_hopper.DQ_O_PTR, stages=gluon_hopper.DQ_STAGES):
+                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=gluon_hopper.DQ_STAGES):
         table, grid, dilations = self._gluon_launch_args("q", _GLUON_BWD_TILES, q)
         B, N, H, D = q.shape
         return self.gluon_kernels.gluon_bwd_dq[grid](
             q, k, v, dout, out, dq, lse, delta, dlse if dlse is not None else lse, table, dilations, table.shape[0],
             B, N, H, self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0), lse.stride(1),
             HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP, STAGES=stages, ZFILL=zfill,
-            HAS_DLSE=dlse is not None, PIPE=pipe, CAUSAL=self.causal, O_PTR=o_ptr, CONSUMER_REGS=consumer_regs,
-            num_warps=4)
+            HAS_DLSE=dlse is not None, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS):
         """``ld``: lse and delta in one (2, B, H, N) buffer."""

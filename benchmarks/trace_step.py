@@ -1,0 +1,75 @@
+"""The GPU work of one fwd+bwd step of the compiled module, kernel by kernel, from torch.profiler: each kernel's
+start (relative to the step's first), duration and the idle gap before it, so that time spent outside the
+attention kernels (copies, memsets, launch gaps) shows up.
+
+    PYTHONPATH=. python benchmarks/trace_step.py [--N 65536] [--causal] [--steps 5]
+
+Prints the last step's kernels and, over all steps, the step span against the sum of kernel times.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dilated_compiler import AttentionSpec, Branch, compile_attention
+
+FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--N", type=int, default=65536)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    spec = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR), causal=args.causal)
+    attn = compile_attention(spec, backend="triton")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, args.N, args.heads, 128, device="cuda", dtype=torch.bfloat16,
+                           generator=g).requires_grad_() for _ in range(3))
+    dout = torch.randn_like(q)
+
+    def step():
+        attn(q, k, v).backward(dout)
+        for t in (q, k, v):
+            t.grad = None
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+            torch.cuda.synchronize()  # steps apart, so each one's span is its own
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    # split into steps at gaps longer than 50 us (the synchronize between steps)
+    steps, cur = [], []
+    for e in kernels:
+        if cur and e.time_range.start - cur[-1].time_range.end > 50:
+            steps.append(cur)
+            cur = []
+        cur.append(e)
+    steps.append(cur)
+    print(f"{torch.cuda.get_device_name()}: fwd+bwd step, four-branch grouped{' causal' if args.causal else ''}, "
+          f"N={args.N}, H={args.heads}, D=128, bf16; {len(steps)} steps found")
+    last = steps[-1]
+    t0 = last[0].time_range.start
+    print("| kernel | start us | us | gap before us |")
+    print("|---|---|---|---|")
+    prev_end = t0
+    for e in last:
+        print(f"| {e.name[:70]} | {e.time_range.start - t0:.1f} | {e.time_range.elapsed_us():.1f} | "
+              f"{max(0, e.time_range.start - prev_end):.1f} |")
+        prev_end = max(prev_end, e.time_range.end)
+    for i, s in enumerate(steps):
+        span = s[-1].time_range.end - s[0].time_range.start
+        busy = sum(e.time_range.elapsed_us() for e in s)
+        print(f"step {i}: span {span / 1e3:.3f} ms, kernels {busy / 1e3:.3f} ms, {len(s)} kernels")
+
+
+if __name__ == "__main__":
+    main()
