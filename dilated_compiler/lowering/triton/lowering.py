@@ -271,7 +271,10 @@ class TritonLowering:
 
     def _kpm(self, key_padding_mask, q):
         if key_padding_mask is None:
-            return torch.zeros(1, dtype=torch.uint8, device=q.device), False
+            key = ("no key padding mask", q.device)  # a placeholder pointer the kernels do not read (HAS_KPM off)
+            if key not in self._tables:
+                self._tables[key] = torch.zeros(1, dtype=torch.uint8, device=q.device)
+            return self._tables[key], False
         return key_padding_mask.contiguous().view(torch.uint8), True
 
     # ---- forward ------------------------------------------------------------------------------------------
