@@ -156,8 +156,8 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     ld = a2["LD"]
     assert ld.shape == (2, B, H, N) and a2["stride_ld"] == B * H * N and torch.equal(ld[0], lse)
     assert a1["LSE"].data_ptr() == ld[0].data_ptr() and a1["DELTA"].data_ptr() == ld[1].data_ptr()
-    for a, regs, stages in ((a1, gluon_hopper.DQ_CONSUMER_REGS, gluon_hopper.DQ_STAGES),
-                            (a2, gluon_hopper.DKDV_CONSUMER_REGS, gluon_hopper.DKDV_STAGES)):
+    for a, regs, stages in ((a1, gluon_hopper.DQ_CONSUMER_REGS, gluon_hopper.DQ_STAGES[D]),
+                            (a2, gluon_hopper.DKDV_CONSUMER_REGS, gluon_hopper.DKDV_STAGES[D])):
         assert a["RB"].tolist() == [1, 2, 4, 1] and (a["B"], a["N"], a["H"]) == (B, N, H)
         assert a["stride_b"] == N * H * D and (a["stride_lb"], a["stride_lh"]) == (H * N, N)
         assert math.isclose(a["qk_scale"], D ** -0.5 * math.log2(math.e), rel_tol=1e-6)

@@ -43,9 +43,11 @@ CONSUMER_REGS = 232   # setmaxnreg of the worker consumer; the other consumer ge
 # the backward: a program's own tile (query tile for dq, key tile for dk/dv) and the rows of its inner steps
 BWD_BLOCK, BWD_STEP = 128, 64
 DQ_CONSUMER_REGS = 232     # measured on an H100 (benchmarks/results/H100-triton.md): 1.142 ms against 1.166 at 240
-DQ_STAGES = 3              # K/V ring; O is read by pointers to make room: 1.122 ms against 1.158 with 2 stages
+# ring depths by head_dim. 128: measured on an H100 (benchmarks/results/H100-triton.md); 64: not yet timed
+FWD_STAGES = {128: 2, 64: 2}     # K/V ring (128: no room for a third)
+DQ_STAGES = {128: 3, 64: 3}      # K/V ring; O read by pointers makes room: 1.122 ms against 1.158 with 2
 DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
-DKDV_STAGES = 3            # Q/dO/lse/delta ring: 1.659 ms against 1.735 with 2 (benchmarks/gluon_dkdv_experiment.py)
+DKDV_STAGES = {128: 3, 64: 3}    # Q/dO/lse/delta ring: 1.659 ms against 1.735 with 2 (gluon_dkdv_experiment)
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -254,11 +256,16 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
               q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
               HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
+    # S, P: (HALF queries, BLOCK_N keys) in s_l; acc: (HALF queries, HEAD_DIM) in mma (the same layout when
+    # HEAD_DIM == BLOCK_N); row statistics live in s_l's rows and move to acc's where they meet it
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, HEAD_DIM, 16])
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
     p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    rows_l: gl.constexpr = gl.SliceLayout(1, mma)
-    cols_l: gl.constexpr = gl.SliceLayout(0, mma)
+    rows_l: gl.constexpr = gl.SliceLayout(1, s_l)
+    acc_rows: gl.constexpr = gl.SliceLayout(1, mma)
+    cols_l: gl.constexpr = gl.SliceLayout(0, s_l)
     b = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
@@ -283,7 +290,8 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
         # key tile 0: S_0 and its softmax
         st = c % STAGES
         mbarrier.wait(k_ready.index(st), (c // STAGES) & 1)
-        s_tok = warpgroup_mma(q_half, k_smem.index(st).permute((1, 0)), acc, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q_half, k_smem.index(st).permute((1, 0)),
+                              gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st), count=1)
         if CAUSAL:
@@ -298,7 +306,8 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
             st = g % STAGES
             pst = (g - 1) % STAGES
             mbarrier.wait(k_ready.index(st), (g // STAGES) & 1)
-            s_tok = warpgroup_mma(q_half, k_smem.index(st).permute((1, 0)), acc, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(q_half, k_smem.index(st).permute((1, 0)),
+                                  gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(pst), ((g - 1) // STAGES) & 1)
             acc_tok = warpgroup_mma(p_prev, v_smem.index(pst), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
@@ -312,7 +321,7 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
             m_i = m_new
             acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
             mbarrier.arrive(v_empty.index(pst), count=1)
-            acc = acc * gl.expand_dims(alpha, 1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, acc_rows), 1)
             p_prev = gl.convert_layout(p.to(dtype), p_op)
         mbarrier.arrive(q_empty, count=1)
         g = c + n_k - 1
@@ -323,7 +332,7 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
         mbarrier.arrive(v_empty.index(st), count=1)
         c += n_k
         # epilogue: out through shared memory and a TMA store, lse by pointers
-        out = acc / gl.expand_dims(l_i, 1)
+        out = acc / gl.expand_dims(gl.convert_layout(l_i, acc_rows), 1)
         tma.store_wait(0)
         o_half.store(out.to(dtype))
         fence_async_shared()
