@@ -35,6 +35,7 @@ FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
 H = 16
 LINES: list[str] = []
 RESULT_FILE: list[Path] = []  # written after every line, so a run cut short still leaves its results
+ONLY: list[str] = []  # --only
 
 
 def emit(line: str = "") -> None:
@@ -198,6 +199,8 @@ def ratio(a, b):
 
 def run_case(label, pairs, mode, causal, N, D, dtype, others=("naive", "torch", "pregathered"), flex=False,
              dense=()):
+    if ONLY and not any(o in f"{label} {mode} causal={causal} N={N} D={D} {dtype}" for o in ONLY):
+        return
     spec = spec_for(pairs, mode, causal)
     plan = build_plan(spec, N, H, D)
     ff, fb_flops = float(plan.flops), float(plan.flops + plan.flops_backward)
@@ -260,7 +263,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="main cases only")
+    ap.add_argument("--only", action="append", default=[],
+                    help="run only the cases whose description ('four-branch grouped causal=False N=65536 D=64 "
+                         "torch.bfloat16') contains this text (repeatable); skips the memory and 1M sections")
     args = ap.parse_args()
+    ONLY.extend(args.only)
     name = torch.cuda.get_device_name()
     short = "H100" if "H100" in name else "H200" if "H200" in name else name.replace(" ", "_")
     out = Path(args.out)
@@ -274,7 +281,7 @@ def main():
     emit("| case | mode | N | D | dtype | pass | results | ratios |")
     emit("|---|---|---|---|---|---|---|---|")
     t0 = time.time()
-    bf, fp = torch.bfloat16, torch.float16
+    bf = torch.bfloat16
     run_case("four-branch", FOUR, "grouped", False, 65536, 128, bf)
     run_case("dense segment", ((16384, 1),), "grouped", False, 16384, 128, bf, dense=("cudnn", "flash"))
     run_case("four-branch", FOUR, "grouped", False, 16384, 128, bf, flex=not args.quick)
@@ -283,6 +290,17 @@ def main():
     emit()
     emit(f"(cases took {time.time() - t0:.0f} s)")
     emit()
+    if ONLY:
+        args.quick = False  # the selected cases, wherever they are listed
+    else:
+        memory_and_million()
+    more_cases(args.quick)
+    emit()
+    emit(f"(all cases took {time.time() - t0:.0f} s)")
+
+
+def memory_and_million():
+    bf = torch.bfloat16
     emit("## Memory, fwd+bwd, four-branch grouped, bf16, D=128")
     for N in (65536,):
         r = attempt(lambda: memory_case(FOUR, "grouped", N, 128, bf))
@@ -310,11 +328,14 @@ def main():
     else:
         emit(f"N={N}: {r}")
 
+
+def more_cases(quick):
+    bf, fp = torch.bfloat16, torch.float16
     emit()
     emit("## More cases")
     emit("| case | mode | N | D | dtype | pass | results | ratios |")
     emit("|---|---|---|---|---|---|---|---|")
-    if not args.quick:
+    if not quick:
         run_case("four-branch", FOUR, "grouped", False, 262144, 128, bf)
         run_case("four-branch", FOUR, "all", False, 16384, 128, bf)
         run_case("four-branch", FOUR, "all", False, 262144, 128, bf, others=("pregathered",))
@@ -325,8 +346,6 @@ def main():
         run_case("four-branch", FOUR, "grouped", False, 65536, 128, fp)
         run_case("dense segment", ((16384, 1),), "grouped", False, 16384, 128, fp, dense=("cudnn",))
         run_case("four-branch", FOUR, "grouped", False, 65536, 128, bf, others=(), flex=True)
-    emit()
-    emit(f"(all cases took {time.time() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

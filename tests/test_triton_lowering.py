@@ -78,7 +78,8 @@ def test_gluon_forward_selection_without_gpu():
     assert reason(AttentionSpec(four, causal=True), device="cpu") == "not a CUDA device"  # causal: both forms
     assert "padding" in reason(AttentionSpec(four), kpm=True)
     assert "grouped-query" in reason(AttentionSpec(four), Hkv=4)
-    assert "head_dim" in reason(AttentionSpec(four), D=64)
+    assert "head_dim" in reason(AttentionSpec(four), D=96)
+    assert reason(AttentionSpec(four), D=64, device="cpu") == "not a CUDA device"
     assert "bf16" in reason(AttentionSpec(four), dtype=torch.float32)
     assert "branches" in reason(AttentionSpec(four + (Branch(4096, 16),)), H=10, Hkv=10)
     assert "multiple of every dilation" in reason(AttentionSpec(four), N=4092)
@@ -344,13 +345,14 @@ def _gluon_calls(lowering_module, monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("dtype,N,batch,causal", [(torch.bfloat16, 4096, 2, False), (torch.float16, 4096, 1, False),
-                                                  (torch.bfloat16, 3840, 1, False), (torch.bfloat16, 4096, 2, True),
-                                                  (torch.float16, 4096, 1, True), (torch.bfloat16, 3840, 1, True)])
-def test_gpu_gluon_kernels(dtype, N, batch, causal, poisoned, monkeypatch):
+@pytest.mark.parametrize("dtype,N,batch,causal,head_dim", [
+    (torch.bfloat16, 4096, 2, False, 128), (torch.float16, 4096, 1, False, 128), (torch.bfloat16, 3840, 1, False, 128),
+    (torch.bfloat16, 4096, 2, True, 128), (torch.float16, 4096, 1, True, 128), (torch.bfloat16, 3840, 1, True, 128),
+    (torch.bfloat16, 4096, 2, False, 64), (torch.float16, 4096, 1, True, 64), (torch.bfloat16, 3840, 1, True, 64)])
+def test_gpu_gluon_kernels(dtype, N, batch, causal, head_dim, poisoned, monkeypatch):
     """On Hopper with the checked triton, grouped calls whose segments are whole 128-row tiles run the Gluon
-    forward and backward (N = 4096 here), causal or not; others (N = 3840: a ragged last segment) the tl ones.
-    Same results (out, lse, and the gradients of a loss on both)."""
+    forward and backward (N = 4096 here), causal or not, head_dim 64 or 128; others (N = 3840: a ragged last
+    segment) the tl ones. Same results (out, lse, and the gradients of a loss on both)."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
@@ -358,9 +360,9 @@ def test_gpu_gluon_kernels(dtype, N, batch, causal, poisoned, monkeypatch):
     calls = _gluon_calls(poisoned, monkeypatch)
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1), Branch(1024, 4), Branch(2048, 8)), causal=causal)
     attn = compile_attention(spec, backend="triton")
-    q, k, v = make_qkv(batch, N, 8, 128, dtype=dtype, device="cuda", requires_grad=True)
+    q, k, v = make_qkv(batch, N, 8, head_dim, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
-    expected = [(batch, N, 8, 128)] if N % 2048 == 0 else []
+    expected = [(batch, N, 8, head_dim)] if N % 2048 == 0 else []
     assert calls == {"fwd": expected, "dq": expected, "dkdv": expected}
 
 

@@ -38,12 +38,13 @@ __all__ = ["BLOCK_M", "BLOCK_N", "BWD_BLOCK", "BWD_STEP", "CHECKED_TRITON", "MAX
 BLOCK_M, BLOCK_N = 128, 128
 MAX_BRANCHES = 4
 CHECKED_TRITON = ("3.6.",)  # Gluon's API as of these releases
-HEAD_DIM = 128
+HEAD_DIMS = (64, 128)
 CONSUMER_REGS = 232   # setmaxnreg of the worker consumer; the other consumer gets 8 fewer, the producer 512 - 2 * this
 # the backward: a program's own tile (query tile for dq, key tile for dk/dv) and the rows of its inner steps
 BWD_BLOCK, BWD_STEP = 128, 64
 DQ_CONSUMER_REGS = 232     # measured on an H100 (benchmarks/results/H100-triton.md): 1.142 ms against 1.166 at 240
-# ring depths by head_dim. 128: measured on an H100 (benchmarks/results/H100-triton.md); 64: not yet timed
+# ring depths by head_dim, measured on an H100 (benchmarks/results/H100-triton.md; for 64,
+# benchmarks/gluon_d64_experiment.py: deeper rings won on one case and lost on another)
 FWD_STAGES = {128: 2, 64: 2}     # K/V ring (128: no room for a third)
 DQ_STAGES = {128: 3, 64: 3}      # K/V ring; O read by pointers makes room: 1.122 ms against 1.158 with 2
 DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
@@ -56,8 +57,8 @@ def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.
         return "grouped mode only"
     if heads != kv_heads:
         return "no grouped-query attention"
-    if head_dim != HEAD_DIM:
-        return f"head_dim {HEAD_DIM} only"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {' or '.join(map(str, HEAD_DIMS))} only"
     if dtype not in (torch.float16, torch.bfloat16):
         return "fp16 / bf16 only"
     if spec.num_branches > MAX_BRANCHES:
