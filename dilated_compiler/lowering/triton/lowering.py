@@ -4,8 +4,9 @@ Per pass, one launch covers every branch, segment, head and tile of the plan, dr
 (:mod:`.tables`):
 
 * forward: ``dilated_fwd`` (grouped: out/lse directly; all: per-branch out_b/lse_b, then ``dilated_merge``);
-  on Hopper GPUs, grouped non-causal calls whose segments are whole 128-row tiles run ``gluon_fwd`` instead, a
-  warp-specialised persistent kernel written in Gluon (:mod:`.gluon_hopper`; same tile table, same results);
+  on Hopper GPUs, grouped calls (causal or not; head_dim 64 or 128) whose segments are whole 128-row tiles run
+  ``gluon_fwd`` instead, a warp-specialised persistent kernel written in Gluon (:mod:`.gluon_hopper`; same tile
+  table, same results);
 * backward: ``dilated_bwd_dq`` (which also computes delta = rowsum(dO * O) - dlse of its rows), then
   ``dilated_bwd_dkdv``. Recomputes the probabilities; nothing of size N*w is ever stored. The calls that run
   ``gluon_fwd`` run ``gluon_bwd_dq`` and ``gluon_bwd_dkdv`` instead (same structure, same results).
