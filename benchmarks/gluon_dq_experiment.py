@@ -59,7 +59,7 @@ def check_compile():
            for p in inspect.signature(fn.fn).parameters}
     for stages, regs in VARIANTS[:-1]:
         consts = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, STAGES=stages, ZFILL=True, HAS_DLSE=False,
-                      CAUSAL=False, CONSUMER_REGS=regs, num_warps=4)
+                      CAUSAL=False, CONSUMER_REGS=regs, num_warps=4, EARLY_RELEASE=False)
         src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
         label = f"{stages} K/V stages, consumer regs {regs}"
         try:

@@ -39,23 +39,28 @@ SCALARS = {"T": "i32", "B": "i32", "N": "i32", "H": "i32", "qk_scale": "fp32", "
            "RB": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "LD": "*fp32"}
 
 
-def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool) -> dict:
+def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool, early: bool | None) -> dict:
+    """The lowering's launch constexprs (EARLY_RELEASE: the lowering's setting where ``early`` is None)."""
     g = gluon_hopper
     if kernel == "gluon_fwd":
-        return dict(HEAD_DIM=head_dim, BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, STAGES=g.FWD_STAGES[head_dim],
-                    ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.CONSUMER_REGS, num_warps=4)
-    if kernel == "gluon_bwd_dq":
-        return dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
-                    ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4)
-    return dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
-                ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4)
+        c = dict(HEAD_DIM=head_dim, BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, STAGES=g.FWD_STAGES[head_dim],
+                 ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.CONSUMER_REGS, num_warps=4)
+    elif kernel == "gluon_bwd_dq":
+        c = dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
+                 ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4)
+    else:
+        c = dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
+                 ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4)
+    pass_name = {"gluon_fwd": "fwd", "gluon_bwd_dq": "dq", "gluon_bwd_dkdv": "dkdv"}[kernel]
+    c["EARLY_RELEASE"] = g.EARLY_RELEASE[pass_name] if early is None else early
+    return c
 
 
-def _compile(kernel: str, head_dim: int, causal: bool, has_dlse: bool, dtype: str):
+def _compile(kernel: str, head_dim: int, causal: bool, has_dlse: bool, dtype: str, early: bool | None = None):
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=causal)
     low = TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), torch.bfloat16)
     fn = getattr(low.gluon_kernels, kernel)
-    consts = _constexprs(kernel, head_dim, causal, has_dlse)
+    consts = _constexprs(kernel, head_dim, causal, has_dlse, early)
     sig = {p: "constexpr" if p in consts else SCALARS.get(p, f"*{dtype}") for p in inspect.signature(fn.fn).parameters}
     assert set(consts) <= set(sig), f"{kernel} lacks constexprs {set(consts) - set(sig)}"
     src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
@@ -69,16 +74,19 @@ def _sass(compiled, tmp_path) -> list[str]:
     return subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout.splitlines()
 
 
-@pytest.mark.parametrize("kernel,head_dim,causal,has_dlse,dtype", [
-    ("gluon_fwd", 128, False, False, "bf16"), ("gluon_fwd", 128, True, False, "bf16"),
-    ("gluon_fwd", 64, False, False, "fp16"), ("gluon_fwd", 64, True, False, "bf16"),
-    ("gluon_bwd_dq", 128, False, True, "bf16"), ("gluon_bwd_dq", 128, True, False, "fp16"),
-    ("gluon_bwd_dq", 64, False, False, "bf16"), ("gluon_bwd_dq", 64, True, True, "bf16"),
-    ("gluon_bwd_dkdv", 128, False, False, "bf16"), ("gluon_bwd_dkdv", 128, True, False, "fp16"),
-    ("gluon_bwd_dkdv", 64, False, False, "bf16"), ("gluon_bwd_dkdv", 64, True, False, "bf16"),
+@pytest.mark.parametrize("kernel,head_dim,causal,has_dlse,dtype,early", [
+    ("gluon_fwd", 128, False, False, "bf16", None), ("gluon_fwd", 128, True, False, "bf16", None),
+    ("gluon_fwd", 64, False, False, "fp16", None), ("gluon_fwd", 64, True, False, "bf16", None),
+    ("gluon_bwd_dq", 128, False, True, "bf16", None), ("gluon_bwd_dq", 128, True, False, "fp16", None),
+    ("gluon_bwd_dq", 64, False, False, "bf16", None), ("gluon_bwd_dq", 64, True, True, "bf16", None),
+    ("gluon_bwd_dkdv", 128, False, False, "bf16", None), ("gluon_bwd_dkdv", 128, True, False, "fp16", None),
+    ("gluon_bwd_dkdv", 64, False, False, "bf16", None), ("gluon_bwd_dkdv", 64, True, False, "bf16", None),
+    # the EARLY_RELEASE forms (benchmarks/gluon_release_experiment.py), whatever the lowering's setting
+    ("gluon_fwd", 128, True, False, "bf16", True), ("gluon_bwd_dq", 128, True, True, "bf16", True),
+    ("gluon_bwd_dkdv", 128, True, False, "bf16", True), ("gluon_bwd_dkdv", 128, False, False, "bf16", True),
 ])
-def test_gluon_kernel_compiles_without_spills(kernel, head_dim, causal, has_dlse, dtype, tmp_path):
-    compiled = _compile(kernel, head_dim, causal, has_dlse, dtype)
+def test_gluon_kernel_compiles_without_spills(kernel, head_dim, causal, has_dlse, dtype, early, tmp_path):
+    compiled = _compile(kernel, head_dim, causal, has_dlse, dtype, early)
     assert compiled.metadata.shared <= MAX_SHARED, f"{compiled.metadata.shared} bytes of shared memory"
     sass = _sass(compiled, tmp_path)
     # one letter per instruction of interest: M a matrix instruction, S a local-memory load or store (a spill),

@@ -135,7 +135,7 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert a["stride_b"] == N * H * D and (a["stride_lb"], a["stride_lh"]) == (H * N, N)
     assert math.isclose(a["qk_scale"], D ** -0.5 * math.log2(math.e), rel_tol=1e-6)
     assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == gluon_hopper.CONSUMER_REGS
-    assert a["CAUSAL"] is False
+    assert a["CAUSAL"] is False and a["EARLY_RELEASE"] is gluon_hopper.EARLY_RELEASE["fwd"]
     assert torch.isinf(lse).all()  # nothing ran: the kernel would fill the selected rows
 
     # the backward: dq (and delta) first, then dk/dv reading that delta
@@ -165,6 +165,8 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
         assert math.isclose(a["sm_scale"], D ** -0.5, rel_tol=1e-6)
         assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == regs and a["STAGES"] == stages
         assert a["CAUSAL"] is False
+    assert a1["EARLY_RELEASE"] is gluon_hopper.EARLY_RELEASE["dq"]
+    assert a2["EARLY_RELEASE"] is gluon_hopper.EARLY_RELEASE["dkdv"]
     assert (a1["BLOCK_M"], a1["BLOCK_N"]) == (a2["BLOCK_N"], a2["BLOCK_M"]) == (128, 64)
     launches.clear()
     low.backward(dout, None, q, k, v, out, lse, aux)

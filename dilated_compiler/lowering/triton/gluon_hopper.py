@@ -49,6 +49,10 @@ FWD_STAGES = {128: 2, 64: 2}     # K/V ring (128: no room for a third)
 DQ_STAGES = {128: 3, 64: 3}      # K/V ring; O read by pointers makes room: 1.122 ms against 1.158 with 2
 DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
 DKDV_STAGES = {128: 3, 64: 3}    # Q/dO/lse/delta ring: 1.659 ms against 1.735 with 2 (gluon_dkdv_experiment)
+# EARLY_RELEASE: a consumer frees the tile's Q (forward), Q and dO (dq) or K and V (dk/dv) as soon as its last
+# product reading them completes, rather than after the tile's last step, so the producer loads the next tile's
+# sooner. Not yet timed (benchmarks/gluon_release_experiment.py); the lowering leaves it off
+EARLY_RELEASE = {"fwd": False, "dq": False, "dkdv": False}
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -124,6 +128,7 @@ _KERNEL = r'''#
 #   S, P, acc         scores (base 2 after qk_scale), probabilities, output numerator; m_i, l_i row max / sum
 #   CAUSAL            walk only the key tiles up to the diagonal (the table's hi column) and mask the scores of the
 #                     tiles from full_end on
+#   EARLY_RELEASE     a consumer arrives on q_empty right after its tile's last S completes (not after the tile)
 #   ZFILL             the producer writes 0 to the positions in the tile's span that its branch does not select,
 #                     as TMA stores of a zero tile: the span of a tile is rows [rbase + row0, rbase + row0 + 128)
 #                     of every combo o'*H + h, and the gaps are the combos o' != o (needs w % r == 0)
@@ -255,7 +260,8 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TA
 @gluon.jit
 def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem, v_smem,
               q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              EARLY_RELEASE: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, P: (HALF queries, BLOCK_N keys) in s_l; acc: (HALF queries, HEAD_DIM) in mma (the same layout when
     # HEAD_DIM == BLOCK_N); row statistics live in s_l's rows and move to acc's where they meet it
@@ -295,6 +301,9 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
                               gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st), count=1)
+        if EARLY_RELEASE:
+            if n_k == 1:
+                mbarrier.arrive(q_empty, count=1)  # S_0 was the tile's last read of Q
         if CAUSAL:
             s = _causal_s(s, 0, n_full, q_rows, BLOCK_N, cols_l)
         m_i = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
@@ -313,6 +322,9 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
             acc_tok = warpgroup_mma(p_prev, v_smem.index(pst), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(st), count=1)
+            if EARLY_RELEASE:
+                if j == n_k - 1:
+                    mbarrier.arrive(q_empty, count=1)  # the tile's last S: its last read of Q
             if CAUSAL:
                 s = _causal_s(s, j, n_full, q_rows, BLOCK_N, cols_l)
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
@@ -324,7 +336,8 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
             mbarrier.arrive(v_empty.index(pst), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, acc_rows), 1)
             p_prev = gl.convert_layout(p.to(dtype), p_op)
-        mbarrier.arrive(q_empty, count=1)
+        if not EARLY_RELEASE:
+            mbarrier.arrive(q_empty, count=1)
         g = c + n_k - 1
         st = g % STAGES
         mbarrier.wait(v_ready.index(st), (g // STAGES) & 1)
@@ -358,7 +371,7 @@ def _branch_desc(X, RB, i: gl.constexpr, B, N, H, stride_b, ROWS: gl.constexpr, 
 def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_lb, stride_lh,
               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-              num_warps: gl.constexpr):
+              num_warps: gl.constexpr, EARLY_RELEASE: gl.constexpr):
     # the descriptors: made once per program (Q, K, V: 128-row blocks; out: 64-row blocks, one per consumer)
     q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
     q1 = _branch_desc(Q, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -404,10 +417,10 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
     gl.warp_specialize([
         (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem,
                      v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 0, HEAD_DIM, HALF, BLOCK_N,
-                     STAGES, CAUSAL)),
+                     STAGES, CAUSAL, EARLY_RELEASE)),
         (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem,
                      v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 1, HEAD_DIM, HALF, BLOCK_N,
-                     STAGES, CAUSAL)),
+                     STAGES, CAUSAL, EARLY_RELEASE)),
         (_producer, (q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
                      v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N, STAGES, ZFILL,
                      CAUSAL)),
@@ -431,6 +444,8 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #   LD, stride_ld     lse and delta in one (2, B, H, N) buffer: lse at LD + i, delta at LD + stride_ld + i
 #   CAUSAL            dq: key steps up to the diagonal, masked from full_end on; dk/dv: query steps from lo (the
 #                     diagonal) on, masked before mid
+#   EARLY_RELEASE     as in the forward: dq frees Q and dO (t_empty) once its last step's S and dP complete, dk/dv
+#                     frees K and V (kv_empty) once its last step's S^T and dP^T complete
 #   ZFILL             as in the forward: the producer writes zeros to the rows of the tile's span that its branch
 #                     does not select, so dq, dk and dv need no memset
 
@@ -468,7 +483,7 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2,
 def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
                  stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty,
                  WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr):
+                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr, EARLY_RELEASE: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, dP: (HALF queries, BLOCK_N keys); dQ: (HALF queries, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -532,11 +547,18 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
                 s = _causal_s(s, j, n_full, q_rows, BLOCK_N, cols_l)
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
             dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+            if EARLY_RELEASE:
+                if j == n_k - 1:
+                    mbarrier.arrive(t_empty, count=1)  # the last step's S and dP: the tile's last reads of Q, dO
             ds = p * (dp - gl.expand_dims(delta, 1))
             dq_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_l), k_t, dq, is_async=True)
             dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
             mbarrier.arrive(kv_empty.index(st), count=1)
-        mbarrier.arrive(t_empty, count=1)
+        if EARLY_RELEASE:
+            if n_k == 0:
+                mbarrier.arrive(t_empty, count=1)
+        else:
+            mbarrier.arrive(t_empty, count=1)
         c += n_k
         tma.store_wait(0)
         dq_out.store((dq * sm_scale).to(dtype))
@@ -549,7 +571,7 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
 def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b,
                  stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
-                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, EARLY_RELEASE: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -596,10 +618,10 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
     gl.warp_specialize([
         (_dq_consumer, (dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
                         stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                        kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL)),
+                        kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, EARLY_RELEASE)),
         (_dq_consumer, (dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
                         stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                        kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL)),
+                        kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, EARLY_RELEASE)),
         (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE,
                         RB, T, H, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
                         BLOCK_N, STAGES, ZFILL, CAUSAL)),
@@ -663,7 +685,7 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
 def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
                    q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, WG: gl.constexpr,
                    HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr):
+                   CAUSAL: gl.constexpr, EARLY_RELEASE: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     # S^T, dP^T: (HALF keys, BLOCK_M queries); dK, dV: (HALF keys, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -715,12 +737,19 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_s
             p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse2, 0))
             dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_l), do_t, dv, is_async=True)
             dp_t = warpgroup_mma_wait(1, deps=(dpt_tok, ))
+            if EARLY_RELEASE:
+                if j == n_m - 1:
+                    mbarrier.arrive(kv_empty, count=1)  # the last step's S^T and dP^T: the tile's last reads of K, V
             delta = ld_smem.index(st).slice(BLOCK_M, BLOCK_M).load(cols_l)
             ds_t = p_t * (dp_t - gl.expand_dims(delta, 0))
             dk_tok = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_l), q_t, dk, is_async=True)
             dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
             mbarrier.arrive(qd_empty.index(st), count=1)
-        mbarrier.arrive(kv_empty, count=1)
+        if EARLY_RELEASE:
+            if n_m == j0:
+                mbarrier.arrive(kv_empty, count=1)
+        else:
+            mbarrier.arrive(kv_empty, count=1)
         c += n_m - j0
         # epilogue: dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
         tma.store_wait(0)
@@ -738,7 +767,7 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_s
 def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b, stride_ld, stride_lb,
                    stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                    STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   num_warps: gl.constexpr, EARLY_RELEASE: gl.constexpr):
     # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
@@ -793,10 +822,10 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
     gl.warp_specialize([
         (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
                           q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 0, HEAD_DIM,
-                          HALF, BLOCK_M, STAGES, CAUSAL)),
+                          HALF, BLOCK_M, STAGES, CAUSAL, EARLY_RELEASE)),
         (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
                           q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 1, HEAD_DIM,
-                          HALF, BLOCK_M, STAGES, CAUSAL)),
+                          HALF, BLOCK_M, STAGES, CAUSAL, EARLY_RELEASE)),
         (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0,
                           dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem,
                           do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M, HALF, STAGES,
