@@ -20,7 +20,11 @@ on and off, alternating likewise.
 
     DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/gluon_release_experiment.py
 
-If a form wins, set gluon_hopper.EARLY_RELEASE for that pass.
+dk/dv also runs with EPI_PTR (dK and dV stored by pointers from the accumulators rather than through one shared
+buffer and two TMA stores with a wait between them), and with the fourth Q/dO stage the freed 32 KB makes room
+for; those must be bitwise equal too.
+
+If a form wins, set gluon_hopper.EARLY_RELEASE for that pass (and DKDV_EPI_PTR, DKDV_STAGES).
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ def main():
         torch.cuda.synchronize()
         ref = {"fwd": (out, lse), "dq": (dq, ld[1].clone()), "dkdv": (dk, dv)}
 
-        def run(name, early):
+        def run(name, form):
+            early, epi_ptr, stages = form
             if name == "fwd":
                 o, l_ = torch.full_like(q, math.nan), torch.full_like(lse, -math.inf)
                 return (o, l_), lambda: low._launch_gluon_fwd(q, k, v, o, l_, True, early=early), plan.flops
@@ -69,27 +74,33 @@ def main():
                                                                    True, early=early),
                         plan.flops_backward * 3 / 5)
             a, b = torch.full_like(k, math.nan), torch.full_like(v, math.nan)
-            return (a, b), lambda: low._launch_gluon_dkdv(q, k, v, dout, a, b, ld, True, early=early), \
+            return (a, b), lambda: low._launch_gluon_dkdv(q, k, v, dout, a, b, ld, True, early=early,
+                                                          epi_ptr=epi_ptr, stages=stages), \
                 plan.flops_backward * 4 / 5
 
+        # (EARLY_RELEASE, EPI_PTR, stages); the first is the lowering's
+        forms = {"fwd": [(False, None, None), (True, None, None)], "dq": [(False, None, None), (True, None, None)],
+                 "dkdv": [(False, False, 3), (True, False, 3), (False, True, 3), (True, True, 3), (False, True, 4),
+                          (True, True, 4)]}
         for name in ("fwd", "dq", "dkdv"):
-            times = {False: [], True: []}
+            times = {f: [] for f in forms[name]}
             equal = {}
             for _ in range(ROUNDS):
-                for early in (False, True):
-                    outs, fn, flops = run(name, early)
+                for form in forms[name]:
+                    outs, fn, flops = run(name, form)
                     try:
                         fn()
                         torch.cuda.synchronize()
-                        equal[early] = all(torch.equal(a, b) for a, b in zip(outs, ref[name]))
-                        times[early].append(do_bench(fn, warmup=10, rep=60, return_mode="median"))
+                        equal[form] = all(torch.equal(a, b) for a, b in zip(outs, ref[name]))
+                        times[form].append(do_bench(fn, warmup=10, rep=60, return_mode="median"))
                     except Exception as e:
-                        equal[early] = f"{type(e).__name__}: {str(e)[:120]}"
-                        times[early].append(math.nan)
-            for early in (False, True):
-                ms = min(times[early])
-                rows.append((f"causal={causal}", f"gluon {name}, EARLY_RELEASE={early}", ms,
-                             float(flops) / ms / 1e9, equal[early], times[early]))
+                        equal[form] = f"{type(e).__name__}: {str(e)[:120]}"
+                        times[form].append(math.nan)
+            for form in forms[name]:
+                ms = min(times[form])
+                label = f"gluon {name}, EARLY_RELEASE={form[0]}" + (
+                    f", EPI_PTR={form[1]}, {form[2]} stages" if name == "dkdv" else "")
+                rows.append((f"causal={causal}", label, ms, float(flops) / ms / 1e9, equal[form], times[form]))
                 print(rows[-1], flush=True)
         del q, k, v, dout, out, lse, ld, dq, dk, dv, ref
         torch.cuda.empty_cache()
@@ -100,25 +111,29 @@ def main():
         q, k, v = (torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
                    for _ in range(3))
         dout = torch.randn_like(q)
-        step_times = {False: [], True: []}
+        settings = {"the lowering's": (False, False, 3), "EARLY_RELEASE": (True, False, 3),
+                    "EARLY_RELEASE + EPI_PTR, 4 dk/dv stages": (True, True, 4)}
+        step_times = {name: [] for name in settings}
         for _ in range(ROUNDS):
-            for early in (False, True):
+            for name, (early, epi_ptr, stages) in settings.items():
                 gluon_hopper.EARLY_RELEASE.update(fwd=early, dq=early, dkdv=early)
+                gluon_hopper.DKDV_EPI_PTR, gluon_hopper.DKDV_STAGES[D] = epi_ptr, stages
                 attn(q, k, v).backward(dout)
-                step_times[early].append(do_bench(lambda: attn(q, k, v).backward(dout), warmup=10, rep=60,
-                                                  grad_to_none=[q, k, v], return_mode="median"))
+                step_times[name].append(do_bench(lambda: attn(q, k, v).backward(dout), warmup=10, rep=60,
+                                                 grad_to_none=[q, k, v], return_mode="median"))
         gluon_hopper.EARLY_RELEASE.update(fwd=False, dq=False, dkdv=False)
-        for early in (False, True):
-            rows.append((f"causal={causal}", f"module fwd+bwd, EARLY_RELEASE={early}", min(step_times[early]),
-                         float(plan.flops + plan.flops_backward) / min(step_times[early]) / 1e9, "-",
-                         step_times[early]))
+        gluon_hopper.DKDV_EPI_PTR, gluon_hopper.DKDV_STAGES[D] = False, 3
+        for name in settings:
+            ms = min(step_times[name])
+            rows.append((f"causal={causal}", f"module fwd+bwd, {name}", ms,
+                         float(plan.flops + plan.flops_backward) / ms / 1e9, "-", step_times[name]))
             print(rows[-1], flush=True)
         del q, k, v, dout, attn
         torch.cuda.empty_cache()
 
     print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={H}, D={D}; best of {ROUNDS} "
           "alternating rounds (all rounds in brackets)")
-    print("| case | kernel | ms | TFLOP/s | bitwise equal to EARLY_RELEASE=False | rounds |")
+    print("| case | kernel | ms | TFLOP/s | bitwise equal to the lowering's form | rounds |")
     print("|---|---|---|---|---|---|")
     for case, name, ms, tflops, eq, all_ms in rows:
         print(f"| {case} | {name} | {ms:.3f} | {tflops:.0f} | {eq} | {', '.join(f'{t:.3f}' for t in all_ms)} |")

@@ -50,17 +50,18 @@ def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool, early:
                  ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4)
     else:
         c = dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
-                 ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4)
+                 ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, EPI_PTR=g.DKDV_EPI_PTR)
     pass_name = {"gluon_fwd": "fwd", "gluon_bwd_dq": "dq", "gluon_bwd_dkdv": "dkdv"}[kernel]
     c["EARLY_RELEASE"] = g.EARLY_RELEASE[pass_name] if early is None else early
     return c
 
 
-def _compile(kernel: str, head_dim: int, causal: bool, has_dlse: bool, dtype: str, early: bool | None = None):
+def _compile(kernel: str, head_dim: int, causal: bool, has_dlse: bool, dtype: str, early: bool | None = None,
+             **override):
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=causal)
     low = TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), torch.bfloat16)
     fn = getattr(low.gluon_kernels, kernel)
-    consts = _constexprs(kernel, head_dim, causal, has_dlse, early)
+    consts = {**_constexprs(kernel, head_dim, causal, has_dlse, early), **override}
     sig = {p: "constexpr" if p in consts else SCALARS.get(p, f"*{dtype}") for p in inspect.signature(fn.fn).parameters}
     assert set(consts) <= set(sig), f"{kernel} lacks constexprs {set(consts) - set(sig)}"
     src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
@@ -86,7 +87,17 @@ def _sass(compiled, tmp_path) -> list[str]:
     ("gluon_bwd_dkdv", 128, True, False, "bf16", True), ("gluon_bwd_dkdv", 128, False, False, "bf16", True),
 ])
 def test_gluon_kernel_compiles_without_spills(kernel, head_dim, causal, has_dlse, dtype, early, tmp_path):
-    compiled = _compile(kernel, head_dim, causal, has_dlse, dtype, early)
+    _check(_compile(kernel, head_dim, causal, has_dlse, dtype, early), tmp_path)
+
+
+@pytest.mark.parametrize("causal,stages,early",
+                         [(False, 3, False), (True, 3, True), (False, 4, True), (True, 4, False)])
+def test_gluon_dkdv_pointer_epilogue_compiles_without_spills(causal, stages, early, tmp_path):
+    """dk/dv's EPI_PTR form (benchmarks/gluon_release_experiment.py), with the fourth Q/dO stage it makes room for."""
+    _check(_compile("gluon_bwd_dkdv", 128, causal, False, "bf16", early, EPI_PTR=True, STAGES=stages), tmp_path)
+
+
+def _check(compiled, tmp_path):
     assert compiled.metadata.shared <= MAX_SHARED, f"{compiled.metadata.shared} bytes of shared memory"
     sass = _sass(compiled, tmp_path)
     # one letter per instruction of interest: M a matrix instruction, S a local-memory load or store (a spill),

@@ -166,7 +166,7 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
         assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == regs and a["STAGES"] == stages
         assert a["CAUSAL"] is False
     assert a1["EARLY_RELEASE"] is gluon_hopper.EARLY_RELEASE["dq"]
-    assert a2["EARLY_RELEASE"] is gluon_hopper.EARLY_RELEASE["dkdv"]
+    assert a2["EARLY_RELEASE"] is gluon_hopper.EARLY_RELEASE["dkdv"] and a2["EPI_PTR"] is gluon_hopper.DKDV_EPI_PTR
     assert (a1["BLOCK_M"], a1["BLOCK_N"]) == (a2["BLOCK_N"], a2["BLOCK_M"]) == (128, 64)
     launches.clear()
     low.backward(dout, None, q, k, v, out, lse, aux)

@@ -53,6 +53,9 @@ DKDV_STAGES = {128: 3, 64: 3}    # Q/dO/lse/delta ring: 1.659 ms against 1.735 w
 # product reading them completes, rather than after the tile's last step, so the producer loads the next tile's
 # sooner. Not yet timed (benchmarks/gluon_release_experiment.py); the lowering leaves it off
 EARLY_RELEASE = {"fwd": False, "dq": False, "dkdv": False}
+# DKDV_EPI_PTR: dk/dv stores dK and dV by pointers rather than through shared memory and TMA (no wait between
+# them; the 32 KB freed would also hold a fourth Q/dO stage). Not yet timed (gluon_release_experiment.py); off
+DKDV_EPI_PTR = False
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -446,6 +449,7 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #                     diagonal) on, masked before mid
 #   EARLY_RELEASE     as in the forward: dq frees Q and dO (t_empty) once its last step's S and dP complete, dk/dv
 #                     frees K and V (kv_empty) once its last step's S^T and dP^T complete
+#   EPI_PTR           dk/dv stores dK and dV from registers by pointer stores (_store_rows), without out_smem
 #   ZFILL             as in the forward: the producer writes zeros to the rows of the tile's span that its branch
 #                     does not select, so dq, dk and dv need no memset
 
@@ -629,6 +633,20 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
 
 
 @gluon.jit
+def _store_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):
+    # val (HALF rows x HEAD_DIM, in a matrix-product layout) to the selected rows pos0 + (row0 + i) * r of head
+    # `head` in x (B, N, H, D), by pointer stores, in two column halves: each thread holds columns of both halves,
+    # so the split moves no data, and only half of the addresses are live at a time
+    lo, hi = gl.split(gl.permute(gl.reshape(val, [HALF, 2, HEAD_DIM // 2]), [0, 2, 1]))
+    rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, lo.type.layout))
+    cols = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, lo.type.layout))
+    base = X + b.to(gl.int64) * stride_b + head * HEAD_DIM
+    offs = gl.expand_dims((pos0 + rows * r).to(gl.int64) * (H * HEAD_DIM), 1) + gl.expand_dims(cols, 0)
+    gl.store(base + offs, lo)
+    gl.store(base + HEAD_DIM // 2 + offs, hi)
+
+
+@gluon.jit
 def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1, dv2,
                    dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem, do_smem,
                    ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M: gl.constexpr,
@@ -682,10 +700,11 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
 
 
 @gluon.jit
-def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
-                   q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, WG: gl.constexpr,
+def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale, sm_scale,
+                   k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty,
+                   WG: gl.constexpr,
                    HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr, EARLY_RELEASE: gl.constexpr):
+                   CAUSAL: gl.constexpr, EARLY_RELEASE: gl.constexpr, EPI_PTR: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     # S^T, dP^T: (HALF keys, BLOCK_M queries); dK, dV: (HALF keys, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -700,7 +719,8 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_s
     n_mine = (T - pid + G - 1) // G
     k_half = k_smem.slice(WG * HALF, HALF)
     v_half = v_smem.slice(WG * HALF, HALF)
-    out = out_smem.index(WG)
+    if not EPI_PTR:
+        out = out_smem.index(WG)
     c = 0
     for i in range(n_mine):
         row = TABLE + (pid + i * G) * NCOLS
@@ -751,15 +771,23 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_s
         else:
             mbarrier.arrive(kv_empty, count=1)
         c += n_m - j0
-        # epilogue: dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
-        tma.store_wait(0)
-        out.store((dk * sm_scale).to(dtype))
-        fence_async_shared()
-        _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out)
-        tma.store_wait(0)
-        out.store(dv.to(dtype))
-        fence_async_shared()
-        _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out)
+        if EPI_PTR:
+            # dK and dV by pointer stores: no shared memory, no wait between them
+            head = gl.load(row + 0)
+            pos0 = gl.load(row + 2)
+            r = gl.load(RB + br)
+            _store_rows(DK, (dk * sm_scale).to(dtype), b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+            _store_rows(DV, dv.to(dtype), b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+        else:
+            # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
+            tma.store_wait(0)
+            out.store((dk * sm_scale).to(dtype))
+            fence_async_shared()
+            _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out)
+            tma.store_wait(0)
+            out.store(dv.to(dtype))
+            fence_async_shared()
+            _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out)
     tma.store_wait(0)
 
 
@@ -767,7 +795,7 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_s
 def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b, stride_ld, stride_lb,
                    stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                    STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   num_warps: gl.constexpr, EARLY_RELEASE: gl.constexpr):
+                   num_warps: gl.constexpr, EARLY_RELEASE: gl.constexpr, EPI_PTR: gl.constexpr):
     # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
@@ -802,11 +830,14 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], n_sl)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
-    out_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
     # a step's lse then delta (a rank-1 layout: a stage's index() is a plain vector)
     ld_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2 * BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     z_smem = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], h_sl, value=gl.zeros([HALF, HEAD_DIM], dtype, zl))
+    if EPI_PTR:
+        out_smem = z_smem  # not used: the consumers store dK and dV by pointers
+    else:
+        out_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
     fence_async_shared()
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -820,12 +851,12 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
         mbarrier.init(qd_ready.index(st), count=2 + 4 * 32)
         mbarrier.init(qd_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
-                          q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 0, HEAD_DIM,
-                          HALF, BLOCK_M, STAGES, CAUSAL, EARLY_RELEASE)),
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
-                          q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 1, HEAD_DIM,
-                          HALF, BLOCK_M, STAGES, CAUSAL, EARLY_RELEASE)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale,
+                          sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready,
+                          qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, EARLY_RELEASE, EPI_PTR)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale,
+                          sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready,
+                          qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, EARLY_RELEASE, EPI_PTR)),
         (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0,
                           dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem,
                           do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M, HALF, STAGES,

@@ -207,7 +207,7 @@ class TritonLowering:
             EARLY_RELEASE=gluon_hopper.EARLY_RELEASE["dq"] if early is None else early)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS,
-                           stages=None, early=None):
+                           stages=None, early=None, epi_ptr=None):
         """``ld``: lse and delta in one (2, B, H, N) buffer."""
         table, grid, dilations = self._gluon_launch_args("k", _GLUON_BWD_TILES, q)
         B, N, H, D = q.shape
@@ -217,7 +217,8 @@ class TritonLowering:
             HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DKDV_STAGES[D], ZFILL=zfill, CAUSAL=self.causal,
             CONSUMER_REGS=consumer_regs, num_warps=4,
-            EARLY_RELEASE=gluon_hopper.EARLY_RELEASE["dkdv"] if early is None else early)
+            EARLY_RELEASE=gluon_hopper.EARLY_RELEASE["dkdv"] if early is None else early,
+            EPI_PTR=gluon_hopper.DKDV_EPI_PTR if epi_ptr is None else epi_ptr)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
