@@ -830,14 +830,14 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], n_sl)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
+    if not EPI_PTR:
+        out_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
     # a step's lse then delta (a rank-1 layout: a stage's index() is a plain vector)
     ld_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2 * BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     z_smem = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], h_sl, value=gl.zeros([HALF, HEAD_DIM], dtype, zl))
     if EPI_PTR:
         out_smem = z_smem  # not used: the consumers store dK and dV by pointers
-    else:
-        out_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
     fence_async_shared()
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
