@@ -97,6 +97,19 @@ def test_gluon_dkdv_pointer_epilogue_compiles_without_spills(causal, stages, ear
     _check(_compile("gluon_bwd_dkdv", 128, causal, False, "bf16", early, EPI_PTR=True, STAGES=stages), tmp_path)
 
 
+@pytest.mark.parametrize("head_dim,causal", [(128, False), (128, True), (64, False), (64, True)])
+def test_gluon_fwd_xt_compiles_without_spills(head_dim, causal, tmp_path):
+    """gluon_fwd_xt, the forward pipelined across tiles (benchmarks/gluon_fwd_xtile_experiment.py)."""
+    consts = _constexprs("gluon_fwd", head_dim, causal, False, None)
+    del consts["EARLY_RELEASE"]  # gluon_fwd_xt always frees Q early
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=causal)
+    fn = TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), torch.bfloat16).gluon_kernels
+    fn = fn.gluon_fwd_xt
+    sig = {p: "constexpr" if p in consts else SCALARS.get(p, "*bf16") for p in inspect.signature(fn.fn).parameters}
+    src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
+    _check(triton.compile(src, target=SM90, options={"num_warps": 4}), tmp_path)
+
+
 def _check(compiled, tmp_path):
     assert compiled.metadata.shared <= MAX_SHARED, f"{compiled.metadata.shared} bytes of shared memory"
     sass = _sass(compiled, tmp_path)

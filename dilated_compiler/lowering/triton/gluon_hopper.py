@@ -56,6 +56,9 @@ EARLY_RELEASE = {"fwd": False, "dq": False, "dkdv": False}
 # DKDV_EPI_PTR: dk/dv stores dK and dV by pointers rather than through shared memory and TMA (no wait between
 # them; the 32 KB freed would also hold a fourth Q/dO stage). Not yet timed (gluon_release_experiment.py); off
 DKDV_EPI_PTR = False
+# FWD_XTILE: gluon_fwd_xt, the forward pipelined across tiles, in place of gluon_fwd. Not yet timed
+# (benchmarks/gluon_fwd_xtile_experiment.py); off
+FWD_XTILE = False
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -228,6 +231,20 @@ def _zero_gaps(d0, d1, d2, d3, row, RB, H, b, branch, span0, z_smem):
             zc = o * H + gl.load(row + 0)
             _copy_out(d0, d1, d2, d3, branch, b, zc, span0, z_smem)
             _copy_out(d0, d1, d2, d3, branch, b, zc, span0 + d0.block_type.shape[2], z_smem)
+
+
+@gluon.jit
+def _store_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):
+    # val (HALF rows x HEAD_DIM, in a matrix-product layout) to the selected rows pos0 + (row0 + i) * r of head
+    # `head` in x (B, N, H, D), by pointer stores, in two column halves: each thread holds columns of both halves,
+    # so the split moves no data, and only half of the addresses are live at a time
+    lo, hi = gl.split(gl.permute(gl.reshape(val, [HALF, 2, HEAD_DIM // 2]), [0, 2, 1]))
+    rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, lo.type.layout))
+    cols = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, lo.type.layout))
+    base = X + b.to(gl.int64) * stride_b + head * HEAD_DIM
+    offs = gl.expand_dims((pos0 + rows * r).to(gl.int64) * (H * HEAD_DIM), 1) + gl.expand_dims(cols, 0)
+    gl.store(base + offs, lo)
+    gl.store(base + HEAD_DIM // 2 + offs, hi)
 
 
 @gluon.jit
@@ -430,6 +447,259 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 
 # ---------------------------------------------------------------------------------------------------------------
+# gluon_fwd_xt: gluon_fwd pipelined across tiles (the lowering runs it where FWD_XTILE is set). At the end of tile i
+# each consumer issues S_0 of tile i+1 before the last P V of tile i and runs that first softmax while the product
+# runs, so the tensor cores do not wait at tile changes. Symbols, besides gluon_fwd's:
+#   q_smem            two Q buffers: tile i's in buffer i % 2 (q_ready / q_empty per buffer, phase (i // 2) & 1);
+#                     a consumer frees its tile's buffer as soon as the tile's last S completes
+#   out               stored by pointers from the accumulator (_store_rows): the O staging buffers' 32 KB hold the
+#                     second Q buffer
+# Same arithmetic tile for tile: out and lse equal gluon_fwd's bitwise.
+
+@gluon.jit
+def _xt_producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
+                 v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
+    # gluon_fwd's producer with two Q buffers: tile i's Q in buffer i % 2, phase (i // 2) & 1
+    b = gl.program_id(1)
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    n_mine = (T - pid + G - 1) // G
+    c = 0
+    for i in range(n_mine):
+        row = TABLE + (pid + i * G) * NCOLS
+        br, combo, rbase = _tile_coords(row, RB, H)
+        n_k, _ = _key_walk(row, BLOCK_N, CAUSAL)
+        qb = i % 2
+        mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
+        _copy_in(q0, q1, q2, q3, br, b, combo, rbase + gl.load(row + 4), q_ready.index(qb), q_smem.index(qb), True)
+        for j in range(n_k):
+            g = c + j
+            st = g % STAGES
+            ph = ((g // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(st), ph)
+            _copy_in(k0, k1, k2, k3, br, b, combo, rbase + j * BLOCK_N, k_ready.index(st), k_smem.index(st), True)
+            mbarrier.wait(v_empty.index(st), ph)
+            _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, v_ready.index(st), v_smem.index(st), True)
+        c += n_k
+        if ZFILL:
+            _zero_gaps(o0, o1, o2, o3, row, RB, H, b, br, rbase + gl.load(row + 4), z_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _xt_tile(row, RB, H, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr, HALF: gl.constexpr):
+    # a tile's coordinates, as a consumer needs them
+    br, combo, rbase = _tile_coords(row, RB, H)
+    head = gl.load(row + 0)
+    pos0 = gl.load(row + 2)
+    L = gl.load(row + 3)
+    row0 = gl.load(row + 4) + WG * HALF
+    r = gl.load(RB + br)
+    n_k, n_full = _key_walk(row, BLOCK_N, CAUSAL)
+    return head, pos0, L, row0, r, n_k, n_full
+
+
+@gluon.jit
+def _xt_softmax0(s, n_full, row0, qk_scale, HALF: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                 rows_l: gl.constexpr, cols_l: gl.constexpr, p_op: gl.constexpr, dtype: gl.constexpr):
+    # a tile's first block, as gluon_fwd computes it: row max, probabilities, row sum
+    if CAUSAL:
+        s = _causal_s(s, 0, n_full, row0 + gl.arange(0, HALF, layout=rows_l), BLOCK_N, cols_l)
+    m_i = gl.maximum(gl.full([HALF], float("-inf"), gl.float32, layout=rows_l), gl.max(s, axis=1) * qk_scale)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+    return m_i, gl.sum(p, axis=1), gl.convert_layout(p.to(dtype), p_op)
+
+
+@gluon.jit
+def _xt_steps(qh, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_free, acc, m_i, l_i, p_prev, c, n_k, n_full,
+              row0, qk_scale, HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              s_l: gl.constexpr, rows_l: gl.constexpr, acc_rows: gl.constexpr, cols_l: gl.constexpr,
+              p_op: gl.constexpr, dtype: gl.constexpr):
+    # key blocks 1.. of a tile, as gluon_fwd's loop; frees the tile's Q buffer (q_free) once its last S completes
+    for j in range(1, n_k):
+        g = c + j
+        st = g % STAGES
+        pst = (g - 1) % STAGES
+        mbarrier.wait(k_ready.index(st), (g // STAGES) & 1)
+        s_tok = warpgroup_mma(qh, k_smem.index(st).permute((1, 0)),
+                              gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(pst), ((g - 1) // STAGES) & 1)
+        acc_tok = warpgroup_mma(p_prev, v_smem.index(pst), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(st), count=1)
+        if j == n_k - 1:
+            mbarrier.arrive(q_free, count=1)
+        if CAUSAL:
+            s = _causal_s(s, j, n_full, row0 + gl.arange(0, HALF, layout=rows_l), BLOCK_N, cols_l)
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        mbarrier.arrive(v_empty.index(pst), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, acc_rows), 1)
+        p_prev = gl.convert_layout(p.to(dtype), p_op)
+    return acc, m_i, l_i, p_prev
+
+
+@gluon.jit
+def _xt_epilogue(OUT, LSE, acc, m_i, l_i, b, row, RB, H, stride_b, stride_lb, stride_lh, BLOCK_N: gl.constexpr,
+                 CAUSAL: gl.constexpr, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
+                 rows_l: gl.constexpr, acc_rows: gl.constexpr, dtype: gl.constexpr):
+    # out by pointer stores from the accumulator (no shared memory), lse as gluon_fwd stores it; the tile's
+    # coordinates read again from its table row (cached), rather than kept in registers across the tile
+    head, pos0, L, row0, r, _, _ = _xt_tile(row, RB, H, BLOCK_N, CAUSAL, WG, HALF)
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, acc_rows), 1)
+    _store_rows(OUT, out.to(dtype), b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+    rows = row0 + gl.arange(0, HALF, layout=rows_l)
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    gl.store(LSE + b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + rows * r, lse, mask=rows < L)
+
+
+@gluon.jit
+def _xt_consumer(OUT, LSE, TABLE, RB, T, H, qk_scale, stride_b, stride_lb, stride_lh, q_smem, k_smem, v_smem,
+                 q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    dtype: gl.constexpr = q_smem.dtype
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, HEAD_DIM, 16])
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    rows_l: gl.constexpr = gl.SliceLayout(1, s_l)
+    acc_rows: gl.constexpr = gl.SliceLayout(1, mma)
+    cols_l: gl.constexpr = gl.SliceLayout(0, s_l)
+    b = gl.program_id(1)
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    n_mine = (T - pid + G - 1) // G  # >= 1: the grid has at most one program per tile
+    # tile 0's first block
+    _, _, _, row0, _, n_k, n_full = _xt_tile(TABLE + pid * NCOLS, RB, H, BLOCK_N, CAUSAL, WG, HALF)
+    mbarrier.wait(q_ready.index(0), 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    s_tok = warpgroup_mma(q_smem.index(0).slice(WG * HALF, HALF), k_smem.index(0).permute((1, 0)),
+                          gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    if n_k == 1:
+        mbarrier.arrive(q_empty.index(0), count=1)
+    m_i, l_i, p_prev = _xt_softmax0(s, n_full, row0, qk_scale, HALF, BLOCK_N, CAUSAL, rows_l, cols_l, p_op, dtype)
+    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=mma)
+    c = 0
+    for i in range(n_mine - 1):
+        qb = i % 2
+        row = TABLE + (pid + i * G) * NCOLS
+        _, _, _, row0, _, n_k, n_full = _xt_tile(row, RB, H, BLOCK_N, CAUSAL, WG, HALF)
+        acc, m_i, l_i, p_prev = _xt_steps(q_smem.index(qb).slice(WG * HALF, HALF), k_smem, v_smem, k_ready, k_empty,
+                                          v_ready, v_empty, q_empty.index(qb), acc, m_i, l_i, p_prev, c, n_k, n_full,
+                                          row0, qk_scale, HALF, BLOCK_N, STAGES, CAUSAL, s_l, rows_l, acc_rows,
+                                          cols_l, p_op, dtype)
+        # the next tile's S_0, issued before this tile's last P V
+        qn = (i + 1) % 2
+        mbarrier.wait(q_ready.index(qn), ((i + 1) // 2) & 1)
+        g0 = c + n_k
+        st0 = g0 % STAGES
+        mbarrier.wait(k_ready.index(st0), (g0 // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem.index(qn).slice(WG * HALF, HALF), k_smem.index(st0).permute((1, 0)),
+                              gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
+        gl_last = g0 - 1
+        stl = gl_last % STAGES
+        mbarrier.wait(v_ready.index(stl), (gl_last // STAGES) & 1)
+        acc_tok = warpgroup_mma(p_prev, v_smem.index(stl), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(st0), count=1)
+        _, _, _, row0_n, _, n_k_n, n_full_n = _xt_tile(row + G * NCOLS, RB, H, BLOCK_N, CAUSAL, WG, HALF)
+        if n_k_n == 1:
+            mbarrier.arrive(q_empty.index(qn), count=1)
+        m_n, l_n, p_n = _xt_softmax0(s, n_full_n, row0_n, qk_scale, HALF, BLOCK_N, CAUSAL, rows_l, cols_l, p_op,
+                                     dtype)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        mbarrier.arrive(v_empty.index(stl), count=1)
+        _xt_epilogue(OUT, LSE, acc, m_i, l_i, b, row, RB, H, stride_b, stride_lb, stride_lh, BLOCK_N, CAUSAL, WG,
+                     HEAD_DIM, HALF, rows_l, acc_rows, dtype)
+        c = g0
+        m_i, l_i, p_prev = m_n, l_n, p_n
+        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=mma)
+    # the last tile
+    qb = (n_mine - 1) % 2
+    row = TABLE + (pid + (n_mine - 1) * G) * NCOLS
+    _, _, _, row0, _, n_k, n_full = _xt_tile(row, RB, H, BLOCK_N, CAUSAL, WG, HALF)
+    acc, m_i, l_i, p_prev = _xt_steps(q_smem.index(qb).slice(WG * HALF, HALF), k_smem, v_smem, k_ready, k_empty,
+                                      v_ready, v_empty, q_empty.index(qb), acc, m_i, l_i, p_prev, c, n_k, n_full,
+                                      row0, qk_scale, HALF, BLOCK_N, STAGES, CAUSAL, s_l, rows_l, acc_rows, cols_l,
+                                      p_op, dtype)
+    gl_last = c + n_k - 1
+    stl = gl_last % STAGES
+    mbarrier.wait(v_ready.index(stl), (gl_last // STAGES) & 1)
+    acc_tok = warpgroup_mma(p_prev, v_smem.index(stl), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+    mbarrier.arrive(v_empty.index(stl), count=1)
+    _xt_epilogue(OUT, LSE, acc, m_i, l_i, b, row, RB, H, stride_b, stride_lb, stride_lh, BLOCK_N, CAUSAL, WG,
+                 HEAD_DIM, HALF, rows_l, acc_rows, dtype)
+
+
+@gluon.jit
+def gluon_fwd_xt(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_lb, stride_lh,
+                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q1 = _branch_desc(Q, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q2 = _branch_desc(Q, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    q3 = _branch_desc(Q, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    k0 = _branch_desc(K, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k1 = _branch_desc(K, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k2 = _branch_desc(K, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k3 = _branch_desc(K, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v0 = _branch_desc(V, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v1 = _branch_desc(V, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v2 = _branch_desc(V, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v3 = _branch_desc(V, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    # out's descriptors: only for the producer's zero fill
+    o0 = _branch_desc(OUT, RB, 0, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+    o1 = _branch_desc(OUT, RB, 1, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+    o2 = _branch_desc(OUT, RB, 2, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+    o3 = _branch_desc(OUT, RB, 3, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+    dtype: gl.constexpr = Q.dtype.element_ty
+    HALF: gl.constexpr = BLOCK_M // 2
+    m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    h_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, HEAD_DIM], dtype)
+    n_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], m_sl)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], n_sl)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], n_sl)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    z_smem = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], h_sl, value=gl.zeros([HALF, HEAD_DIM], dtype, zl))
+    fence_async_shared()
+    for qb in gl.static_range(2):
+        mbarrier.init(q_ready.index(qb), count=1)
+        mbarrier.init(q_empty.index(qb), count=2)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(st), count=1)
+        mbarrier.init(k_empty.index(st), count=2)
+        mbarrier.init(v_ready.index(st), count=1)
+        mbarrier.init(v_empty.index(st), count=2)
+    gl.warp_specialize([
+        (_xt_consumer, (OUT, LSE, TABLE, RB, T, H, qk_scale, stride_b, stride_lb, stride_lh, q_smem, k_smem, v_smem,
+                        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES,
+                        CAUSAL)),
+        (_xt_consumer, (OUT, LSE, TABLE, RB, T, H, qk_scale, stride_b, stride_lb, stride_lh, q_smem, k_smem, v_smem,
+                        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES,
+                        CAUSAL)),
+        (_xt_producer, (q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem,
+                        k_smem, v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N, STAGES,
+                        ZFILL, CAUSAL)),
+    ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The backward: gluon_bwd_dq (dq, and delta for dk/dv), then gluon_bwd_dkdv. They compute what dilated_bwd_dq and
 # dilated_bwd_dkdv compute, with the forward's structure (persistent, a producer warpgroup issuing TMA copies and
 # two consumer warpgroups of 64 rows each, descriptors per branch). Symbols, besides the forward's:
@@ -630,20 +900,6 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
                         RB, T, H, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
                         BLOCK_N, STAGES, ZFILL, CAUSAL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
-
-
-@gluon.jit
-def _store_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):
-    # val (HALF rows x HEAD_DIM, in a matrix-product layout) to the selected rows pos0 + (row0 + i) * r of head
-    # `head` in x (B, N, H, D), by pointer stores, in two column halves: each thread holds columns of both halves,
-    # so the split moves no data, and only half of the addresses are live at a time
-    lo, hi = gl.split(gl.permute(gl.reshape(val, [HALF, 2, HEAD_DIM // 2]), [0, 2, 1]))
-    rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, lo.type.layout))
-    cols = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, lo.type.layout))
-    base = X + b.to(gl.int64) * stride_b + head * HEAD_DIM
-    offs = gl.expand_dims((pos0 + rows * r).to(gl.int64) * (H * HEAD_DIM), 1) + gl.expand_dims(cols, 0)
-    gl.store(base + offs, lo)
-    gl.store(base + HEAD_DIM // 2 + offs, hi)
 
 
 @gluon.jit

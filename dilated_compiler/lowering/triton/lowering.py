@@ -173,15 +173,19 @@ class TritonLowering:
         return self._gluon_reasons[key]
 
     def _launch_gluon_fwd(self, q, k, v, out, lse, zfill, consumer_regs=gluon_hopper.CONSUMER_REGS, stages=None,
-                          early=None):
+                          early=None, xtile=None):
+        """gluon_fwd, or (xtile; default gluon_hopper.FWD_XTILE) gluon_fwd_xt, which always frees Q early."""
         table, grid, dilations = self._gluon_launch_args("q", _GLUON_TILES, q)
         B, N, H, D = q.shape
+        args = (q, k, v, out, lse, table, dilations, table.shape[0], B, N, H, self.scale * math.log2(math.e),
+                q.stride(0), lse.stride(0), lse.stride(1))
+        consts = dict(HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M, BLOCK_N=gluon_hopper.BLOCK_N,
+                      STAGES=stages or gluon_hopper.FWD_STAGES[D], ZFILL=zfill, CAUSAL=self.causal,
+                      CONSUMER_REGS=consumer_regs, num_warps=4)
+        if gluon_hopper.FWD_XTILE if xtile is None else xtile:
+            return self.gluon_kernels.gluon_fwd_xt[grid](*args, **consts)
         return self.gluon_kernels.gluon_fwd[grid](
-            q, k, v, out, lse, table, dilations, table.shape[0], B, N, H, self.scale * math.log2(math.e),
-            q.stride(0), lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M,
-            BLOCK_N=gluon_hopper.BLOCK_N, STAGES=stages or gluon_hopper.FWD_STAGES[D], ZFILL=zfill,
-            CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4,
-            EARLY_RELEASE=gluon_hopper.EARLY_RELEASE["fwd"] if early is None else early)
+            *args, **consts, EARLY_RELEASE=gluon_hopper.EARLY_RELEASE["fwd"] if early is None else early)
 
     def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor):
         """A Gluon kernel's tile table, persistent grid (at most one program per SM, then batch) and padded
