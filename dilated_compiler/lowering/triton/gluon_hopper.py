@@ -388,27 +388,24 @@ def _branch_desc(X, RB, i: gl.constexpr, B, N, H, stride_b, ROWS: gl.constexpr, 
 
 
 @gluon.jit
+def _branch_descs(X, RB, B, N, H, stride_b, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+    # the descriptors of the four branch slots (index = branch id)
+    return (_branch_desc(X, RB, 0, B, N, H, stride_b, ROWS, HEAD_DIM),
+            _branch_desc(X, RB, 1, B, N, H, stride_b, ROWS, HEAD_DIM),
+            _branch_desc(X, RB, 2, B, N, H, stride_b, ROWS, HEAD_DIM),
+            _branch_desc(X, RB, 3, B, N, H, stride_b, ROWS, HEAD_DIM))
+
+
+@gluon.jit
 def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_lb, stride_lh,
               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
               num_warps: gl.constexpr, EARLY_RELEASE: gl.constexpr):
     # the descriptors: made once per program (Q, K, V: 128-row blocks; out: 64-row blocks, one per consumer)
-    q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q1 = _branch_desc(Q, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q2 = _branch_desc(Q, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q3 = _branch_desc(Q, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    k0 = _branch_desc(K, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k1 = _branch_desc(K, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k2 = _branch_desc(K, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k3 = _branch_desc(K, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v0 = _branch_desc(V, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v1 = _branch_desc(V, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v2 = _branch_desc(V, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v3 = _branch_desc(V, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    o0 = _branch_desc(OUT, RB, 0, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
-    o1 = _branch_desc(OUT, RB, 1, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
-    o2 = _branch_desc(OUT, RB, 2, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
-    o3 = _branch_desc(OUT, RB, 3, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+    q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    o0, o1, o2, o3 = _branch_descs(OUT, RB, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
@@ -644,23 +641,11 @@ def _xt_consumer(OUT, LSE, TABLE, RB, T, H, qk_scale, stride_b, stride_lb, strid
 def gluon_fwd_xt(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_lb, stride_lh,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q1 = _branch_desc(Q, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q2 = _branch_desc(Q, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q3 = _branch_desc(Q, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    k0 = _branch_desc(K, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k1 = _branch_desc(K, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k2 = _branch_desc(K, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k3 = _branch_desc(K, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v0 = _branch_desc(V, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v1 = _branch_desc(V, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v2 = _branch_desc(V, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v3 = _branch_desc(V, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
     # out's descriptors: only for the producer's zero fill
-    o0 = _branch_desc(OUT, RB, 0, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
-    o1 = _branch_desc(OUT, RB, 1, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
-    o2 = _branch_desc(OUT, RB, 2, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
-    o3 = _branch_desc(OUT, RB, 3, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+    o0, o1, o2, o3 = _branch_descs(OUT, RB, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
@@ -848,26 +833,11 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
                  CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, EARLY_RELEASE: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
-    q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q1 = _branch_desc(Q, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q2 = _branch_desc(Q, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q3 = _branch_desc(Q, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    do0 = _branch_desc(DO, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    do1 = _branch_desc(DO, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    do2 = _branch_desc(DO, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    do3 = _branch_desc(DO, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    k0 = _branch_desc(K, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k1 = _branch_desc(K, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k2 = _branch_desc(K, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k3 = _branch_desc(K, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v0 = _branch_desc(V, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v1 = _branch_desc(V, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v2 = _branch_desc(V, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v3 = _branch_desc(V, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    dq0 = _branch_desc(DQ, RB, 0, B, N, H, stride_b, HALF, HEAD_DIM)
-    dq1 = _branch_desc(DQ, RB, 1, B, N, H, stride_b, HALF, HEAD_DIM)
-    dq2 = _branch_desc(DQ, RB, 2, B, N, H, stride_b, HALF, HEAD_DIM)
-    dq3 = _branch_desc(DQ, RB, 3, B, N, H, stride_b, HALF, HEAD_DIM)
+    q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    do0, do1, do2, do3 = _branch_descs(DO, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    dq0, dq1, dq2, dq3 = _branch_descs(DQ, RB, B, N, H, stride_b, HALF, HEAD_DIM)
     m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     n_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     h_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, HEAD_DIM], dtype)
@@ -1055,30 +1025,12 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
     # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
-    q0 = _branch_desc(Q, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q1 = _branch_desc(Q, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q2 = _branch_desc(Q, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    q3 = _branch_desc(Q, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    o0 = _branch_desc(DO, RB, 0, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    o1 = _branch_desc(DO, RB, 1, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    o2 = _branch_desc(DO, RB, 2, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    o3 = _branch_desc(DO, RB, 3, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    k0 = _branch_desc(K, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k1 = _branch_desc(K, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k2 = _branch_desc(K, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    k3 = _branch_desc(K, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v0 = _branch_desc(V, RB, 0, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v1 = _branch_desc(V, RB, 1, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v2 = _branch_desc(V, RB, 2, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v3 = _branch_desc(V, RB, 3, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    dk0 = _branch_desc(DK, RB, 0, B, N, H, stride_b, HALF, HEAD_DIM)
-    dk1 = _branch_desc(DK, RB, 1, B, N, H, stride_b, HALF, HEAD_DIM)
-    dk2 = _branch_desc(DK, RB, 2, B, N, H, stride_b, HALF, HEAD_DIM)
-    dk3 = _branch_desc(DK, RB, 3, B, N, H, stride_b, HALF, HEAD_DIM)
-    dv0 = _branch_desc(DV, RB, 0, B, N, H, stride_b, HALF, HEAD_DIM)
-    dv1 = _branch_desc(DV, RB, 1, B, N, H, stride_b, HALF, HEAD_DIM)
-    dv2 = _branch_desc(DV, RB, 2, B, N, H, stride_b, HALF, HEAD_DIM)
-    dv3 = _branch_desc(DV, RB, 3, B, N, H, stride_b, HALF, HEAD_DIM)
+    q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    o0, o1, o2, o3 = _branch_descs(DO, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    dk0, dk1, dk2, dk3 = _branch_descs(DK, RB, B, N, H, stride_b, HALF, HEAD_DIM)
+    dv0, dv1, dv2, dv3 = _branch_descs(DV, RB, B, N, H, stride_b, HALF, HEAD_DIM)
     n_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     h_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, HEAD_DIM], dtype)
