@@ -27,7 +27,6 @@ spill instructions among a step's matrix instructions and elsewhere.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 
 import torch
@@ -45,40 +44,15 @@ KERNELS = {  # name: constexprs
     "gluon_bwd_dq": dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, STAGES=3, ZFILL=True, HAS_DLSE=False,
                          CAUSAL=True, CONSUMER_REGS=232, num_warps=4, EARLY_RELEASE=False),
     "gluon_bwd_dkdv": dict(HEAD_DIM=128, BLOCK_N=128, BLOCK_M=64, STAGES=3, ZFILL=True, CAUSAL=True,
-                           CONSUMER_REGS=240, num_warps=4, EARLY_RELEASE=False),
+                           CONSUMER_REGS=240, num_warps=4, EARLY_RELEASE=False, EPI_PTR=False),
 }
 
 
 def check_compile():
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    tools = os.path.dirname(triton.__file__) + "/backends/nvidia/bin/"
+    from dilated_compiler.lowering.triton.gluon_compile import compile_sm90, summarize
     low = tl_lowering.TritonLowering(build_plan(CAUSAL_FOUR, N, H, D), torch.device("cpu"), torch.bfloat16)
-    scalars = {"T": "i32", "B": "i32", "N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
-               "stride_b": "i64", "stride_ld": "i64", "stride_lb": "i32", "stride_lh": "i32", "TABLE": "*i32",
-               "RB": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "LD": "*fp32"}
     for name, consts in KERNELS.items():
-        fn = getattr(low.gluon_kernels, name)
-        sig = {p: scalars.get(p, "*bf16" if p in ("Q", "K", "V", "DO", "OUT", "DQ", "DK", "DV") else "constexpr")
-               for p in inspect.signature(fn.fn).parameters}
-        src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        with tempfile.TemporaryDirectory() as d:
-            with open(f"{d}/k.cubin", "wb") as f:
-                f.write(k.asm["cubin"])
-            sass = subprocess.run([tools + "nvdisasm", "-c", f"{d}/k.cubin"], capture_output=True,
-                                  text=True).stdout.splitlines()
-        marks = "".join("M" if "HGMMA" in ln else "S" if ("STL" in ln or "LDL" in ln) else "B"
-                        for ln in sass if "HGMMA" in ln or "STL" in ln or "LDL" in ln or "BRA" in ln)
-        between = sum(run.count("S") for run in re.findall(r"M[MS]*M", marks))
-        print(f"{name} CAUSAL=True: shared {k.metadata.shared} B, HGMMA {marks.count('M')}, spill instructions "
-              f"among a step's HGMMAs {between}, elsewhere {marks.count('S') - between}")
+        print(f"{name} CAUSAL=True: {summarize(compile_sm90(getattr(low.gluon_kernels, name), consts))}")
 
 
 def run_gpu():

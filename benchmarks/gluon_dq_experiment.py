@@ -19,7 +19,6 @@ The lowering keeps O_PTR with three stages (gluon_hopper.DQ_STAGES); PIPE and th
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 
 import torch
@@ -41,42 +40,16 @@ VARIANTS = [
 
 
 def check_compile():
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    tools = os.path.dirname(triton.__file__) + "/backends/nvidia/bin/"
+    from dilated_compiler.lowering.triton.gluon_compile import compile_sm90, summarize
     low = tl_lowering.TritonLowering(build_plan(FOUR, 65536, 16, 128), torch.device("cpu"), torch.bfloat16)
-    fn = low.gluon_kernels.gluon_bwd_dq
-    scalars = {"T": "i32", "B": "i32", "N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
-               "stride_b": "i64", "stride_lb": "i32", "stride_lh": "i32", "TABLE": "*i32", "RB": "*i32",
-               "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32"}
-    sig = {p: scalars.get(p, "*bf16" if p in ("Q", "K", "V", "DO", "OUT", "DQ") else "constexpr")
-           for p in inspect.signature(fn.fn).parameters}
     for stages, regs in VARIANTS[:-1]:
         consts = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, STAGES=stages, ZFILL=True, HAS_DLSE=False,
                       CAUSAL=False, CONSUMER_REGS=regs, num_warps=4, EARLY_RELEASE=False)
-        src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
         label = f"{stages} K/V stages, consumer regs {regs}"
         try:
-            kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            print(f"{label}: {summarize(compile_sm90(low.gluon_kernels.gluon_bwd_dq, consts))}")
         except Exception as e:
             print(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
-            continue
-        with tempfile.TemporaryDirectory() as d:
-            with open(f"{d}/k.cubin", "wb") as f:
-                f.write(kern.asm["cubin"])
-            sass = subprocess.run([tools + "nvdisasm", "-c", f"{d}/k.cubin"], capture_output=True,
-                                  text=True).stdout.splitlines()
-        marks = "".join("M" if "HGMMA" in ln else "S" if ("STL" in ln or "LDL" in ln) else "B"
-                        for ln in sass if "HGMMA" in ln or "STL" in ln or "LDL" in ln or "BRA" in ln)
-        between = sum(run.count("S") for run in re.findall(r"M[MS]*M", marks))
-        print(f"{label}: shared {kern.metadata.shared} B, HGMMA {marks.count('M')}, spill instructions among a "
-              f"step's HGMMAs {between}, elsewhere {marks.count('S') - between}")
 
 
 def main():

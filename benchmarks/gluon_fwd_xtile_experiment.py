@@ -26,7 +26,6 @@ among a step's matrix instructions in the four cases; causal at D = 128 has 24 e
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 
 import torch
@@ -48,40 +47,16 @@ def _consts(head_dim, causal, regs=gluon_hopper.CONSUMER_REGS):
 
 
 def check_compile():
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    tools = os.path.dirname(triton.__file__) + "/backends/nvidia/bin/"
-    scalars = {"T": "i32", "B": "i32", "N": "i32", "H": "i32", "qk_scale": "fp32", "stride_b": "i64",
-               "stride_lb": "i32", "stride_lh": "i32", "TABLE": "*i32", "RB": "*i32", "LSE": "*fp32"}
+    from dilated_compiler.lowering.triton.gluon_compile import compile_sm90, summarize
     for head_dim, causal in CASES:
         spec = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR), causal=causal)
         fn = tl_lowering.TritonLowering(build_plan(spec, N, H, head_dim), torch.device("cpu"),
                                         torch.bfloat16).gluon_kernels.gluon_fwd_xt
-        consts = _consts(head_dim, causal)
-        sig = {p: "constexpr" if p in consts else scalars.get(p, "*bf16") for p in inspect.signature(fn.fn).parameters}
-        src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
         label = f"gluon_fwd_xt D={head_dim} causal={causal}"
         try:
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            print(f"{label}: {summarize(compile_sm90(fn, _consts(head_dim, causal)))}")
         except Exception as e:
             print(f"{label}: {type(e).__name__}: {str(e)[:2000]}")
-            continue
-        with tempfile.TemporaryDirectory() as d:
-            with open(f"{d}/k.cubin", "wb") as f:
-                f.write(k.asm["cubin"])
-            sass = subprocess.run([tools + "nvdisasm", "-c", f"{d}/k.cubin"], capture_output=True,
-                                  text=True).stdout.splitlines()
-        marks = "".join("M" if "HGMMA" in ln else "S" if ("STL" in ln or "LDL" in ln) else "B"
-                        for ln in sass if "HGMMA" in ln or "STL" in ln or "LDL" in ln or "BRA" in ln)
-        between = sum(run.count("S") for run in re.findall(r"M[MS]*M", marks))
-        print(f"{label}: shared {k.metadata.shared} B, HGMMA {marks.count('M')}, spill instructions among a "
-              f"step's HGMMAs {between}, elsewhere {marks.count('S') - between}")
 
 
 def main():

@@ -9,11 +9,6 @@ GPU (``test_triton_lowering.py``, tests marked gpu).
 
 from __future__ import annotations
 
-import inspect
-import os
-import re
-import subprocess
-
 import pytest
 import torch
 
@@ -27,16 +22,13 @@ if not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
                 f"(this is {triton.__version__}; scripts/gluon_compile_check.sh makes such an environment)",
                 allow_module_level=True)
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
-
+from dilated_compiler.lowering.triton.gluon_compile import MAX_SHARED, compile_sm90, summarize  # noqa: E402
 from dilated_compiler.lowering.triton.lowering import TritonLowering  # noqa: E402
 
-SM90 = GPUTarget("cuda", 90, 32)
-MAX_SHARED = 232448  # bytes of shared memory a block may use on compute capability 9.0
-SCALARS = {"T": "i32", "B": "i32", "N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
-           "stride_b": "i64", "stride_lb": "i32", "stride_lh": "i32", "stride_ld": "i32", "TABLE": "*i32",
-           "RB": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "LD": "*fp32"}
+
+def _kernels(head_dim: int, causal: bool):
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=causal)
+    return TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), torch.bfloat16).gluon_kernels
 
 
 def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool, early: bool | None) -> dict:
@@ -58,21 +50,8 @@ def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool, early:
 
 def _compile(kernel: str, head_dim: int, causal: bool, has_dlse: bool, dtype: str, early: bool | None = None,
              **override):
-    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=causal)
-    low = TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), torch.bfloat16)
-    fn = getattr(low.gluon_kernels, kernel)
     consts = {**_constexprs(kernel, head_dim, causal, has_dlse, early), **override}
-    sig = {p: "constexpr" if p in consts else SCALARS.get(p, f"*{dtype}") for p in inspect.signature(fn.fn).parameters}
-    assert set(consts) <= set(sig), f"{kernel} lacks constexprs {set(consts) - set(sig)}"
-    src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
-    return triton.compile(src, target=SM90, options={"num_warps": 4})
-
-
-def _sass(compiled, tmp_path) -> list[str]:
-    cubin = tmp_path / "k.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    return subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout.splitlines()
+    return compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, dtype)
 
 
 @pytest.mark.parametrize("kernel,head_dim,causal,has_dlse,dtype,early", [
@@ -86,37 +65,27 @@ def _sass(compiled, tmp_path) -> list[str]:
     ("gluon_fwd", 128, True, False, "bf16", True), ("gluon_bwd_dq", 128, True, True, "bf16", True),
     ("gluon_bwd_dkdv", 128, True, False, "bf16", True), ("gluon_bwd_dkdv", 128, False, False, "bf16", True),
 ])
-def test_gluon_kernel_compiles_without_spills(kernel, head_dim, causal, has_dlse, dtype, early, tmp_path):
-    _check(_compile(kernel, head_dim, causal, has_dlse, dtype, early), tmp_path)
+def test_gluon_kernel_compiles_without_spills(kernel, head_dim, causal, has_dlse, dtype, early):
+    _check(_compile(kernel, head_dim, causal, has_dlse, dtype, early))
 
 
 @pytest.mark.parametrize("causal,stages,early",
                          [(False, 3, False), (True, 3, True), (False, 4, True), (True, 4, False)])
-def test_gluon_dkdv_pointer_epilogue_compiles_without_spills(causal, stages, early, tmp_path):
+def test_gluon_dkdv_pointer_epilogue_compiles_without_spills(causal, stages, early):
     """dk/dv's EPI_PTR form (benchmarks/gluon_release_experiment.py), with the fourth Q/dO stage it makes room for."""
-    _check(_compile("gluon_bwd_dkdv", 128, causal, False, "bf16", early, EPI_PTR=True, STAGES=stages), tmp_path)
+    _check(_compile("gluon_bwd_dkdv", 128, causal, False, "bf16", early, EPI_PTR=True, STAGES=stages))
 
 
 @pytest.mark.parametrize("head_dim,causal", [(128, False), (128, True), (64, False), (64, True)])
-def test_gluon_fwd_xt_compiles_without_spills(head_dim, causal, tmp_path):
+def test_gluon_fwd_xt_compiles_without_spills(head_dim, causal):
     """gluon_fwd_xt, the forward pipelined across tiles (benchmarks/gluon_fwd_xtile_experiment.py)."""
     consts = _constexprs("gluon_fwd", head_dim, causal, False, None)
     del consts["EARLY_RELEASE"]  # gluon_fwd_xt always frees Q early
-    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=causal)
-    fn = TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), torch.bfloat16).gluon_kernels
-    fn = fn.gluon_fwd_xt
-    sig = {p: "constexpr" if p in consts else SCALARS.get(p, "*bf16") for p in inspect.signature(fn.fn).parameters}
-    src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in consts.items()})
-    _check(triton.compile(src, target=SM90, options={"num_warps": 4}), tmp_path)
+    _check(compile_sm90(_kernels(head_dim, causal).gluon_fwd_xt, consts))
 
 
-def _check(compiled, tmp_path):
-    assert compiled.metadata.shared <= MAX_SHARED, f"{compiled.metadata.shared} bytes of shared memory"
-    sass = _sass(compiled, tmp_path)
-    # one letter per instruction of interest: M a matrix instruction, S a local-memory load or store (a spill),
-    # B a branch; a spill between two matrix instructions with no branch between them sits inside a step
-    marks = "".join("M" if "HGMMA" in ln else "S" if ("STL" in ln or "LDL" in ln) else "B"
-                    for ln in sass if "HGMMA" in ln or "STL" in ln or "LDL" in ln or "BRA" in ln)
-    assert marks.count("M") > 0, "no warpgroup matrix instructions"
-    between = sum(run.count("S") for run in re.findall(r"M[MS]*M", marks))
-    assert between == 0, f"{between} spill instructions among a step's matrix instructions"
+def _check(compiled):
+    sass = summarize(compiled)
+    assert sass.shared <= MAX_SHARED, f"{sass.shared} bytes of shared memory"
+    assert sass.hgmma > 0, "no warpgroup matrix instructions"
+    assert sass.spills_in_steps == 0, f"{sass.spills_in_steps} spill instructions among a step's matrix instructions"
