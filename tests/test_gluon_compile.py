@@ -31,57 +31,30 @@ def _kernels(head_dim: int, causal: bool):
     return TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), torch.bfloat16).gluon_kernels
 
 
-def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool, early: bool | None) -> dict:
-    """The lowering's launch constexprs (EARLY_RELEASE: the lowering's setting where ``early`` is None)."""
+def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool) -> dict:
+    """The lowering's launch constexprs."""
     g = gluon_hopper
     if kernel == "gluon_fwd":
-        c = dict(HEAD_DIM=head_dim, BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, STAGES=g.FWD_STAGES[head_dim],
-                 ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.CONSUMER_REGS, num_warps=4)
-    elif kernel == "gluon_bwd_dq":
-        c = dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
-                 ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4)
-    else:
-        c = dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
-                 ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, EPI_PTR=g.DKDV_EPI_PTR)
-    pass_name = {"gluon_fwd": "fwd", "gluon_bwd_dq": "dq", "gluon_bwd_dkdv": "dkdv"}[kernel]
-    c["EARLY_RELEASE"] = g.EARLY_RELEASE[pass_name] if early is None else early
-    return c
+        return dict(HEAD_DIM=head_dim, BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, STAGES=g.FWD_STAGES[head_dim],
+                    ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.CONSUMER_REGS, num_warps=4)
+    if kernel == "gluon_bwd_dq":
+        return dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
+                    ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4)
+    return dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
+                ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4)
 
 
-def _compile(kernel: str, head_dim: int, causal: bool, has_dlse: bool, dtype: str, early: bool | None = None,
-             **override):
-    consts = {**_constexprs(kernel, head_dim, causal, has_dlse, early), **override}
-    return compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, dtype)
-
-
-@pytest.mark.parametrize("kernel,head_dim,causal,has_dlse,dtype,early", [
-    ("gluon_fwd", 128, False, False, "bf16", None), ("gluon_fwd", 128, True, False, "bf16", None),
-    ("gluon_fwd", 64, False, False, "fp16", None), ("gluon_fwd", 64, True, False, "bf16", None),
-    ("gluon_bwd_dq", 128, False, True, "bf16", None), ("gluon_bwd_dq", 128, True, False, "fp16", None),
-    ("gluon_bwd_dq", 64, False, False, "bf16", None), ("gluon_bwd_dq", 64, True, True, "bf16", None),
-    ("gluon_bwd_dkdv", 128, False, False, "bf16", None), ("gluon_bwd_dkdv", 128, True, False, "fp16", None),
-    ("gluon_bwd_dkdv", 64, False, False, "bf16", None), ("gluon_bwd_dkdv", 64, True, False, "bf16", None),
-    # the EARLY_RELEASE forms (benchmarks/gluon_release_experiment.py), whatever the lowering's setting
-    ("gluon_fwd", 128, True, False, "bf16", True), ("gluon_bwd_dq", 128, True, True, "bf16", True),
-    ("gluon_bwd_dkdv", 128, True, False, "bf16", True), ("gluon_bwd_dkdv", 128, False, False, "bf16", True),
+@pytest.mark.parametrize("kernel,head_dim,causal,has_dlse,dtype", [
+    ("gluon_fwd", 128, False, False, "bf16"), ("gluon_fwd", 128, True, False, "bf16"),
+    ("gluon_fwd", 64, False, False, "fp16"), ("gluon_fwd", 64, True, False, "bf16"),
+    ("gluon_bwd_dq", 128, False, True, "bf16"), ("gluon_bwd_dq", 128, True, False, "fp16"),
+    ("gluon_bwd_dq", 64, False, False, "bf16"), ("gluon_bwd_dq", 64, True, True, "bf16"),
+    ("gluon_bwd_dkdv", 128, False, False, "bf16"), ("gluon_bwd_dkdv", 128, True, False, "fp16"),
+    ("gluon_bwd_dkdv", 64, False, False, "bf16"), ("gluon_bwd_dkdv", 64, True, False, "bf16"),
 ])
-def test_gluon_kernel_compiles_without_spills(kernel, head_dim, causal, has_dlse, dtype, early):
-    _check(_compile(kernel, head_dim, causal, has_dlse, dtype, early))
-
-
-@pytest.mark.parametrize("causal,stages,early",
-                         [(False, 3, False), (True, 3, True), (False, 4, True), (True, 4, False)])
-def test_gluon_dkdv_pointer_epilogue_compiles_without_spills(causal, stages, early):
-    """dk/dv's EPI_PTR form (benchmarks/gluon_release_experiment.py), with the fourth Q/dO stage it makes room for."""
-    _check(_compile("gluon_bwd_dkdv", 128, causal, False, "bf16", early, EPI_PTR=True, STAGES=stages))
-
-
-@pytest.mark.parametrize("head_dim,causal", [(128, False), (128, True), (64, False), (64, True)])
-def test_gluon_fwd_xt_compiles_without_spills(head_dim, causal):
-    """gluon_fwd_xt, the forward pipelined across tiles (benchmarks/gluon_fwd_xtile_experiment.py)."""
-    consts = _constexprs("gluon_fwd", head_dim, causal, False, None)
-    del consts["EARLY_RELEASE"]  # gluon_fwd_xt always frees Q early
-    _check(compile_sm90(_kernels(head_dim, causal).gluon_fwd_xt, consts))
+def test_gluon_kernel_compiles_without_spills(kernel, head_dim, causal, has_dlse, dtype):
+    kernels = _kernels(head_dim, causal)
+    _check(compile_sm90(getattr(kernels, kernel), _constexprs(kernel, head_dim, causal, has_dlse), dtype))
 
 
 def _check(compiled):

@@ -49,16 +49,6 @@ FWD_STAGES = {128: 2, 64: 2}     # K/V ring (128: no room for a third)
 DQ_STAGES = {128: 3, 64: 3}      # K/V ring; O read by pointers makes room: 1.122 ms against 1.158 with 2
 DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
 DKDV_STAGES = {128: 3, 64: 3}    # Q/dO/lse/delta ring: 1.659 ms against 1.735 with 2 (gluon_dkdv_experiment)
-# EARLY_RELEASE: a consumer frees the tile's Q (forward), Q and dO (dq) or K and V (dk/dv) as soon as its last
-# product reading them completes, rather than after the tile's last step, so the producer loads the next tile's
-# sooner. Not yet timed (benchmarks/gluon_release_experiment.py); the lowering leaves it off
-EARLY_RELEASE = {"fwd": False, "dq": False, "dkdv": False}
-# DKDV_EPI_PTR: dk/dv stores dK and dV by pointers rather than through shared memory and TMA (no wait between
-# them; the 32 KB freed would also hold a fourth Q/dO stage). Not yet timed (gluon_release_experiment.py); off
-DKDV_EPI_PTR = False
-# FWD_XTILE: gluon_fwd_xt, the forward pipelined across tiles, in place of gluon_fwd. Not yet timed
-# (benchmarks/gluon_fwd_xtile_experiment.py); off
-FWD_XTILE = False
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -134,7 +124,6 @@ _KERNEL = r'''#
 #   S, P, acc         scores (base 2 after qk_scale), probabilities, output numerator; m_i, l_i row max / sum
 #   CAUSAL            walk only the key tiles up to the diagonal (the table's hi column) and mask the scores of the
 #                     tiles from full_end on
-#   EARLY_RELEASE     a consumer arrives on q_empty right after its tile's last S completes (not after the tile)
 #   ZFILL             the producer writes 0 to the positions in the tile's span that its branch does not select,
 #                     as TMA stores of a zero tile: the span of a tile is rows [rbase + row0, rbase + row0 + 128)
 #                     of every combo o'*H + h, and the gaps are the combos o' != o (needs w % r == 0)
@@ -234,20 +223,6 @@ def _zero_gaps(d0, d1, d2, d3, row, RB, H, b, branch, span0, z_smem):
 
 
 @gluon.jit
-def _store_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):
-    # val (HALF rows x HEAD_DIM, in a matrix-product layout) to the selected rows pos0 + (row0 + i) * r of head
-    # `head` in x (B, N, H, D), by pointer stores, in two column halves: each thread holds columns of both halves,
-    # so the split moves no data, and only half of the addresses are live at a time
-    lo, hi = gl.split(gl.permute(gl.reshape(val, [HALF, 2, HEAD_DIM // 2]), [0, 2, 1]))
-    rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, lo.type.layout))
-    cols = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, lo.type.layout))
-    base = X + b.to(gl.int64) * stride_b + head * HEAD_DIM
-    offs = gl.expand_dims((pos0 + rows * r).to(gl.int64) * (H * HEAD_DIM), 1) + gl.expand_dims(cols, 0)
-    gl.store(base + offs, lo)
-    gl.store(base + HEAD_DIM // 2 + offs, hi)
-
-
-@gluon.jit
 def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
               v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
@@ -280,8 +255,7 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TA
 @gluon.jit
 def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem, v_smem,
               q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              EARLY_RELEASE: gl.constexpr):
+              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, P: (HALF queries, BLOCK_N keys) in s_l; acc: (HALF queries, HEAD_DIM) in mma (the same layout when
     # HEAD_DIM == BLOCK_N); row statistics live in s_l's rows and move to acc's where they meet it
@@ -321,9 +295,6 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
                               gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(st), count=1)
-        if EARLY_RELEASE:
-            if n_k == 1:
-                mbarrier.arrive(q_empty, count=1)  # S_0 was the tile's last read of Q
         if CAUSAL:
             s = _causal_s(s, 0, n_full, q_rows, BLOCK_N, cols_l)
         m_i = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
@@ -342,9 +313,6 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
             acc_tok = warpgroup_mma(p_prev, v_smem.index(pst), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(st), count=1)
-            if EARLY_RELEASE:
-                if j == n_k - 1:
-                    mbarrier.arrive(q_empty, count=1)  # the tile's last S: its last read of Q
             if CAUSAL:
                 s = _causal_s(s, j, n_full, q_rows, BLOCK_N, cols_l)
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
@@ -356,8 +324,7 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
             mbarrier.arrive(v_empty.index(pst), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, acc_rows), 1)
             p_prev = gl.convert_layout(p.to(dtype), p_op)
-        if not EARLY_RELEASE:
-            mbarrier.arrive(q_empty, count=1)
+        mbarrier.arrive(q_empty, count=1)
         g = c + n_k - 1
         st = g % STAGES
         mbarrier.wait(v_ready.index(st), (g // STAGES) & 1)
@@ -400,7 +367,7 @@ def _branch_descs(X, RB, B, N, H, stride_b, ROWS: gl.constexpr, HEAD_DIM: gl.con
 def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_lb, stride_lh,
               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-              num_warps: gl.constexpr, EARLY_RELEASE: gl.constexpr):
+              num_warps: gl.constexpr):
     # the descriptors: made once per program (Q, K, V: 128-row blocks; out: 64-row blocks, one per consumer)
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
     k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
@@ -434,255 +401,14 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
     gl.warp_specialize([
         (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem,
                      v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 0, HEAD_DIM, HALF, BLOCK_N,
-                     STAGES, CAUSAL, EARLY_RELEASE)),
+                     STAGES, CAUSAL)),
         (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem,
                      v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 1, HEAD_DIM, HALF, BLOCK_N,
-                     STAGES, CAUSAL, EARLY_RELEASE)),
+                     STAGES, CAUSAL)),
         (_producer, (q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
                      v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N, STAGES, ZFILL,
                      CAUSAL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
-
-# ---------------------------------------------------------------------------------------------------------------
-# gluon_fwd_xt: gluon_fwd pipelined across tiles (the lowering runs it where FWD_XTILE is set). At the end of tile i
-# each consumer issues S_0 of tile i+1 before the last P V of tile i and runs that first softmax while the product
-# runs, so the tensor cores do not wait at tile changes. Symbols, besides gluon_fwd's:
-#   q_smem            two Q buffers: tile i's in buffer i % 2 (q_ready / q_empty per buffer, phase (i // 2) & 1);
-#                     a consumer frees its tile's buffer as soon as the tile's last S completes
-#   out               stored by pointers from the accumulator (_store_rows): the O staging buffers' 32 KB hold the
-#                     second Q buffer
-# Same arithmetic tile for tile: out and lse equal gluon_fwd's bitwise.
-
-@gluon.jit
-def _xt_producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
-                 v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
-    # gluon_fwd's producer with two Q buffers: tile i's Q in buffer i % 2, phase (i // 2) & 1
-    b = gl.program_id(1)
-    pid = gl.program_id(0)
-    G = gl.num_programs(0)
-    n_mine = (T - pid + G - 1) // G
-    c = 0
-    for i in range(n_mine):
-        row = TABLE + (pid + i * G) * NCOLS
-        br, combo, rbase = _tile_coords(row, RB, H)
-        n_k, _ = _key_walk(row, BLOCK_N, CAUSAL)
-        qb = i % 2
-        mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
-        _copy_in(q0, q1, q2, q3, br, b, combo, rbase + gl.load(row + 4), q_ready.index(qb), q_smem.index(qb), True)
-        for j in range(n_k):
-            g = c + j
-            st = g % STAGES
-            ph = ((g // STAGES) & 1) ^ 1
-            mbarrier.wait(k_empty.index(st), ph)
-            _copy_in(k0, k1, k2, k3, br, b, combo, rbase + j * BLOCK_N, k_ready.index(st), k_smem.index(st), True)
-            mbarrier.wait(v_empty.index(st), ph)
-            _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, v_ready.index(st), v_smem.index(st), True)
-        c += n_k
-        if ZFILL:
-            _zero_gaps(o0, o1, o2, o3, row, RB, H, b, br, rbase + gl.load(row + 4), z_smem)
-    tma.store_wait(0)
-
-
-@gluon.jit
-def _xt_tile(row, RB, H, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WG: gl.constexpr, HALF: gl.constexpr):
-    # a tile's coordinates, as a consumer needs them
-    br, combo, rbase = _tile_coords(row, RB, H)
-    head = gl.load(row + 0)
-    pos0 = gl.load(row + 2)
-    L = gl.load(row + 3)
-    row0 = gl.load(row + 4) + WG * HALF
-    r = gl.load(RB + br)
-    n_k, n_full = _key_walk(row, BLOCK_N, CAUSAL)
-    return head, pos0, L, row0, r, n_k, n_full
-
-
-@gluon.jit
-def _xt_softmax0(s, n_full, row0, qk_scale, HALF: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                 rows_l: gl.constexpr, cols_l: gl.constexpr, p_op: gl.constexpr, dtype: gl.constexpr):
-    # a tile's first block, as gluon_fwd computes it: row max, probabilities, row sum
-    if CAUSAL:
-        s = _causal_s(s, 0, n_full, row0 + gl.arange(0, HALF, layout=rows_l), BLOCK_N, cols_l)
-    m_i = gl.maximum(gl.full([HALF], float("-inf"), gl.float32, layout=rows_l), gl.max(s, axis=1) * qk_scale)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
-    return m_i, gl.sum(p, axis=1), gl.convert_layout(p.to(dtype), p_op)
-
-
-@gluon.jit
-def _xt_steps(qh, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_free, acc, m_i, l_i, p_prev, c, n_k, n_full,
-              row0, qk_scale, HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              s_l: gl.constexpr, rows_l: gl.constexpr, acc_rows: gl.constexpr, cols_l: gl.constexpr,
-              p_op: gl.constexpr, dtype: gl.constexpr):
-    # key blocks 1.. of a tile, as gluon_fwd's loop; frees the tile's Q buffer (q_free) once its last S completes
-    for j in range(1, n_k):
-        g = c + j
-        st = g % STAGES
-        pst = (g - 1) % STAGES
-        mbarrier.wait(k_ready.index(st), (g // STAGES) & 1)
-        s_tok = warpgroup_mma(qh, k_smem.index(st).permute((1, 0)),
-                              gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(pst), ((g - 1) // STAGES) & 1)
-        acc_tok = warpgroup_mma(p_prev, v_smem.index(pst), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(st), count=1)
-        if j == n_k - 1:
-            mbarrier.arrive(q_free, count=1)
-        if CAUSAL:
-            s = _causal_s(s, j, n_full, row0 + gl.arange(0, HALF, layout=rows_l), BLOCK_N, cols_l)
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
-        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
-        mbarrier.arrive(v_empty.index(pst), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, acc_rows), 1)
-        p_prev = gl.convert_layout(p.to(dtype), p_op)
-    return acc, m_i, l_i, p_prev
-
-
-@gluon.jit
-def _xt_epilogue(OUT, LSE, acc, m_i, l_i, b, row, RB, H, stride_b, stride_lb, stride_lh, BLOCK_N: gl.constexpr,
-                 CAUSAL: gl.constexpr, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
-                 rows_l: gl.constexpr, acc_rows: gl.constexpr, dtype: gl.constexpr):
-    # out by pointer stores from the accumulator (no shared memory), lse as gluon_fwd stores it; the tile's
-    # coordinates read again from its table row (cached), rather than kept in registers across the tile
-    head, pos0, L, row0, r, _, _ = _xt_tile(row, RB, H, BLOCK_N, CAUSAL, WG, HALF)
-    out = acc / gl.expand_dims(gl.convert_layout(l_i, acc_rows), 1)
-    _store_rows(OUT, out.to(dtype), b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
-    rows = row0 + gl.arange(0, HALF, layout=rows_l)
-    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-    gl.store(LSE + b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + rows * r, lse, mask=rows < L)
-
-
-@gluon.jit
-def _xt_consumer(OUT, LSE, TABLE, RB, T, H, qk_scale, stride_b, stride_lb, stride_lh, q_smem, k_smem, v_smem,
-                 q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    dtype: gl.constexpr = q_smem.dtype
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, HEAD_DIM, 16])
-    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, BLOCK_N, 16])
-    p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    rows_l: gl.constexpr = gl.SliceLayout(1, s_l)
-    acc_rows: gl.constexpr = gl.SliceLayout(1, mma)
-    cols_l: gl.constexpr = gl.SliceLayout(0, s_l)
-    b = gl.program_id(1)
-    pid = gl.program_id(0)
-    G = gl.num_programs(0)
-    n_mine = (T - pid + G - 1) // G  # >= 1: the grid has at most one program per tile
-    # tile 0's first block
-    _, _, _, row0, _, n_k, n_full = _xt_tile(TABLE + pid * NCOLS, RB, H, BLOCK_N, CAUSAL, WG, HALF)
-    mbarrier.wait(q_ready.index(0), 0)
-    mbarrier.wait(k_ready.index(0), 0)
-    s_tok = warpgroup_mma(q_smem.index(0).slice(WG * HALF, HALF), k_smem.index(0).permute((1, 0)),
-                          gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s_tok, ))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    if n_k == 1:
-        mbarrier.arrive(q_empty.index(0), count=1)
-    m_i, l_i, p_prev = _xt_softmax0(s, n_full, row0, qk_scale, HALF, BLOCK_N, CAUSAL, rows_l, cols_l, p_op, dtype)
-    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=mma)
-    c = 0
-    for i in range(n_mine - 1):
-        qb = i % 2
-        row = TABLE + (pid + i * G) * NCOLS
-        _, _, _, row0, _, n_k, n_full = _xt_tile(row, RB, H, BLOCK_N, CAUSAL, WG, HALF)
-        acc, m_i, l_i, p_prev = _xt_steps(q_smem.index(qb).slice(WG * HALF, HALF), k_smem, v_smem, k_ready, k_empty,
-                                          v_ready, v_empty, q_empty.index(qb), acc, m_i, l_i, p_prev, c, n_k, n_full,
-                                          row0, qk_scale, HALF, BLOCK_N, STAGES, CAUSAL, s_l, rows_l, acc_rows,
-                                          cols_l, p_op, dtype)
-        # the next tile's S_0, issued before this tile's last P V
-        qn = (i + 1) % 2
-        mbarrier.wait(q_ready.index(qn), ((i + 1) // 2) & 1)
-        g0 = c + n_k
-        st0 = g0 % STAGES
-        mbarrier.wait(k_ready.index(st0), (g0 // STAGES) & 1)
-        s_tok = warpgroup_mma(q_smem.index(qn).slice(WG * HALF, HALF), k_smem.index(st0).permute((1, 0)),
-                              gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
-        gl_last = g0 - 1
-        stl = gl_last % STAGES
-        mbarrier.wait(v_ready.index(stl), (gl_last // STAGES) & 1)
-        acc_tok = warpgroup_mma(p_prev, v_smem.index(stl), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(st0), count=1)
-        _, _, _, row0_n, _, n_k_n, n_full_n = _xt_tile(row + G * NCOLS, RB, H, BLOCK_N, CAUSAL, WG, HALF)
-        if n_k_n == 1:
-            mbarrier.arrive(q_empty.index(qn), count=1)
-        m_n, l_n, p_n = _xt_softmax0(s, n_full_n, row0_n, qk_scale, HALF, BLOCK_N, CAUSAL, rows_l, cols_l, p_op,
-                                     dtype)
-        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
-        mbarrier.arrive(v_empty.index(stl), count=1)
-        _xt_epilogue(OUT, LSE, acc, m_i, l_i, b, row, RB, H, stride_b, stride_lb, stride_lh, BLOCK_N, CAUSAL, WG,
-                     HEAD_DIM, HALF, rows_l, acc_rows, dtype)
-        c = g0
-        m_i, l_i, p_prev = m_n, l_n, p_n
-        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=mma)
-    # the last tile
-    qb = (n_mine - 1) % 2
-    row = TABLE + (pid + (n_mine - 1) * G) * NCOLS
-    _, _, _, row0, _, n_k, n_full = _xt_tile(row, RB, H, BLOCK_N, CAUSAL, WG, HALF)
-    acc, m_i, l_i, p_prev = _xt_steps(q_smem.index(qb).slice(WG * HALF, HALF), k_smem, v_smem, k_ready, k_empty,
-                                      v_ready, v_empty, q_empty.index(qb), acc, m_i, l_i, p_prev, c, n_k, n_full,
-                                      row0, qk_scale, HALF, BLOCK_N, STAGES, CAUSAL, s_l, rows_l, acc_rows, cols_l,
-                                      p_op, dtype)
-    gl_last = c + n_k - 1
-    stl = gl_last % STAGES
-    mbarrier.wait(v_ready.index(stl), (gl_last // STAGES) & 1)
-    acc_tok = warpgroup_mma(p_prev, v_smem.index(stl), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
-    mbarrier.arrive(v_empty.index(stl), count=1)
-    _xt_epilogue(OUT, LSE, acc, m_i, l_i, b, row, RB, H, stride_b, stride_lb, stride_lh, BLOCK_N, CAUSAL, WG,
-                 HEAD_DIM, HALF, rows_l, acc_rows, dtype)
-
-
-@gluon.jit
-def gluon_fwd_xt(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_lb, stride_lh,
-                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    # out's descriptors: only for the producer's zero fill
-    o0, o1, o2, o3 = _branch_descs(OUT, RB, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
-    dtype: gl.constexpr = Q.dtype.element_ty
-    HALF: gl.constexpr = BLOCK_M // 2
-    m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-    h_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, HEAD_DIM], dtype)
-    n_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], m_sl)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], n_sl)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], n_sl)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    z_smem = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], h_sl, value=gl.zeros([HALF, HEAD_DIM], dtype, zl))
-    fence_async_shared()
-    for qb in gl.static_range(2):
-        mbarrier.init(q_ready.index(qb), count=1)
-        mbarrier.init(q_empty.index(qb), count=2)
-    for st in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(st), count=1)
-        mbarrier.init(k_empty.index(st), count=2)
-        mbarrier.init(v_ready.index(st), count=1)
-        mbarrier.init(v_empty.index(st), count=2)
-    gl.warp_specialize([
-        (_xt_consumer, (OUT, LSE, TABLE, RB, T, H, qk_scale, stride_b, stride_lb, stride_lh, q_smem, k_smem, v_smem,
-                        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES,
-                        CAUSAL)),
-        (_xt_consumer, (OUT, LSE, TABLE, RB, T, H, qk_scale, stride_b, stride_lb, stride_lh, q_smem, k_smem, v_smem,
-                        q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES,
-                        CAUSAL)),
-        (_xt_producer, (q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem,
-                        k_smem, v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N, STAGES,
-                        ZFILL, CAUSAL)),
-    ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The backward: gluon_bwd_dq (dq, and delta for dk/dv), then gluon_bwd_dkdv. They compute what dilated_bwd_dq and
@@ -702,9 +428,6 @@ def gluon_fwd_xt(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, s
 #   LD, stride_ld     lse and delta in one (2, B, H, N) buffer: lse at LD + i, delta at LD + stride_ld + i
 #   CAUSAL            dq: key steps up to the diagonal, masked from full_end on; dk/dv: query steps from lo (the
 #                     diagonal) on, masked before mid
-#   EARLY_RELEASE     as in the forward: dq frees Q and dO (t_empty) once its last step's S and dP complete, dk/dv
-#                     frees K and V (kv_empty) once its last step's S^T and dP^T complete
-#   EPI_PTR           dk/dv stores dK and dV from registers by pointer stores (_store_rows), without out_smem
 #   ZFILL             as in the forward: the producer writes zeros to the rows of the tile's span that its branch
 #                     does not select, so dq, dk and dv need no memset
 
@@ -742,7 +465,7 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2,
 def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
                  stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty,
                  WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr, EARLY_RELEASE: gl.constexpr):
+                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, dP: (HALF queries, BLOCK_N keys); dQ: (HALF queries, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -806,18 +529,11 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
                 s = _causal_s(s, j, n_full, q_rows, BLOCK_N, cols_l)
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
             dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
-            if EARLY_RELEASE:
-                if j == n_k - 1:
-                    mbarrier.arrive(t_empty, count=1)  # the last step's S and dP: the tile's last reads of Q, dO
             ds = p * (dp - gl.expand_dims(delta, 1))
             dq_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_l), k_t, dq, is_async=True)
             dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
             mbarrier.arrive(kv_empty.index(st), count=1)
-        if EARLY_RELEASE:
-            if n_k == 0:
-                mbarrier.arrive(t_empty, count=1)
-        else:
-            mbarrier.arrive(t_empty, count=1)
+        mbarrier.arrive(t_empty, count=1)
         c += n_k
         tma.store_wait(0)
         dq_out.store((dq * sm_scale).to(dtype))
@@ -830,7 +546,7 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
 def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b,
                  stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
-                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, EARLY_RELEASE: gl.constexpr):
+                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -862,10 +578,10 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
     gl.warp_specialize([
         (_dq_consumer, (dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
                         stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                        kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, EARLY_RELEASE)),
+                        kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL)),
         (_dq_consumer, (dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
                         stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                        kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, EARLY_RELEASE)),
+                        kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL)),
         (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE,
                         RB, T, H, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
                         BLOCK_N, STAGES, ZFILL, CAUSAL)),
@@ -926,11 +642,10 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
 
 
 @gluon.jit
-def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale, sm_scale,
-                   k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty,
-                   WG: gl.constexpr,
+def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
+                   q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, WG: gl.constexpr,
                    HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr, EARLY_RELEASE: gl.constexpr, EPI_PTR: gl.constexpr):
+                   CAUSAL: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     # S^T, dP^T: (HALF keys, BLOCK_M queries); dK, dV: (HALF keys, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -945,8 +660,7 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TAB
     n_mine = (T - pid + G - 1) // G
     k_half = k_smem.slice(WG * HALF, HALF)
     v_half = v_smem.slice(WG * HALF, HALF)
-    if not EPI_PTR:
-        out = out_smem.index(WG)
+    out = out_smem.index(WG)
     c = 0
     for i in range(n_mine):
         row = TABLE + (pid + i * G) * NCOLS
@@ -983,37 +697,22 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TAB
             p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse2, 0))
             dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_l), do_t, dv, is_async=True)
             dp_t = warpgroup_mma_wait(1, deps=(dpt_tok, ))
-            if EARLY_RELEASE:
-                if j == n_m - 1:
-                    mbarrier.arrive(kv_empty, count=1)  # the last step's S^T and dP^T: the tile's last reads of K, V
             delta = ld_smem.index(st).slice(BLOCK_M, BLOCK_M).load(cols_l)
             ds_t = p_t * (dp_t - gl.expand_dims(delta, 0))
             dk_tok = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_l), q_t, dk, is_async=True)
             dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
             mbarrier.arrive(qd_empty.index(st), count=1)
-        if EARLY_RELEASE:
-            if n_m == j0:
-                mbarrier.arrive(kv_empty, count=1)
-        else:
-            mbarrier.arrive(kv_empty, count=1)
+        mbarrier.arrive(kv_empty, count=1)
         c += n_m - j0
-        if EPI_PTR:
-            # dK and dV by pointer stores: no shared memory, no wait between them
-            head = gl.load(row + 0)
-            pos0 = gl.load(row + 2)
-            r = gl.load(RB + br)
-            _store_rows(DK, (dk * sm_scale).to(dtype), b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
-            _store_rows(DV, dv.to(dtype), b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
-        else:
-            # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
-            tma.store_wait(0)
-            out.store((dk * sm_scale).to(dtype))
-            fence_async_shared()
-            _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out)
-            tma.store_wait(0)
-            out.store(dv.to(dtype))
-            fence_async_shared()
-            _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out)
+        # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
+        tma.store_wait(0)
+        out.store((dk * sm_scale).to(dtype))
+        fence_async_shared()
+        _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out)
+        tma.store_wait(0)
+        out.store(dv.to(dtype))
+        fence_async_shared()
+        _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out)
     tma.store_wait(0)
 
 
@@ -1021,7 +720,7 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TAB
 def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b, stride_ld, stride_lb,
                    stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                    STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   num_warps: gl.constexpr, EARLY_RELEASE: gl.constexpr, EPI_PTR: gl.constexpr):
+                   num_warps: gl.constexpr):
     # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
@@ -1038,14 +737,11 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], n_sl)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
-    if not EPI_PTR:
-        out_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
+    out_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
     # a step's lse then delta (a rank-1 layout: a stage's index() is a plain vector)
     ld_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2 * BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     z_smem = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], h_sl, value=gl.zeros([HALF, HEAD_DIM], dtype, zl))
-    if EPI_PTR:
-        out_smem = z_smem  # not used: the consumers store dK and dV by pointers
     fence_async_shared()
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -1059,12 +755,12 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
         mbarrier.init(qd_ready.index(st), count=2 + 4 * 32)
         mbarrier.init(qd_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale,
-                          sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready,
-                          qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, EARLY_RELEASE, EPI_PTR)),
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale,
-                          sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready,
-                          qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, EARLY_RELEASE, EPI_PTR)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem,
+                          v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 0,
+                          HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem,
+                          v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 1,
+                          HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL)),
         (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0,
                           dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem,
                           do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M, HALF, STAGES,

@@ -172,20 +172,14 @@ class TritonLowering:
                 triton_version=triton.__version__)
         return self._gluon_reasons[key]
 
-    def _launch_gluon_fwd(self, q, k, v, out, lse, zfill, consumer_regs=gluon_hopper.CONSUMER_REGS, stages=None,
-                          early=None, xtile=None):
-        """gluon_fwd, or (xtile; default gluon_hopper.FWD_XTILE) gluon_fwd_xt, which always frees Q early."""
+    def _launch_gluon_fwd(self, q, k, v, out, lse, zfill, consumer_regs=gluon_hopper.CONSUMER_REGS, stages=None):
         table, grid, dilations = self._gluon_launch_args("q", _GLUON_TILES, q)
         B, N, H, D = q.shape
-        args = (q, k, v, out, lse, table, dilations, table.shape[0], B, N, H, self.scale * math.log2(math.e),
-                q.stride(0), lse.stride(0), lse.stride(1))
-        consts = dict(HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M, BLOCK_N=gluon_hopper.BLOCK_N,
-                      STAGES=stages or gluon_hopper.FWD_STAGES[D], ZFILL=zfill, CAUSAL=self.causal,
-                      CONSUMER_REGS=consumer_regs, num_warps=4)
-        if gluon_hopper.FWD_XTILE if xtile is None else xtile:
-            return self.gluon_kernels.gluon_fwd_xt[grid](*args, **consts)
         return self.gluon_kernels.gluon_fwd[grid](
-            *args, **consts, EARLY_RELEASE=gluon_hopper.EARLY_RELEASE["fwd"] if early is None else early)
+            q, k, v, out, lse, table, dilations, table.shape[0], B, N, H, self.scale * math.log2(math.e),
+            q.stride(0), lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M,
+            BLOCK_N=gluon_hopper.BLOCK_N, STAGES=stages or gluon_hopper.FWD_STAGES[D], ZFILL=zfill,
+            CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4)
 
     def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor):
         """A Gluon kernel's tile table, persistent grid (at most one program per SM, then batch) and padded
@@ -199,7 +193,7 @@ class TritonLowering:
         return table, (min(table.shape[0], _sm_count(q.device)), q.shape[0]), self._tables[key]
 
     def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
-                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, early=None):
+                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None):
         table, grid, dilations = self._gluon_launch_args("q", _GLUON_BWD_TILES, q)
         B, N, H, D = q.shape
         return self.gluon_kernels.gluon_bwd_dq[grid](
@@ -207,11 +201,10 @@ class TritonLowering:
             B, N, H, self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0), lse.stride(1),
             HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DQ_STAGES[D], ZFILL=zfill,
-            HAS_DLSE=dlse is not None, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4,
-            EARLY_RELEASE=gluon_hopper.EARLY_RELEASE["dq"] if early is None else early)
+            HAS_DLSE=dlse is not None, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS,
-                           stages=None, early=None, epi_ptr=None):
+                           stages=None):
         """``ld``: lse and delta in one (2, B, H, N) buffer."""
         table, grid, dilations = self._gluon_launch_args("k", _GLUON_BWD_TILES, q)
         B, N, H, D = q.shape
@@ -220,9 +213,7 @@ class TritonLowering:
             self.scale * math.log2(math.e), self.scale, q.stride(0), ld.stride(0), ld.stride(1), ld.stride(2),
             HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DKDV_STAGES[D], ZFILL=zfill, CAUSAL=self.causal,
-            CONSUMER_REGS=consumer_regs, num_warps=4,
-            EARLY_RELEASE=gluon_hopper.EARLY_RELEASE["dkdv"] if early is None else early,
-            EPI_PTR=gluon_hopper.DKDV_EPI_PTR if epi_ptr is None else epi_ptr)
+            CONSUMER_REGS=consumer_regs, num_warps=4)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
