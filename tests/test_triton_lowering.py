@@ -104,7 +104,7 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     import math
     from dilated_compiler import build_plan
     from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
-    from dilated_compiler.lowering.triton.tables import tile_table
+    from dilated_compiler.lowering.triton.tables import persistent_order, tile_table
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4)))
     B, N, H, D = 2, 4096, 6, 128
     low = triton_lowering.TritonLowering(build_plan(spec, N, H, D), torch.device("cpu"), torch.bfloat16)
@@ -128,7 +128,8 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     (name, grid, bound), = launches
     a = bound.arguments
     assert name == "gluon_fwd"
-    table = tile_table(low.plan, "q", gluon_hopper.BLOCK_M, gluon_hopper.BLOCK_N)
+    table = persistent_order(tile_table(low.plan, "q", gluon_hopper.BLOCK_M, gluon_hopper.BLOCK_N), 5,
+                             gluon_hopper.BLOCK_N)
     assert grid == (5, B) and a["T"] == table.shape[0] and torch.equal(a["TABLE"].cpu(), table)
     assert a["Q"] is q and a["K"] is k and a["V"] is v and a["OUT"] is out and a["LSE"] is lse
     assert a["RB"].tolist() == [1, 2, 4, 1] and (a["B"], a["N"], a["H"]) == (B, N, H)
@@ -146,8 +147,8 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     (n1, grid1, b1), (n2, grid2, b2) = launches
     a1, a2 = b1.arguments, b2.arguments
     assert (n1, n2) == ("gluon_bwd_dq", "gluon_bwd_dkdv") and grid1 == grid2 == (5, B)
-    q_table = tile_table(low.plan, "q", gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP)
-    k_table = tile_table(low.plan, "k", gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP)
+    q_table, k_table = (persistent_order(tile_table(low.plan, kind, gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP),
+                                         5, gluon_hopper.BWD_STEP) for kind in ("q", "k"))
     assert a1["T"] == q_table.shape[0] and torch.equal(a1["TABLE"].cpu(), q_table)
     assert a2["T"] == k_table.shape[0] and torch.equal(a2["TABLE"].cpu(), k_table)
     assert a1["Q"] is q and a1["K"] is k and a1["V"] is v and a1["DO"] is dout and a1["OUT"] is out
@@ -235,6 +236,40 @@ def test_zero_fill_spans(case):
     assert spans_cover(plan, table) == expected
     if expected:
         assert all(bool((c == 1).all()) for c in covered.values())
+
+
+@given(grouped_tables(), st.sampled_from(["grouped", "all"]), st.integers(1, 12))
+@settings(max_examples=200, deadline=None)
+def test_persistent_order(case, assignment, programs):
+    """persistent_order: the same rows; each band of G rows is the next G tiles in the plan's order (branch,
+    segment, head, tile); and the programs' work stays level (at most one tile's work apart before the last band,
+    two after it, which only programs 0..k-1 share)."""
+    import dataclasses
+    from dilated_compiler.lowering.triton.tables import persistent_order, tile_table
+    from dilated_compiler.planner import build_plan
+    spec, heads, seq, kind, block, partner = case
+    if assignment == "all":  # offsets are per head there
+        spec = dataclasses.replace(spec, head_assignment="all",
+                                   branches=tuple(dataclasses.replace(b, offset=None) for b in spec.branches))
+    table = tile_table(build_plan(spec, seq, heads, 8), kind, block, partner)
+    ordered = persistent_order(table, programs, partner)
+    rows = ordered.tolist()
+    assert sorted(rows) == sorted(table.tolist())
+    plan_order = sorted(table.tolist(), key=lambda r: (r[1], r[2], r[0], r[4]))
+    for start in range(0, len(rows), programs):
+        assert sorted(rows[start:start + programs]) == sorted(plan_order[start:start + programs])
+    work = [r[8] - r[5] + partner for r in rows]
+    heaviest = max(work, default=0)
+    load = [0] * programs
+    for start in range(0, len(rows), programs):
+        band = work[start:start + programs]
+        for p, w in enumerate(band):
+            load[p] += w
+        if len(band) == programs:
+            assert max(load) - min(load) <= heaviest
+    assert max(load) - min(load) <= 2 * heaviest
+    with pytest.raises(ValueError, match="programs"):
+        persistent_order(table, 0, partner)
 
 
 def test_zero_fill_spans_not_in_all_mode():

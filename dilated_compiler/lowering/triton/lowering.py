@@ -38,7 +38,7 @@ from . import autotune, gluon_hopper
 from .autotune import TileConfig, candidates, interpreting
 from .diskcache import load_module
 from .generator import generate_source, generator_fingerprint
-from .tables import spans_cover, tile_table
+from .tables import persistent_order, spans_cover, tile_table
 
 __all__ = ["TritonLowering"]
 
@@ -182,15 +182,19 @@ class TritonLowering:
             CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4)
 
     def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor):
-        """A Gluon kernel's tile table, persistent grid (at most one program per SM, then batch) and padded
-        dilations."""
+        """A Gluon kernel's tile table (in persistent order), persistent grid (at most one program per SM, then
+        batch) and padded dilations."""
         table = self._table(kind, tiles, q.device)
-        key = ("gluon dilations", q.device)
+        programs = min(table.shape[0], _sm_count(q.device))
+        key = ("persistent", kind, tiles.block, tiles.partner, programs, q.device)
         if key not in self._tables:
-            self._tables[key] = torch.tensor(gluon_hopper.padded_dilations(self.spec), dtype=torch.int32,
-                                             device=q.device)
+            self._tables[key] = persistent_order(table.cpu(), programs, tiles.partner).to(q.device)
+        key_rb = ("gluon dilations", q.device)
+        if key_rb not in self._tables:
+            self._tables[key_rb] = torch.tensor(gluon_hopper.padded_dilations(self.spec), dtype=torch.int32,
+                                                device=q.device)
         _ensure_allocator()  # the kernels make their tensor descriptors
-        return table, (min(table.shape[0], _sm_count(q.device)), q.shape[0]), self._tables[key]
+        return self._tables[key], (programs, q.shape[0]), self._tables[key_rb]
 
     def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
                          consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None):
