@@ -15,6 +15,13 @@ time first). Same tiles, same arithmetic per tile: outputs must be bitwise equal
 The check: each kernel with both tables, outputs poisoned with NaN and compared bit for bit; times alternate
 between the two orders over ROUNDS rounds; then the lowering's forward + backward (no autograd) likewise.
 
+Result (H100, best of 3 alternating rounds, outputs bitwise equal; benchmarks/results/H100-triton.md):
+causal fwd 0.851 -> 0.525 ms, dq 0.959 -> 0.702, dk/dv 1.139 -> 0.967, the lowering's fwd+bwd 2.971 -> 2.316;
+non-causal unchanged (fwd 0.801 / 0.799, dq 1.220 / 1.148, dk/dv 1.776 / 1.774, fwd+bwd 3.887 / 3.883). So the
+causal passes were bound by memory bandwidth, and the lowering runs persistent_order. (A first run of this script
+compared nothing: it keyed its tables by device "cuda" while the launchers look them up by "cuda:0"; set_order
+now checks that the launchers see its table.)
+
     DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/gluon_order_experiment.py [--rounds 4]
 """
 
@@ -38,8 +45,9 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(ints), b.view(ints))
 
 
-def set_order(low, device, heaviest_first: bool) -> None:
+def set_order(low, q, heaviest_first: bool) -> None:
     """Put the tables of one order where the lowering's Gluon launchers look for them."""
+    device = q.device
     for kind, tiles in (("q", tl_lowering._GLUON_TILES), ("q", tl_lowering._GLUON_BWD_TILES),
                         ("k", tl_lowering._GLUON_BWD_TILES)):
         table = low._table(kind, tiles, device)
@@ -47,6 +55,7 @@ def set_order(low, device, heaviest_first: bool) -> None:
         key = ("persistent", kind, tiles.block, tiles.partner, programs, device)
         low._tables[key] = table if heaviest_first else persistent_order(table.cpu(), programs,
                                                                          tiles.partner).to(device)
+        assert low._gluon_launch_args(kind, tiles, q)[0] is low._tables[key]
 
 
 def main():
@@ -54,7 +63,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     rows = []
     for causal in (True, False):
         spec = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR), causal=causal)
@@ -91,7 +100,7 @@ def main():
             results, same, flops = {}, "-", plan.flops + plan.flops_backward
             for _ in range(args.rounds):
                 for form in forms:
-                    set_order(low, dev, form == "heaviest first")
+                    set_order(low, q, form == "heaviest first")
                     if name == "fwd+bwd":
                         fn = step
                     else:

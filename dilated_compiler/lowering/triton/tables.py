@@ -144,8 +144,11 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
     ``hi - lo``, plus one partner block for the tile's set-up.
 
     tile_table's heaviest-first order balances too, but in a causal table the tiles of equal work come from
-    different segments, so a band of them reads G segments' partners, each from memory: the Gluon passes were
-    then bound by memory bandwidth (causal forward 0.85 ms against 0.83 for twice the work, non-causal).
+    different segments, so a band of them reads G segments' partners, each from memory. On an H100 (four-branch
+    causal, N = 64K, bf16, 16 heads, D = 128; benchmarks/gluon_order_experiment.py) this order took the Gluon
+    forward from 0.851 to 0.525 ms, dq from 0.959 to 0.702, dk/dv from 1.139 to 0.967 and the lowering's
+    fwd+bwd from 2.971 to 2.316, outputs bitwise equal; non-causal times did not move (the orders nearly agree
+    there).
     """
     T = table.shape[0]
     if programs <= 0:
