@@ -238,6 +238,28 @@ def test_zero_fill_spans(case):
         assert all(bool((c == 1).all()) for c in covered.values())
 
 
+@given(grouped_tables())
+@settings(max_examples=200, deadline=None)
+def test_tile_table_order(case):
+    """tile_table: the tiles of one (segment, head) are adjacent and heaviest first; the groups come heaviest first
+    (their partners stay in L2 while a group runs; light tiles last)."""
+    from dilated_compiler.lowering.triton.tables import tile_table
+    from dilated_compiler.planner import build_plan
+    spec, heads, seq, kind, block, partner = case
+    rows = tile_table(build_plan(spec, seq, heads, 8), kind, block, partner).tolist()
+    groups = []  # (group key, [tile works]) in table order
+    for r in rows:
+        key = (r[1], r[2], r[0])
+        if not groups or groups[-1][0] != key:
+            assert all(g[0] != key for g in groups), f"the tiles of {key} are not adjacent"
+            groups.append((key, []))
+        groups[-1][1].append(r[8] - r[5])
+    for _, works in groups:
+        assert works == sorted(works, reverse=True)
+    totals = [sum(w) for _, w in groups]
+    assert totals == sorted(totals, reverse=True)
+
+
 @given(grouped_tables(), st.sampled_from(["grouped", "all"]), st.integers(1, 12))
 @settings(max_examples=200, deadline=None)
 def test_persistent_order(case, assignment, programs):
