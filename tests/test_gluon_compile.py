@@ -36,7 +36,7 @@ def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool) -> dic
     g = gluon_hopper
     if kernel == "gluon_fwd":
         return dict(HEAD_DIM=head_dim, BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, STAGES=g.FWD_STAGES[head_dim],
-                    ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.CONSUMER_REGS, num_warps=4)
+                    ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.CONSUMER_REGS, num_warps=4, MERGE=False)
     if kernel == "gluon_bwd_dq":
         return dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
                     ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4)
@@ -55,6 +55,13 @@ def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool) -> dic
 def test_gluon_kernel_compiles_without_spills(kernel, head_dim, causal, has_dlse, dtype):
     kernels = _kernels(head_dim, causal)
     _check(compile_sm90(getattr(kernels, kernel), _constexprs(kernel, head_dim, causal, has_dlse), dtype))
+
+
+@pytest.mark.parametrize("head_dim,causal", [(128, False), (128, True), (64, False)])
+def test_gluon_fwd_all_mode_compiles_without_spills(head_dim, causal):
+    """"all" mode's forward (MERGE: per-branch out and lse, no zero fill)."""
+    consts = {**_constexprs("gluon_fwd", head_dim, causal, False), "MERGE": True, "ZFILL": False}
+    _check(compile_sm90(_kernels(head_dim, causal).gluon_fwd, consts))
 
 
 def _check(compiled):

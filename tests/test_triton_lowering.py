@@ -74,7 +74,8 @@ def test_gluon_forward_selection_without_gpu():
         return gluon_hopper.unsupported_reason(spec=spec, seq_len=N, heads=H, kv_heads=Hkv, head_dim=D, dtype=dtype,
                                                device=torch.device(device), table=table, has_kpm=kpm,
                                                triton_version=triton.__version__)
-    assert "grouped" in reason(AttentionSpec(four, head_assignment="all"))
+    # "all" mode: the forward (each branch's out and lse; the merge follows)
+    assert reason(AttentionSpec(four, head_assignment="all"), device="cpu") == "not a CUDA device"
     assert reason(AttentionSpec(four, causal=True), device="cpu") == "not a CUDA device"  # causal: both forms
     assert "padding" in reason(AttentionSpec(four), kpm=True)
     assert "grouped-query" in reason(AttentionSpec(four), Hkv=4)
@@ -137,6 +138,7 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert math.isclose(a["qk_scale"], D ** -0.5 * math.log2(math.e), rel_tol=1e-6)
     assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == gluon_hopper.CONSUMER_REGS
     assert a["CAUSAL"] is False and a["STAGES"] == gluon_hopper.FWD_STAGES[D]
+    assert a["MERGE"] is False and (a["stride_og"], a["stride_lg"]) == (0, 0)
     assert torch.isinf(lse).all()  # nothing ran: the kernel would fill the selected rows
 
     # the backward: dq (and delta) first, then dk/dv reading that delta
@@ -180,6 +182,28 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     low.backward(dout, None, q, k, v, out, lse, aux)
     assert [n for n, _, _ in launches] == ["gluon_fwd", "gluon_bwd_dq", "gluon_bwd_dkdv"]
     assert all(b.arguments["CAUSAL"] is True for _, _, b in launches)
+    # "all" mode: the forward writes each branch's out and lse (MERGE), which dilated_merge combines
+    G = len(spec.branches)
+    low = triton_lowering.TritonLowering(build_plan(AttentionSpec(spec.branches, head_assignment="all"), N, H, D),
+                                         torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(low.gluon_kernels, "gluon_fwd", Recorder("gluon_fwd"))
+    merged = []
+    monkeypatch.setattr(low, "_merge", lambda dest, aux: merged.append((dest, aux)) or (q.clone(), lse.clone()))
+    launches.clear()
+    out, lse_all, aux = low.forward(q, k, v)
+    (name, grid, bound), = launches
+    (dest, aux_m), = merged
+    a = bound.arguments
+    assert name == "gluon_fwd" and a["MERGE"] is True and a["ZFILL"] is False and a["CAUSAL"] is False
+    table = persistent_order(tile_table(low.plan, "q", gluon_hopper.BLOCK_M, gluon_hopper.BLOCK_N), 5,
+                             gluon_hopper.BLOCK_N)
+    # every head in every branch: its N / r selected rows in 128-row tiles
+    assert table.shape[0] == H * sum(N // b.dilation // gluon_hopper.BLOCK_M for b in spec.branches)
+    assert grid == (5, B) and a["T"] == table.shape[0] and torch.equal(a["TABLE"].cpu(), table)
+    assert a["OUT"] is dest and dest.shape == (G, B, N, H, D) and a["stride_og"] == B * N * H * D
+    assert a["LSE"] is aux_m is aux and aux.shape == (G, B, H, N) and a["stride_lg"] == B * H * N
+    assert (a["stride_b"], a["stride_lb"], a["stride_lh"]) == (N * H * D, H * N, N)
+    assert torch.isinf(aux).all()  # nothing ran: the kernel fills each branch's selected rows
 
 
 def test_unsupported_dtype_and_head_dim():
@@ -421,6 +445,26 @@ def test_gpu_gluon_kernels(dtype, N, batch, causal, head_dim, poisoned, monkeypa
     check_against_reference(attn, spec, q, k, v)
     expected = [(batch, N, 8, head_dim)] if N % 2048 == 0 else []
     assert calls == {"fwd": expected, "dq": expected, "dkdv": expected}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype,batch,causal,head_dim", [
+    (torch.bfloat16, 2, False, 128), (torch.float16, 1, True, 128), (torch.bfloat16, 1, True, 64)])
+def test_gpu_gluon_all_mode_forward(dtype, batch, causal, head_dim, poisoned, monkeypatch):
+    """"all" mode on Hopper: gluon_fwd writes each branch's out and lse and dilated_merge combines them; the
+    backward runs the tl kernels. Same results as the reference (out, lse, gradients)."""
+    import triton
+    from dilated_compiler.lowering.triton import gluon_hopper
+    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
+        pytest.skip("the Gluon forward runs on compute capability 9.0 with the checked triton only")
+    calls = _gluon_calls(poisoned, monkeypatch)
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4), Branch(2048, 8)), head_assignment="all",
+                         causal=causal)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(batch, 4096, 6, head_dim, dtype=dtype, device="cuda", requires_grad=True)
+    check_against_reference(attn, spec, q, k, v)
+    assert calls == {"fwd": [(batch, 4096, 6, head_dim)], "dq": [], "dkdv": []}
 
 
 @pytest.mark.gpu

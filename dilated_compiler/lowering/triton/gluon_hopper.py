@@ -17,6 +17,10 @@ The backward has the same structure: ``gluon_bwd_dq`` (persistent over 128-row q
 and then ``gluon_bwd_dkdv`` (persistent over 128-row key tiles, each consumer owning 64 keys and stepping over 64
 query rows at a time with transposed products, as FA3 does).
 
+In "all" mode (every head in every branch) the forward writes each branch's out and lse (MERGE) for the
+lowering's ``dilated_merge``; that mode's backward accumulates over branches with atomics and stays on the tl
+kernels.
+
 They compute exactly what ``dilated_fwd``, ``dilated_bwd_dq`` and ``dilated_bwd_dkdv`` compute (same tile tables,
 same arithmetic per tile) for the cases in :func:`unsupported_reason`; the lowering runs them where that returns
 None and says which kernels run in ``kernel_source()``. Gluon is experimental and changes between Triton
@@ -53,8 +57,6 @@ DKDV_STAGES = {128: 3, 64: 3}    # Q/dO/lse/delta ring: 1.659 ms against 1.735 w
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
     """None if the spec and the shape-independent facts of a call allow the Gluon forward, else why not."""
-    if spec.head_assignment != "grouped":
-        return "grouped mode only"
     if heads != kv_heads:
         return "no grouped-query attention"
     if head_dim not in HEAD_DIMS:
@@ -127,6 +129,9 @@ _KERNEL = r'''#
 #   ZFILL             the producer writes 0 to the positions in the tile's span that its branch does not select,
 #                     as TMA stores of a zero tile: the span of a tile is rows [rbase + row0, rbase + row0 + 128)
 #                     of every combo o'*H + h, and the gaps are the combos o' != o (needs w % r == 0)
+#   MERGE             "all" mode: each branch writes its own result, out (G, B, N, H, D) and lse (G, B, H, N), branch
+#                     i at OUT + i * stride_og and LSE + i * stride_lg (rows it does not select are left alone: the
+#                     merge reads a branch's rows only where its lse is finite); dilated_merge then combines them
 
 import triton
 from triton.experimental import gluon
@@ -253,9 +258,10 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TA
 
 
 @gluon.jit
-def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem, v_smem,
-              q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
-              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lg, stride_lb, stride_lh, q_smem, o_smem, k_smem,
+              v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              MERGE: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, P: (HALF queries, BLOCK_N keys) in s_l; acc: (HALF queries, HEAD_DIM) in mma (the same layout when
     # HEAD_DIM == BLOCK_N); row statistics live in s_l's rows and move to acc's where they meet it
@@ -340,7 +346,10 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_
         _copy_out(o0, o1, o2, o3, br, b, combo, rbase + row0, o_half)
         rows = row0 + gl.arange(0, HALF, layout=rows_l)
         lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-        gl.store(LSE + b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + rows * r, lse,
+        lse_ptr = LSE
+        if MERGE:
+            lse_ptr += br.to(gl.int64) * stride_lg
+        gl.store(lse_ptr + b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + rows * r, lse,
                  mask=rows < L)
     tma.store_wait(0)
 
@@ -364,15 +373,21 @@ def _branch_descs(X, RB, B, N, H, stride_b, ROWS: gl.constexpr, HEAD_DIM: gl.con
 
 
 @gluon.jit
-def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_lb, stride_lh,
-              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_og, stride_lg, stride_lb,
+              stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-              num_warps: gl.constexpr):
+              num_warps: gl.constexpr, MERGE: gl.constexpr):
     # the descriptors: made once per program (Q, K, V: 128-row blocks; out: 64-row blocks, one per consumer)
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
     k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
     v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    o0, o1, o2, o3 = _branch_descs(OUT, RB, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+    if MERGE:
+        o0 = _branch_desc(OUT, RB, 0, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+        o1 = _branch_desc(OUT + stride_og, RB, 1, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+        o2 = _branch_desc(OUT + 2 * stride_og, RB, 2, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+        o3 = _branch_desc(OUT + 3 * stride_og, RB, 3, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+    else:
+        o0, o1, o2, o3 = _branch_descs(OUT, RB, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
@@ -399,12 +414,12 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
         mbarrier.init(v_ready.index(st), count=1)
         mbarrier.init(v_empty.index(st), count=2)
     gl.warp_specialize([
-        (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem,
-                     v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 0, HEAD_DIM, HALF, BLOCK_N,
-                     STAGES, CAUSAL)),
-        (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lb, stride_lh, q_smem, o_smem, k_smem,
-                     v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 1, HEAD_DIM, HALF, BLOCK_N,
-                     STAGES, CAUSAL)),
+        (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lg, stride_lb, stride_lh, q_smem,
+                     o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 0, HEAD_DIM,
+                     HALF, BLOCK_N, STAGES, CAUSAL, MERGE)),
+        (_consumer, (o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lg, stride_lb, stride_lh, q_smem,
+                     o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, 1, HEAD_DIM,
+                     HALF, BLOCK_N, STAGES, CAUSAL, MERGE)),
         (_producer, (q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
                      v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N, STAGES, ZFILL,
                      CAUSAL)),

@@ -4,12 +4,13 @@ Per pass, one launch covers every branch, segment, head and tile of the plan, dr
 (:mod:`.tables`):
 
 * forward: ``dilated_fwd`` (grouped: out/lse directly; all: per-branch out_b/lse_b, then ``dilated_merge``);
-  on Hopper GPUs, grouped calls (causal or not; head_dim 64 or 128) whose segments are whole 128-row tiles run
+  on Hopper GPUs, calls (causal or not; head_dim 64 or 128) whose segments are whole 128-row tiles run
   ``gluon_fwd`` instead, a warp-specialised persistent kernel written in Gluon (:mod:`.gluon_hopper`; same tile
-  table, same results);
+  table, same results; in "all" mode it writes the per-branch results and ``dilated_merge`` follows);
 * backward: ``dilated_bwd_dq`` (which also computes delta = rowsum(dO * O) - dlse of its rows), then
-  ``dilated_bwd_dkdv``. Recomputes the probabilities; nothing of size N*w is ever stored. The calls that run
-  ``gluon_fwd`` run ``gluon_bwd_dq`` and ``gluon_bwd_dkdv`` instead (same structure, same results).
+  ``dilated_bwd_dkdv``. Recomputes the probabilities; nothing of size N*w is ever stored. Grouped calls that run
+  ``gluon_fwd`` run ``gluon_bwd_dq`` and ``gluon_bwd_dkdv`` instead (same structure, same results); "all" mode's
+  backward (atomic accumulation over branches) stays on the tl kernels.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported; for tests). Producing the source (``source()``) needs neither.
@@ -173,13 +174,17 @@ class TritonLowering:
         return self._gluon_reasons[key]
 
     def _launch_gluon_fwd(self, q, k, v, out, lse, zfill, consumer_regs=gluon_hopper.CONSUMER_REGS, stages=None):
+        """Grouped: out (B, N, H, D), lse (B, H, N). "all" mode: each branch's, out (G, B, N, H, D) and lse
+        (G, B, H, N), which dilated_merge combines."""
         table, grid, dilations = self._gluon_launch_args("q", _GLUON_TILES, q)
         B, N, H, D = q.shape
+        og, lg = (out.stride(0), lse.stride(0)) if self.merge else (0, 0)
+        lse_b = lse[0] if self.merge else lse
         return self.gluon_kernels.gluon_fwd[grid](
             q, k, v, out, lse, table, dilations, table.shape[0], B, N, H, self.scale * math.log2(math.e),
-            q.stride(0), lse.stride(0), lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M,
+            q.stride(0), og, lg, lse_b.stride(0), lse_b.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M,
             BLOCK_N=gluon_hopper.BLOCK_N, STAGES=stages or gluon_hopper.FWD_STAGES[D], ZFILL=zfill,
-            CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4)
+            CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4, MERGE=self.merge)
 
     def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor):
         """A Gluon kernel's tile table (in persistent order), persistent grid (at most one program per SM, then
@@ -314,11 +319,14 @@ class TritonLowering:
         aux = torch.full(aux_shape(self.spec, B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
         if self.merge:
             # per-branch results; the merge reads a branch's rows only where its lse (aux) is finite
-            dest, dest_lse = torch.empty((G, B, N, H, D), dtype=q.dtype, device=q.device), aux
+            dest, dest_lse = _uninitialized((G, B, N, H, D), q.dtype, q.device), aux
         else:
             dest_lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
 
-        if not self.merge and self.gluon_unsupported(q, k, v, has_kpm) is None:
+        if self.gluon_unsupported(q, k, v, has_kpm) is None:
+            if self.merge:  # each branch's out and lse, then dilated_merge
+                self._launch_gluon_fwd(q, k, v, dest, dest_lse, False)
+                return self._merge(dest, aux) + (aux,)
             zfill = self._zfill("q", _GLUON_TILES, q.device)
             out = _uninitialized(q.shape, q.dtype, q.device) if zfill else torch.zeros_like(q)
             self._launch_gluon_fwd(q, k, v, out, dest_lse, zfill)
@@ -336,13 +344,18 @@ class TritonLowering:
             self._launch_fwd(cfg, q, k, v, kpm, has_kpm, out, dest_lse, zfill)
             return out, dest_lse, aux
         self._launch_fwd(cfg, q, k, v, kpm, has_kpm, dest, dest_lse)
-        out = torch.empty_like(q)
-        lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+        return self._merge(dest, aux) + (aux,)
+
+    def _merge(self, dest, aux):
+        """"all" mode: out and lse from the branches' (dest (G, B, N, H, D), aux (G, B, H, N))."""
+        G, B, N, H, D = dest.shape
+        out = torch.empty(dest.shape[1:], dtype=dest.dtype, device=dest.device)
+        lse = torch.empty((B, H, N), dtype=torch.float32, device=dest.device)
         R = B * N * H
         self.kernels.dilated_merge[(triton.cdiv(R, _ROWS_PER_PROGRAM),)](
             dest, aux, out, lse, R, N, H, dest.stride(0), aux.stride(0),
             G=G, HEAD_DIM=D, BLOCK_D=self.block_d, BLOCK_R=_ROWS_PER_PROGRAM, num_warps=4)
-        return out, lse, aux
+        return out, lse
 
     # ---- backward -----------------------------------------------------------------------------------------
     def _launch_dq(self, cfg, q, k, v, kpm, has_kpm, dout, out, dlse, lse, delta, dq, atomic, zfill=False):
@@ -448,9 +461,11 @@ class TritonLowering:
             lines.append(f"#   on a Hopper GPU (compute capability 9.0, triton {gluon_hopper.CHECKED_TRITON[0]}x), "
                          f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
                          f"{gluon_hopper.BLOCK_N}, q, k and v start on 16 bytes and no key padding mask is given, "
-                         "gluon_fwd, gluon_bwd_dq and gluon_bwd_dkdv (after the tl kernels) run instead of "
-                         "dilated_fwd, dilated_bwd_dq and dilated_bwd_dkdv (the backward also needs out and its "
-                         "gradient on 16 bytes)")
+                         + ("gluon_fwd (after the tl kernels) runs instead of dilated_fwd; the backward stays on "
+                            "the tl kernels in 'all' mode" if self.merge else
+                            "gluon_fwd, gluon_bwd_dq and gluon_bwd_dkdv (after the tl kernels) run instead of "
+                            "dilated_fwd, dilated_bwd_dq and dilated_bwd_dkdv (the backward also needs out and its "
+                            "gradient on 16 bytes)"))
         lines.append("")
         text = "\n".join(lines) + "\n" + self._text
         return text + ("\n\n" + self._gluon_text if gluon else "")
