@@ -151,8 +151,10 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
     the programs' totals, and with them their progress through the bands, level. Work: the partner rows walked,
     ``hi - lo``, plus one partner block for the tile's set-up.
 
-    tile_table's heaviest-first order balances too, but in a causal table the tiles of equal work come from
-    different segments, so a band of them reads G segments' partners, each from memory. On an H100 (four-branch
+    Single tiles heaviest first (tile_table's order until it kept segments together) balances too, but in a causal
+    table the tiles of equal work come from different segments, so a band of them read G segments' partners, each
+    from memory; and tile_table's order dealt round-robin would not balance (a program would get the same rank in
+    every group it meets). On an H100 (four-branch
     causal, N = 64K, bf16, 16 heads, D = 128; benchmarks/gluon_order_experiment.py) this order took the Gluon
     forward from 0.851 to 0.525 ms, dq from 0.959 to 0.702, dk/dv from 1.139 to 0.967 and the lowering's
     fwd+bwd from 2.971 to 2.316, outputs bitwise equal; non-causal times did not move (the orders nearly agree
@@ -164,7 +166,7 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
     if T == 0:
         return table
     t = table.to(torch.int64)
-    # the plan's order: branch, segment start, head, first row (tile_table sorts by work first)
+    # the plan's order: branch, segment start, head, first row (tile_table puts the heaviest groups first)
     order = torch.arange(T)
     for col in (4, 0, 2, 1):
         order = order[torch.sort(t[order, col], stable=True).indices]
