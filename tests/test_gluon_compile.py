@@ -39,9 +39,10 @@ def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool) -> dic
                     ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.CONSUMER_REGS, num_warps=4, MERGE=False)
     if kernel == "gluon_bwd_dq":
         return dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
-                    ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4)
+                    ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4,
+                    ACC=False)
     return dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
-                ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4)
+                ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, ACC=False)
 
 
 @pytest.mark.parametrize("kernel,head_dim,causal,has_dlse,dtype", [
@@ -62,6 +63,17 @@ def test_gluon_fwd_all_mode_compiles_without_spills(head_dim, causal):
     """"all" mode's forward (MERGE: per-branch out and lse, no zero fill)."""
     consts = {**_constexprs("gluon_fwd", head_dim, causal, False), "MERGE": True, "ZFILL": False}
     _check(compile_sm90(_kernels(head_dim, causal).gluon_fwd, consts))
+
+
+@pytest.mark.parametrize("kernel,head_dim,causal", [
+    ("gluon_bwd_dq", 128, False), ("gluon_bwd_dq", 128, True), ("gluon_bwd_dq", 64, True),
+    ("gluon_bwd_dkdv", 128, False), ("gluon_bwd_dkdv", 128, True), ("gluon_bwd_dkdv", 64, True)])
+def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal):
+    """"all" mode's backward form (ACC: one launch per branch adding into float32 dq, dk, dv; no zero fill), which
+    the lowering runs where gluon_hopper.ALL_MODE_BACKWARD is set."""
+    consts = {**_constexprs(kernel, head_dim, causal, True), "ACC": True, "ZFILL": False}
+    fp32 = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
+    _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, "bf16", fp32))
 
 
 def _check(compiled):

@@ -37,8 +37,9 @@ class SassSummary:
                 f"{self.spills_in_steps}, elsewhere {self.spills_elsewhere}")
 
 
-def compile_sm90(fn, constexprs: dict, dtype: str = "bf16"):
-    """``fn`` (a ``gluon.jit`` kernel) compiled for sm_90a with these constexprs; tensors of ``dtype``."""
+def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | None = None):
+    """``fn`` (a ``gluon.jit`` kernel) compiled for sm_90a with these constexprs; tensors of ``dtype`` but those
+    named in ``pointers`` (name: Triton type, e.g. ``{"DQ": "*fp32"}``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -49,7 +50,8 @@ def compile_sm90(fn, constexprs: dict, dtype: str = "bf16"):
     unset = [p for p, v in params.items() if "constexpr" in str(v.annotation) and p not in constexprs]
     if unset:
         raise ValueError(f"{fn.fn.__name__}: no value for the constexprs {unset}")
-    sig = {p: "constexpr" if p in constexprs else _SCALARS.get(p, f"*{dtype}") for p in params}
+    types = {**_SCALARS, **(pointers or {})}
+    sig = {p: "constexpr" if p in constexprs else types.get(p, f"*{dtype}") for p in params}
     src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": constexprs.get("num_warps", 4)})
 

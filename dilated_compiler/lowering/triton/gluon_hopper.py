@@ -18,8 +18,8 @@ and then ``gluon_bwd_dkdv`` (persistent over 128-row key tiles, each consumer ow
 query rows at a time with transposed products, as FA3 does).
 
 In "all" mode (every head in every branch) the forward writes each branch's out and lse (MERGE) for the
-lowering's ``dilated_merge``; that mode's backward accumulates over branches with atomics and stays on the tl
-kernels.
+lowering's ``dilated_merge``. That mode's backward runs on the tl kernels (atomics), unless
+:data:`ALL_MODE_BACKWARD`: then the two backward kernels run once per branch (ACC), adding into fp32 buffers.
 
 They compute exactly what ``dilated_fwd``, ``dilated_bwd_dq`` and ``dilated_bwd_dkdv`` compute (same tile tables,
 same arithmetic per tile) for the cases in :func:`unsupported_reason`; the lowering runs them where that returns
@@ -53,6 +53,10 @@ FWD_STAGES = {128: 2, 64: 2}     # K/V ring (128: no room for a third)
 DQ_STAGES = {128: 3, 64: 3}      # K/V ring; O read by pointers makes room: 1.122 ms against 1.158 with 2
 DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
 DKDV_STAGES = {128: 3, 64: 3}    # Q/dO/lse/delta ring: 1.659 ms against 1.735 with 2 (gluon_dkdv_experiment)
+# "all" mode's backward on gluon_bwd_dq and gluon_bwd_dkdv: one launch per branch (ACC), each adding its dq, dk and
+# dv into fp32 buffers, in place of the tl kernels' atomics. Compiled for sm_90a (no spills among a step's matrix
+# instructions) but not yet run on a GPU (benchmarks/gluon_all_backward_experiment.py); off
+ALL_MODE_BACKWARD = False
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -225,6 +229,20 @@ def _zero_gaps(d0, d1, d2, d3, row, RB, H, b, branch, span0, z_smem):
             zc = o * H + gl.load(row + 0)
             _copy_out(d0, d1, d2, d3, branch, b, zc, span0, z_smem)
             _copy_out(d0, d1, d2, d3, branch, b, zc, span0 + d0.block_type.shape[2], z_smem)
+
+
+@gluon.jit
+def _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):
+    # ACC: X (B, N, H, D, float32) += val (HALF rows x HEAD_DIM, fp32, a matrix-product layout) at the selected
+    # rows pos0 + (row0 + i) * r of head `head`, by pointer loads and stores in two column halves: each thread
+    # holds columns of both halves, so the split moves no data, and only half of the addresses are live at a time
+    lo, hi = gl.split(gl.permute(gl.reshape(val, [HALF, 2, HEAD_DIM // 2]), [0, 2, 1]))
+    rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, lo.type.layout))
+    cols = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, lo.type.layout))
+    base = X + b.to(gl.int64) * stride_b + head * HEAD_DIM
+    offs = gl.expand_dims((pos0 + rows * r).to(gl.int64) * (H * HEAD_DIM), 1) + gl.expand_dims(cols, 0)
+    gl.store(base + offs, gl.load(base + offs) + lo)
+    gl.store(base + HEAD_DIM // 2 + offs, gl.load(base + HEAD_DIM // 2 + offs) + hi)
 
 
 @gluon.jit
@@ -445,6 +463,9 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #                     diagonal) on, masked before mid
 #   ZFILL             as in the forward: the producer writes zeros to the rows of the tile's span that its branch
 #                     does not select, so dq, dk and dv need no memset
+#   ACC               "all" mode, one launch per branch: DQ (or DK, DV) are float32 and each tile adds its rows into
+#                     them by pointer loads and stores (_add_rows); a row is in one tile of a branch, so no two
+#                     programs of a launch touch it
 
 
 @gluon.jit
@@ -477,10 +498,10 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2,
 
 
 @gluon.jit
-def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
+def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
                  stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty,
                  WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr):
+                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, dP: (HALF queries, BLOCK_N keys); dQ: (HALF queries, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -550,10 +571,13 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
             mbarrier.arrive(kv_empty.index(st), count=1)
         mbarrier.arrive(t_empty, count=1)
         c += n_k
-        tma.store_wait(0)
-        dq_out.store((dq * sm_scale).to(dtype))
-        fence_async_shared()
-        _copy_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out)
+        if ACC:
+            _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+        else:
+            tma.store_wait(0)
+            dq_out.store((dq * sm_scale).to(dtype))
+            fence_async_shared()
+            _copy_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out)
     tma.store_wait(0)
 
 
@@ -561,7 +585,7 @@ def _dq_consumer(dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_
 def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b,
                  stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
-                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -591,12 +615,12 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
         mbarrier.init(kv_ready.index(st), count=2)
         mbarrier.init(kv_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dq_consumer, (dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
-                        stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                        kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL)),
-        (_dq_consumer, (dq0, dq1, dq2, dq3, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
-                        stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                        kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL)),
+        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale,
+                        stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty,
+                        kv_ready, kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, ACC)),
+        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale,
+                        stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty,
+                        kv_ready, kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, ACC)),
         (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE,
                         RB, T, H, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
                         BLOCK_N, STAGES, ZFILL, CAUSAL)),
@@ -657,10 +681,10 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
 
 
 @gluon.jit
-def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem, v_smem,
-                   q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, WG: gl.constexpr,
-                   HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr):
+def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale, sm_scale,
+                   k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty,
+                   WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr,
+                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     # S^T, dP^T: (HALF keys, BLOCK_M queries); dK, dV: (HALF keys, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -719,15 +743,22 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_s
             mbarrier.arrive(qd_empty.index(st), count=1)
         mbarrier.arrive(kv_empty, count=1)
         c += n_m - j0
-        # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
-        tma.store_wait(0)
-        out.store((dk * sm_scale).to(dtype))
-        fence_async_shared()
-        _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out)
-        tma.store_wait(0)
-        out.store(dv.to(dtype))
-        fence_async_shared()
-        _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out)
+        if ACC:
+            head = gl.load(row + 0)
+            pos0 = gl.load(row + 2)
+            r = gl.load(RB + br)
+            _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+            _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+        else:
+            # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
+            tma.store_wait(0)
+            out.store((dk * sm_scale).to(dtype))
+            fence_async_shared()
+            _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out)
+            tma.store_wait(0)
+            out.store(dv.to(dtype))
+            fence_async_shared()
+            _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out)
     tma.store_wait(0)
 
 
@@ -735,7 +766,7 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_s
 def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b, stride_ld, stride_lb,
                    stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                    STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   num_warps: gl.constexpr, ACC: gl.constexpr):
     # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
@@ -770,12 +801,12 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
         mbarrier.init(qd_ready.index(st), count=2 + 4 * 32)
         mbarrier.init(qd_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem,
-                          v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 0,
-                          HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL)),
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, TABLE, RB, T, H, qk_scale, sm_scale, k_smem,
-                          v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 1,
-                          HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale,
+                          sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready,
+                          qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale,
+                          sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready,
+                          qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC)),
         (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0,
                           dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem,
                           do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M, HALF, STAGES,

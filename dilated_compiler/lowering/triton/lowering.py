@@ -10,7 +10,8 @@ Per pass, one launch covers every branch, segment, head and tile of the plan, dr
 * backward: ``dilated_bwd_dq`` (which also computes delta = rowsum(dO * O) - dlse of its rows), then
   ``dilated_bwd_dkdv``. Recomputes the probabilities; nothing of size N*w is ever stored. Grouped calls that run
   ``gluon_fwd`` run ``gluon_bwd_dq`` and ``gluon_bwd_dkdv`` instead (same structure, same results); "all" mode's
-  backward (atomic accumulation over branches) stays on the tl kernels.
+  backward (atomic accumulation over branches) stays on the tl kernels unless ``gluon_hopper.ALL_MODE_BACKWARD``
+  (one Gluon launch per branch and pass, adding into fp32 buffers; not yet measured, off).
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported; for tests). Producing the source (``source()``) needs neither.
@@ -186,43 +187,53 @@ class TritonLowering:
             BLOCK_N=gluon_hopper.BLOCK_N, STAGES=stages or gluon_hopper.FWD_STAGES[D], ZFILL=zfill,
             CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4, MERGE=self.merge)
 
-    def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor):
-        """A Gluon kernel's tile table (in persistent order), persistent grid (at most one program per SM, then
-        batch) and padded dilations."""
-        table = self._table(kind, tiles, q.device)
-        programs = min(table.shape[0], _sm_count(q.device))
-        key = ("persistent", kind, tiles.block, tiles.partner, programs, q.device)
+    def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor, branch: int | None = None):
+        """A Gluon kernel's tile table (in persistent order; only ``branch``'s tiles if given), persistent grid (at
+        most one program per SM, then batch) and padded dilations."""
+        key = ("persistent", kind, tiles.block, tiles.partner, branch, q.device)
         if key not in self._tables:
-            self._tables[key] = persistent_order(table.cpu(), programs, tiles.partner).to(q.device)
+            table = self._table(kind, tiles, q.device).cpu()
+            if branch is not None:
+                table = table[table[:, 1] == branch]
+            programs = min(table.shape[0], _sm_count(q.device))
+            self._tables[key] = persistent_order(table, programs, tiles.partner).to(q.device), programs
+        table, programs = self._tables[key]
         key_rb = ("gluon dilations", q.device)
         if key_rb not in self._tables:
             self._tables[key_rb] = torch.tensor(gluon_hopper.padded_dilations(self.spec), dtype=torch.int32,
                                                 device=q.device)
         _ensure_allocator()  # the kernels make their tensor descriptors
-        return self._tables[key], (programs, q.shape[0]), self._tables[key_rb]
+        return table, (programs, q.shape[0]), self._tables[key_rb]
 
     def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
-                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None):
-        table, grid, dilations = self._gluon_launch_args("q", _GLUON_BWD_TILES, q)
+                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, branch=None):
+        """``branch`` given ("all" mode): only that branch's tiles, adding into ``dq`` (float32; ACC)."""
+        table, grid, dilations = self._gluon_launch_args("q", _GLUON_BWD_TILES, q, branch)
+        if table.shape[0] == 0:
+            return
         B, N, H, D = q.shape
         return self.gluon_kernels.gluon_bwd_dq[grid](
             q, k, v, dout, out, dq, lse, delta, dlse if dlse is not None else lse, table, dilations, table.shape[0],
             B, N, H, self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0), lse.stride(1),
             HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DQ_STAGES[D], ZFILL=zfill,
-            HAS_DLSE=dlse is not None, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4)
+            HAS_DLSE=dlse is not None, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4,
+            ACC=branch is not None)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS,
-                           stages=None):
-        """``ld``: lse and delta in one (2, B, H, N) buffer."""
-        table, grid, dilations = self._gluon_launch_args("k", _GLUON_BWD_TILES, q)
+                           stages=None, branch=None):
+        """``ld``: lse and delta in one (2, B, H, N) buffer. ``branch`` given ("all" mode): only that branch's
+        tiles, adding into ``dk`` and ``dv`` (float32; ACC)."""
+        table, grid, dilations = self._gluon_launch_args("k", _GLUON_BWD_TILES, q, branch)
+        if table.shape[0] == 0:
+            return
         B, N, H, D = q.shape
         return self.gluon_kernels.gluon_bwd_dkdv[grid](
             q, k, v, dout, dk, dv, ld, table, dilations, table.shape[0], B, N, H,
             self.scale * math.log2(math.e), self.scale, q.stride(0), ld.stride(0), ld.stride(1), ld.stride(2),
             HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DKDV_STAGES[D], ZFILL=zfill, CAUSAL=self.causal,
-            CONSUMER_REGS=consumer_regs, num_warps=4)
+            CONSUMER_REGS=consumer_regs, num_warps=4, ACC=branch is not None)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
@@ -396,10 +407,19 @@ class TritonLowering:
         kpm, has_kpm = self._kpm(key_padding_mask, q)
         dlse = dlse.to(torch.float32).contiguous() if dlse is not None else None
         # delta = rowsum(dO * O) - dlse of every selected row: written by the dq kernel, read by the dk/dv kernel
-        if not self.merge and self.gluon_unsupported(q, k, v, has_kpm, out, dout) is None:
+        if ((not self.merge or gluon_hopper.ALL_MODE_BACKWARD)
+                and self.gluon_unsupported(q, k, v, has_kpm, out, dout) is None):
             # lse and delta side by side: the dk/dv kernel copies both per step with one asynchronous copy
             ld = torch.empty((2, B, H, N), dtype=torch.float32, device=q.device)
             ld[0].copy_(lse)
+            if self.merge:
+                # one launch per branch, each adding into fp32 buffers (a row is in one tile of a branch); dq's
+                # launch writes the delta of the branch's rows that dk/dv's then reads
+                dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in (q, k, v))
+                for branch in range(self.spec.num_branches):
+                    self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, False, branch=branch)
+                    self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, False, branch=branch)
+                return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
             # written in full where the tiles' spans cover every row (zero fill), else into zeros
             zfill_q = self._zfill("q", _GLUON_BWD_TILES, q.device)
             dq = (_uninitialized if zfill_q else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
