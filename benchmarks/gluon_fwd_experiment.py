@@ -39,7 +39,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-NCOLS = gl.constexpr(11)  # columns of the tile table (dilated_compiler.lowering.triton.tables.NCOLS)
+from dilated_compiler.lowering.triton.tables import NCOLS as _NCOLS  # noqa: E402
+
+NCOLS = gl.constexpr(_NCOLS)  # columns of the tile table
 
 
 @gluon.jit
