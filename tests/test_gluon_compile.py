@@ -40,9 +40,9 @@ def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool) -> dic
     if kernel == "gluon_bwd_dq":
         return dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
                     ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4,
-                    ACC=False, SPLIT=False)
+                    ACC=False)
     return dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
-                ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, ACC=False, SPLIT=False)
+                ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, ACC=False)
 
 
 @pytest.mark.parametrize("kernel,head_dim,causal,has_dlse,dtype", [
@@ -74,16 +74,6 @@ def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal):
     consts = {**_constexprs(kernel, head_dim, causal, True), "ACC": True, "ZFILL": False}
     fp32 = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
     _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, "bf16", fp32))
-
-
-@pytest.mark.parametrize("kernel,head_dim,causal", [
-    ("gluon_bwd_dq", 128, False), ("gluon_bwd_dq", 128, True), ("gluon_bwd_dq", 64, False),
-    ("gluon_bwd_dkdv", 128, False), ("gluon_bwd_dkdv", 128, True), ("gluon_bwd_dkdv", 64, False)])
-def test_gluon_backward_split_compiles_without_spills(kernel, head_dim, causal):
-    """The backward kernels with their last band cut into chunks (SPLIT: fp32 partial sums into PART), which the
-    lowering runs where gluon_hopper.SPLIT_TAIL is set."""
-    consts = {**_constexprs(kernel, head_dim, causal, False), "SPLIT": True}
-    _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, "bf16", {"PART": "*fp32"}))
 
 
 def _check(compiled):

@@ -226,65 +226,6 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert len({id(b.arguments["DQ"]) for n, _, b in launches if n == "gluon_bwd_dq"}) == 1  # one buffer
 
 
-
-def test_gluon_split_tail_wiring_without_gpu(monkeypatch):
-    """With gluon_hopper.SPLIT_TAIL, a batch-1 grouped backward launches dq and dk/dv on the split tables (SPLIT,
-    a float32 PART of one slot per chunk), each followed by dilated_tail_reduce over the split tiles; batch 2
-    and "all" mode keep whole tables."""
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    import inspect
-    from dilated_compiler import build_plan
-    from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
-    from dilated_compiler.lowering.triton.tables import persistent_order, split_tail, tile_table
-    spec = AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4)))
-    N, H, D, G = 4096, 6, 128, 10
-    low = triton_lowering.TritonLowering(build_plan(spec, N, H, D), torch.device("cpu"), torch.bfloat16)
-    launches = []
-
-    class Recorder:
-        def __init__(self, module, name):
-            self.name, self.kernel = name, getattr(module, name)
-
-        def __getitem__(self, grid):
-            sig = inspect.signature(self.kernel.fn)
-            return lambda *args, **kwargs: launches.append((self.name, grid, sig.bind(
-                *args, **{k: v for k, v in kwargs.items() if k in sig.parameters or k != "num_warps"})))
-    for name in ("gluon_bwd_dq", "gluon_bwd_dkdv"):
-        monkeypatch.setattr(low.gluon_kernels, name, Recorder(low.gluon_kernels, name))
-    monkeypatch.setattr(low.kernels, "dilated_tail_reduce", Recorder(low.kernels, "dilated_tail_reduce"))
-    monkeypatch.setattr(triton_lowering.TritonLowering, "gluon_unsupported", lambda self, q, k, v, has_kpm, *m: None)
-    monkeypatch.setattr(triton_lowering, "_sm_count", lambda device: G)
-    monkeypatch.setattr(triton_lowering, "_ensure_allocator", lambda: None)
-    monkeypatch.setattr(triton_lowering.TritonLowering, "_check_device", lambda self, t: None)
-    monkeypatch.setattr(gluon_hopper, "SPLIT_TAIL", True)
-    q, k, v, out, dout = (torch.randn(1, N, H, D, dtype=torch.bfloat16) for _ in range(5))
-    lse = torch.randn(1, H, N)
-    dq, dk, dv = low.backward(dout, None, q, k, v, out, lse, None)
-    assert [n for n, _, _ in launches] == ["gluon_bwd_dq", "dilated_tail_reduce", "gluon_bwd_dkdv",
-                                           "dilated_tail_reduce"]
-    for (name, grid, bound), (_, rgrid, rbound), kind, nx, outs in (
-            (launches[0], launches[1], "q", 1, (dq, )), (launches[2], launches[3], "k", 2, (dk, dv))):
-        full = persistent_order(tile_table(low.plan, kind, gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP), G,
-                                gluon_hopper.BWD_STEP)
-        split = split_tail(full, G, gluon_hopper.BWD_STEP)
-        # 2 heads per branch x (16 + 8 + 4) segments x 2 tiles = 112 rows on 10 programs: 2 tiles of 4 steps left
-        assert split is not None and split.chunks == 4
-        a, r = bound.arguments, rbound.arguments
-        assert a["SPLIT"] is True and torch.equal(a["TABLE"].cpu(), split.table) and a["T"] == split.table.shape[0]
-        n_parts = split.tiles.shape[0] * split.chunks
-        assert a["PART"].dtype == torch.float32 and a["PART"].shape == (1, n_parts, nx, gluon_hopper.BWD_BLOCK, D)
-        assert (a["n_parts"], a["n_chunks"]) == (n_parts, split.chunks) and grid == (G, 1)
-        assert r["PART"] is a["PART"] and (r["X0"], r["X1"]) == (outs[0], outs[-1]) and r["NX"] == nx
-        assert torch.equal(r["TILES"].cpu(), split.tiles) and r["n_chunks"] == split.chunks
-        assert rgrid == (split.tiles.shape[0], gluon_hopper.BWD_BLOCK // r["ROWS"], 1)
-    # batch 2: whole tables
-    launches.clear()
-    q2, k2, v2, out2, dout2 = (torch.cat([t, t]) for t in (q, k, v, out, dout))
-    low.backward(dout2, None, q2, k2, v2, out2, torch.cat([lse, lse]), None)
-    assert [n for n, _, _ in launches] == ["gluon_bwd_dq", "gluon_bwd_dkdv"]
-    assert all(b.arguments["SPLIT"] is False for _, _, b in launches)
-
-
 def test_unsupported_dtype_and_head_dim():
     attn = compile_attention(AttentionSpec((Branch(8, 1),)), backend="triton")
     with pytest.raises(BackendError, match="dtypes"):
@@ -395,59 +336,6 @@ def test_persistent_order(case, assignment, programs):
     assert max(load) - min(load) <= 2 * heaviest
     with pytest.raises(ValueError, match="programs"):
         persistent_order(table, 0, partner)
-
-
-@given(grouped_tables(), st.sampled_from(["grouped", "all"]), st.integers(1, 12))
-@settings(max_examples=200, deadline=None)
-def test_split_tail(case, assignment, programs):
-    """split_tail: the bands before the last stay as they were; each tile of the last band becomes k chunks that
-    walk contiguous, non-empty runs of its partner blocks covering [lo, hi) exactly, in slots t*k .. t*k + k - 1
-    of the tile's row in ``tiles``; one chunk per tile keeps the zero fill; the new band fits the programs and
-    its chunks go to the least loaded of them."""
-    import dataclasses
-    from dilated_compiler.lowering.triton.tables import persistent_order, split_tail, tile_table, zero_fill_chunk
-    from dilated_compiler.planner import build_plan
-    spec, heads, seq, kind, block, partner = case
-    if assignment == "all":
-        spec = dataclasses.replace(spec, head_assignment="all",
-                                   branches=tuple(dataclasses.replace(b, offset=None) for b in spec.branches))
-    table = persistent_order(tile_table(build_plan(spec, seq, heads, 8), kind, block, partner), programs, partner)
-    T = table.shape[0]
-    split = split_tail(table, programs, partner)
-    if T <= programs or T % programs == 0:
-        assert split is None
-        return
-    n_tail = T % programs
-    tail = table[T - n_tail:]
-    steps = [-(-r[8] // partner) - r[5] // partner for r in tail.tolist()]
-    k = min(programs // n_tail, min(steps))
-    if k < 2:
-        assert split is None
-        return
-    assert split.chunks == k and torch.equal(split.tiles, tail)
-    new = split.table
-    assert new.dtype == torch.int32 and torch.equal(new[:T - n_tail], table[:T - n_tail])
-    band = new[T - n_tail:]
-    assert band.shape[0] == n_tail * k <= programs
-    assert sorted(band[:, 11].tolist()) == list(range(n_tail * k))
-    for t, row in enumerate(tail.tolist()):
-        chunks = sorted((c for c in band.tolist() if t * k <= c[11] < (t + 1) * k), key=lambda c: c[11])
-        assert len(chunks) == k
-        for c in chunks:  # the same tile but for lo, hi and the slot
-            assert c[:5] + c[6:8] + c[9:11] == row[:5] + row[6:8] + row[9:11]
-        assert chunks[0][5] == row[5] and chunks[-1][8] == row[8]
-        for a, b in zip(chunks, chunks[1:]):
-            assert a[8] == b[5] and a[8] % partner == 0
-        assert all(c[8] > c[5] for c in chunks)
-        assert zero_fill_chunk(torch.tensor([c[11] for c in chunks]), k).tolist() == [True] + [False] * (k - 1)
-    assert bool(zero_fill_chunk(new[:T - n_tail, 11], k).all())
-    # longest chunk first onto the least loaded program
-    load = [0] * programs
-    for i, r in enumerate(table[:T - n_tail].tolist()):
-        load[i % programs] += r[8] - r[5] + partner
-    work = [r[8] - r[5] + partner for r in band.tolist()]
-    by_load = sorted(range(len(work)), key=lambda p: (load[p], p))
-    assert [work[p] for p in by_load] == sorted(work, reverse=True)
 
 
 def test_zero_fill_spans_not_in_all_mode():
@@ -597,46 +485,6 @@ def test_gpu_gluon_all_mode_forward(dtype, batch, causal, head_dim, poisoned, mo
     q, k, v = make_qkv(batch, 4096, 6, head_dim, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
     assert calls == {"fwd": [(batch, 4096, 6, head_dim)], "dq": [], "dkdv": []}
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("dtype,causal,head_dim,programs", [
-    (torch.bfloat16, False, 128, 13), (torch.bfloat16, True, 128, 7), (torch.float16, False, 64, 50),
-    (torch.bfloat16, True, 64, 25)])
-def test_gpu_gluon_split_tail(dtype, causal, head_dim, programs, poisoned, monkeypatch):
-    """gluon_hopper.SPLIT_TAIL: the backward kernels' last band cut into chunks (here on a few programs, so that
-    every case has a last band to cut: 108 tiles per pass, 4, 3, 8 or 8 of them left, in 3, 2, 4 or 2 chunks),
-    then dilated_tail_reduce. Same results as the reference, and within a
-    rounding step of the whole-tile backward."""
-    import triton
-    from dilated_compiler import build_plan
-    from dilated_compiler.lowering.triton import gluon_hopper
-    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
-        pytest.skip("the Gluon kernels run on compute capability 9.0 with the checked triton only")
-    monkeypatch.setattr(gluon_hopper, "SPLIT_TAIL", True)
-    monkeypatch.setattr(poisoned, "_sm_count", lambda device: programs)
-    reduced = []
-    tail_reduce = poisoned.TritonLowering._tail_reduce
-    monkeypatch.setattr(poisoned.TritonLowering, "_tail_reduce",
-                        lambda self, part, outs, tail, q: reduced.append(len(outs)) or tail_reduce(
-                            self, part, outs, tail, q))
-    spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1), Branch(1024, 4), Branch(2048, 8)), causal=causal)
-    attn = compile_attention(spec, backend="triton")
-    q, k, v = make_qkv(1, 4096, 6, head_dim, dtype=dtype, device="cuda", requires_grad=True)
-    check_against_reference(attn, spec, q, k, v)
-    assert reduced == [1, 2]  # dq, then dk and dv
-    # against the whole tiles: the same sums in another order
-    low = poisoned.TritonLowering(build_plan(spec, 4096, 6, head_dim), q.device, dtype)
-    out, lse, aux = low.forward(q.detach(), k.detach(), v.detach())
-    dout = torch.randn_like(out)
-    whole = low.backward(dout, None, q.detach(), k.detach(), v.detach(), out, lse, aux)
-    monkeypatch.setattr(gluon_hopper, "SPLIT_TAIL", False)
-    low2 = poisoned.TritonLowering(build_plan(spec, 4096, 6, head_dim), q.device, dtype)
-    for name, a, b in zip(("dq", "dk", "dv"), whole,
-                          low2.backward(dout, None, q.detach(), k.detach(), v.detach(), out, lse, aux)):
-        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-3, msg=lambda m: f"{name}: {m}")
-    assert reduced == [1, 2, 1, 2]
 
 
 @pytest.mark.gpu

@@ -129,34 +129,3 @@ def test_random_specs_and_shapes(case):
     """Random specs and shapes (ragged N, offsets, odd head counts, GQA, key padding, head_dim needing padding)
     through both tile paths, against the reference, with self-filled outputs poisoned."""
     run_case(case, "triton")
-
-
-def test_tail_reduce_kernel():
-    """dilated_tail_reduce (under the interpreter on CPU): a split tile's rows of each output are the sum of its
-    chunks' slots, at the tile's selected positions; no other position is written."""
-    from dilated_compiler import build_plan
-    from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
-    from dilated_compiler.lowering.triton.tables import persistent_order, split_tail, tile_table
-    spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1), Branch(768, 4)))
-    B, N, H, D = 2, 1536, 5, 16
-    low = triton_lowering.TritonLowering(build_plan(spec, N, H, D), torch.device("cpu"), torch.float32)
-    blk = gluon_hopper.BWD_BLOCK
-    # 40 key tiles on 9 programs: the last band's 4 tiles become 2 chunks each
-    table = persistent_order(tile_table(low.plan, "k", blk, gluon_hopper.BWD_STEP), 9, gluon_hopper.BWD_STEP)
-    split = split_tail(table, 9, gluon_hopper.BWD_STEP)
-    assert split is not None and split.chunks >= 2 and split.tiles.shape[0] >= 1
-    n_parts = split.tiles.shape[0] * split.chunks
-    part = torch.randn(B, n_parts, 2, blk, D)
-    q = torch.empty(B, N, H, D)
-    outs = (torch.full((B, N, H, D), float("nan")), torch.full((B, N, H, D), float("nan")))
-    low._tail_reduce(part, outs, (split.tiles, split.chunks), q)
-    expected = [torch.full_like(o, float("nan")) for o in outs]
-    sums = part.view(B, -1, split.chunks, 2, blk, D).sum(2)
-    for t, row in enumerate(split.tiles.tolist()):
-        head, branch, pos0, L, row0 = row[:5]
-        r = spec.branches[branch].dilation
-        for i in range(min(blk, L - row0)):
-            for x in range(2):
-                expected[x][:, pos0 + (row0 + i) * r, head] = sums[:, t, x, i]
-    for o, e in zip(outs, expected):
-        torch.testing.assert_close(o, e, equal_nan=True, rtol=1e-6, atol=1e-6)

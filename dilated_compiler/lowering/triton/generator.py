@@ -19,7 +19,7 @@ from .tables import describe_columns, NCOLS
 
 __all__ = ["generate_source", "generator_fingerprint", "KERNEL_NAMES"]
 
-KERNEL_NAMES = ("dilated_fwd", "dilated_merge", "dilated_bwd_dq", "dilated_bwd_dkdv", "dilated_tail_reduce")
+KERNEL_NAMES = ("dilated_fwd", "dilated_merge", "dilated_bwd_dq", "dilated_bwd_dkdv")
 
 
 @functools.lru_cache(maxsize=None)
@@ -277,41 +277,6 @@ def dilated_merge(OUTB, AUX, OUT, LSE, R, N, H, stride_og, stride_ag,
     tl.store(OUT + rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / d_safe[:, None]).to(OUT.dtype.element_ty),
              mask=io_mask)
     tl.store(LSE + li, tl.where(has, top_use + tl.math.log(d_safe), float("-inf")), mask=ok)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# dilated_tail_reduce: finishes the tiles of a persistent launch whose last band was cut into chunks (the Gluon
-# backward kernels' SPLIT; tables.split_tail). One program per (split tile, ROWS of its rows, batch).
-#   PART         (B, n_parts, NX, BLOCK, HEAD_DIM) fp32: chunk c of split tile t wrote its partial sums (already
-#                scaled) to slot t * n_chunks + c; NX outputs per slot (dq: 1; dk then dv: 2)
-#   TILES        the split tiles' rows of the tile table (head, branch, pos0, rows L, row0, ...)
-#   X0, X1       outputs (B, N, H, HEAD_DIM), row stride H * HEAD_DIM: selected row j of the tile sits at position
-#                pos0 + j * r; rows past L (a ragged segment's end) are not written
-
-@triton.jit
-def dilated_tail_reduce(PART, X0, X1, TILES, n_parts, n_chunks, H, stride_b,
-                        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, NX: tl.constexpr):
-    t = tl.program_id(0)
-    b = tl.program_id(2).to(tl.int64)
-    row = TILES + t * $NCOLS
-    head = tl.load(row + 0)
-    r = dilation_of(tl.load(row + 1))
-    pos0 = tl.load(row + 2)
-    L = tl.load(row + 3)
-    row0 = tl.load(row + 4)
-    i = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-    ok = (row0 + i) < L
-    offs_d = tl.arange(0, HEAD_DIM)
-    dst = b * stride_b + (pos0 + (row0 + i) * r).to(tl.int64) * (H * HEAD_DIM) + head * HEAD_DIM
-    for x in tl.static_range(NX):
-        acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-        for c in range(n_chunks):
-            slot = (b * n_parts + t * n_chunks + c) * NX + x
-            acc += tl.load(PART + slot * (BLOCK * HEAD_DIM) + i[:, None] * HEAD_DIM + offs_d[None, :])
-        if x == 0:
-            tl.store(X0 + dst[:, None] + offs_d[None, :], acc.to(X0.dtype.element_ty), mask=ok[:, None])
-        else:
-            tl.store(X1 + dst[:, None] + offs_d[None, :], acc.to(X1.dtype.element_ty), mask=ok[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------------

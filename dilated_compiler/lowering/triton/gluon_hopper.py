@@ -57,10 +57,6 @@ DKDV_STAGES = {128: 3, 64: 3}    # Q/dO/lse/delta ring: 1.659 ms against 1.735 w
 # dv into fp32 buffers, in place of the tl kernels' atomics. Compiled for sm_90a (no spills among a step's matrix
 # instructions) but not yet run on a GPU (benchmarks/gluon_all_backward_experiment.py); off
 ALL_MODE_BACKWARD = False
-# the backward kernels' last band cut into chunks (tables.split_tail, SPLIT; batch 1, grouped): four-branch N = 64K
-# has 3840 tiles per pass on 132 programs, so the last band keeps 12 programs busy for a whole tile. Not yet
-# measured on a GPU (benchmarks/split_tail_experiment.py); off
-SPLIT_TAIL = False
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -148,7 +144,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-NCOLS = gl.constexpr(12)
+NCOLS = gl.constexpr(11)
 
 
 @gluon.jit
@@ -200,56 +196,6 @@ def _key_walk(row, BLOCK: gl.constexpr, CAUSAL: gl.constexpr):
         n_k = gl.cdiv(gl.load(row + 3), BLOCK)
         n_full = n_k
     return n_k, n_full
-
-
-@gluon.jit
-def _walk(row, BLOCK: gl.constexpr, CAUSAL: gl.constexpr, SPLIT: gl.constexpr):
-    # (first, end, n_full) partner blocks of a row; SPLIT: the row may be a chunk of a tile (the table's lo and hi)
-    n_k, n_full = _key_walk(row, BLOCK, CAUSAL)
-    if SPLIT:
-        j0 = gl.load(row + 5) // BLOCK
-        n_k = gl.cdiv(gl.load(row + 8), BLOCK)
-    else:
-        j0 = 0
-    return j0, n_k, n_full
-
-
-@gluon.jit
-def _zero_here(row, n_chunks, SPLIT: gl.constexpr):
-    # SPLIT: whole tiles and the first chunk of a split tile write the zero fill of the tile's span
-    if SPLIT:
-        part = gl.load(row + 11)
-        here = (part < 0) | (part % n_chunks == 0)
-    else:
-        here = True
-    return here
-
-
-@gluon.jit
-def _store_part(P, val, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):
-    # SPLIT: a chunk's fp32 partial sums (HALF rows x HEAD_DIM, a matrix-product layout) into its scratch rows at P
-    # (row-major), in two column halves as _add_rows
-    lo, hi = gl.split(gl.permute(gl.reshape(val, [HALF, 2, HEAD_DIM // 2]), [0, 2, 1]))
-    rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, lo.type.layout))
-    cols = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, lo.type.layout))
-    offs = gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0)
-    gl.store(P + offs, lo)
-    gl.store(P + HEAD_DIM // 2 + offs, hi)
-
-
-@gluon.jit
-def _query_walk(row, BLOCK: gl.constexpr, CAUSAL: gl.constexpr, SPLIT: gl.constexpr):
-    # (first, end) query blocks of a key tile's row: [lo, rows) (query blocks before lo see none of its keys when
-    # CAUSAL); SPLIT: the row may be a chunk of a tile, [lo, hi)
-    if SPLIT:
-        n_m = gl.cdiv(gl.load(row + 8), BLOCK)
-    else:
-        n_m = gl.cdiv(gl.load(row + 3), BLOCK)
-    if CAUSAL or SPLIT:
-        j0 = gl.load(row + 5) // BLOCK
-    else:
-        j0 = 0
-    return j0, n_m
 
 
 @gluon.jit
@@ -520,17 +466,12 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #   ACC               "all" mode, one launch per branch: DQ (or DK, DV) are float32 and each tile adds its rows into
 #                     them by pointer loads and stores (_add_rows); a row is in one tile of a branch, so no two
 #                     programs of a launch touch it
-#   SPLIT             the table's last band was cut into chunks (tables.split_tail): a row whose part column is
-#                     p >= 0 walks only the partner blocks [lo, hi) of its tile and stores its fp32 partial sums
-#                     (dQ; or dK then dV) at PART slot (b, p); tail_reduce then adds a tile's n_chunks slots and
-#                     writes its rows. The zero fill of a split tile comes from its first chunk (p % n_chunks == 0)
 
 
 @gluon.jit
 def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE, RB,
-                 T, H, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty, n_chunks,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
-                 SPLIT: gl.constexpr):
+                 T, H, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
     b = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
@@ -540,29 +481,27 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2,
         row = TABLE + (pid + i * G) * NCOLS
         br, combo, rbase = _tile_coords(row, RB, H)
         row0 = gl.load(row + 4)
-        j0, n_k, _ = _walk(row, BLOCK_N, CAUSAL, SPLIT)
+        n_k, _ = _key_walk(row, BLOCK_N, CAUSAL)
         mbarrier.wait(t_empty, (i & 1) ^ 1)
         _copy_in(q0, q1, q2, q3, br, b, combo, rbase + row0, t_ready, q_smem, True)
         _copy_in(do0, do1, do2, do3, br, b, combo, rbase + row0, t_ready, do_smem, True)
-        for j in range(j0, n_k):
-            g = c + j - j0
+        for j in range(n_k):
+            g = c + j
             st = g % STAGES
             mbarrier.wait(kv_empty.index(st), ((g // STAGES) & 1) ^ 1)
             _copy_in(k0, k1, k2, k3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), k_smem.index(st), True)
             _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), v_smem.index(st), True)
-        c += n_k - j0
+        c += n_k
         if ZFILL:
-            if _zero_here(row, n_chunks, SPLIT):
-                _zero_gaps(dq0, dq1, dq2, dq3, row, RB, H, b, br, rbase + row0, z_smem)
+            _zero_gaps(dq0, dq1, dq2, dq3, row, RB, H, b, br, rbase + row0, z_smem)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, PART, n_parts, TABLE, RB, T, H, qk_scale, sm_scale,
-                 stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready,
-                 kv_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr,
-                 SPLIT: gl.constexpr):
+def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
+                 stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty,
+                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, dP: (HALF queries, BLOCK_N keys); dQ: (HALF queries, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -588,7 +527,7 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, PART, n_parts, T
         pos0 = gl.load(row + 2)
         row0 = gl.load(row + 4) + WG * HALF
         r = gl.load(RB + br)
-        j0, n_k, n_full = _walk(row, BLOCK_N, CAUSAL, SPLIT)
+        n_k, n_full = _key_walk(row, BLOCK_N, CAUSAL)
         if CAUSAL:
             q_rows = row0 + gl.arange(0, HALF, layout=rows_l)
         offs = b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + (row0 + gl.arange(0, HALF,
@@ -610,8 +549,8 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, PART, n_parts, T
             delta = delta - gl.load(DLSE + offs)
         gl.store(DELTA + offs, delta)
         dq = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
-        for j in range(j0, n_k):
-            g = c + j - j0
+        for j in range(n_k):
+            g = c + j
             st = g % STAGES
             k_t = k_smem.index(st)
             mbarrier.wait(kv_ready.index(st), (g // STAGES) & 1)
@@ -631,31 +570,22 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, PART, n_parts, T
             dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
             mbarrier.arrive(kv_empty.index(st), count=1)
         mbarrier.arrive(t_empty, count=1)
-        c += n_k - j0
-        whole = True
-        if SPLIT:
-            part = gl.load(row + 11)
-            whole = part < 0
-            if part >= 0:
-                _store_part(PART + ((b * n_parts + part) * (2 * HALF) + WG * HALF).to(gl.int64) * HEAD_DIM,
-                            dq * sm_scale, HEAD_DIM, HALF)
-        if whole:
-            if ACC:
-                _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
-            else:
-                tma.store_wait(0)
-                dq_out.store((dq * sm_scale).to(dtype))
-                fence_async_shared()
-                _copy_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out)
+        c += n_k
+        if ACC:
+            _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+        else:
+            tma.store_wait(0)
+            dq_out.store((dq * sm_scale).to(dtype))
+            fence_async_shared()
+            _copy_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out)
     tma.store_wait(0)
 
 
 @gluon.jit
 def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b,
-                 stride_lb, stride_lh, PART, n_parts, n_chunks, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr,
-                 CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr,
-                 SPLIT: gl.constexpr):
+                 stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
+                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -685,26 +615,23 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
         mbarrier.init(kv_ready.index(st), count=2)
         mbarrier.init(kv_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, PART, n_parts, TABLE, RB, T, H, qk_scale,
-                        sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready,
-                        t_empty, kv_ready, kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, ACC,
-                        SPLIT)),
-        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, PART, n_parts, TABLE, RB, T, H, qk_scale,
-                        sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready,
-                        t_empty, kv_ready, kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, ACC,
-                        SPLIT)),
+        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale,
+                        stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty,
+                        kv_ready, kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, ACC)),
+        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale,
+                        stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty,
+                        kv_ready, kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, ACC)),
         (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE,
                         RB, T, H, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
-                        n_chunks, BLOCK_N, STAGES, ZFILL, CAUSAL, SPLIT)),
+                        BLOCK_N, STAGES, ZFILL, CAUSAL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 
 
 @gluon.jit
 def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1, dv2,
                    dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem, do_smem,
-                   ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, n_chunks, BLOCK_M: gl.constexpr,
-                   HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
-                   SPLIT: gl.constexpr):
+                   ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M: gl.constexpr,
+                   HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
     # per step: the 64 queries' lse and delta (strided by r: no TMA) by cp.async into the step's ld_smem slot, one
     # element per thread, each thread arriving on qd_ready when its copy lands; then Q and dO by TMA
     ld_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
@@ -720,7 +647,11 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
         row = TABLE + (pid + i * G) * NCOLS
         br, combo, rbase = _tile_coords(row, RB, H)
         row0 = gl.load(row + 4)
-        j0, n_m = _query_walk(row, BLOCK_M, CAUSAL, SPLIT)
+        n_m = gl.cdiv(gl.load(row + 3), BLOCK_M)
+        if CAUSAL:
+            j0 = gl.load(row + 5) // BLOCK_M  # query steps before lo see none of the tile's keys
+        else:
+            j0 = 0
         r = gl.load(RB + br)
         ld_base = LD + b.to(gl.int64) * stride_lb + gl.load(row + 0).to(gl.int64) * stride_lh + gl.load(row + 2)
         mbarrier.wait(kv_empty, (i & 1) ^ 1)
@@ -738,24 +669,22 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
                      True)
         c += n_m - j0
         if ZFILL:
-            if _zero_here(row, n_chunks, SPLIT):
-                # _zero_gaps for dK and dV in one pass (two calls: the producer's 32 registers spill more)
-                own = gl.load(row + 2) % r
-                for o in range(0, r):
-                    if o != own:
-                        zc = o * H + gl.load(row + 0)
-                        for half in gl.static_range(2):
-                            _copy_out(dk0, dk1, dk2, dk3, br, b, zc, rbase + row0 + half * HALF, z_smem)
-                            _copy_out(dv0, dv1, dv2, dv3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+            # _zero_gaps for dK and dV in one pass (two calls: the producer's 32 registers spill more)
+            own = gl.load(row + 2) % r
+            for o in range(0, r):
+                if o != own:
+                    zc = o * H + gl.load(row + 0)
+                    for half in gl.static_range(2):
+                        _copy_out(dk0, dk1, dk2, dk3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+                        _copy_out(dv0, dv1, dv2, dv3, br, b, zc, rbase + row0 + half * HALF, z_smem)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, PART, n_parts, stride_b, TABLE, RB, T, H,
-                   qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty,
-                   qd_ready, qd_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
-                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr,
-                   SPLIT: gl.constexpr):
+def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale, sm_scale,
+                   k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty,
+                   WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr,
+                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     # S^T, dP^T: (HALF keys, BLOCK_M queries); dK, dV: (HALF keys, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -775,11 +704,15 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, PART, n_parts
     for i in range(n_mine):
         row = TABLE + (pid + i * G) * NCOLS
         br, combo, rbase = _tile_coords(row, RB, H)
+        L = gl.load(row + 3)
         row0 = gl.load(row + 4) + WG * HALF
-        j0, n_m = _query_walk(row, BLOCK_M, CAUSAL, SPLIT)
+        n_m = gl.cdiv(L, BLOCK_M)
         if CAUSAL:
+            j0 = gl.load(row + 5) // BLOCK_M
             n_masked = gl.cdiv(gl.load(row + 6), BLOCK_M)  # query steps before n_masked need masks
             k_rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_l))
+        else:
+            j0 = 0
         dk = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
         dv = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
         mbarrier.wait(kv_ready, i & 1)
@@ -810,40 +743,30 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, PART, n_parts
             mbarrier.arrive(qd_empty.index(st), count=1)
         mbarrier.arrive(kv_empty, count=1)
         c += n_m - j0
-        whole = True
-        if SPLIT:
-            part = gl.load(row + 11)
-            whole = part < 0
-            if part >= 0:
-                # slot (B, n_parts, 2, 2 * HALF, HEAD_DIM): dK then dV
-                p_base = PART + ((b * n_parts + part) * (4 * HALF) + WG * HALF).to(gl.int64) * HEAD_DIM
-                _store_part(p_base, dk * sm_scale, HEAD_DIM, HALF)
-                _store_part(p_base + 2 * HALF * HEAD_DIM, dv, HEAD_DIM, HALF)
-        if whole:
-            if ACC:
-                head = gl.load(row + 0)
-                pos0 = gl.load(row + 2)
-                r = gl.load(RB + br)
-                _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
-                _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
-            else:
-                # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
-                tma.store_wait(0)
-                out.store((dk * sm_scale).to(dtype))
-                fence_async_shared()
-                _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out)
-                tma.store_wait(0)
-                out.store(dv.to(dtype))
-                fence_async_shared()
-                _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out)
+        if ACC:
+            head = gl.load(row + 0)
+            pos0 = gl.load(row + 2)
+            r = gl.load(RB + br)
+            _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+            _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+        else:
+            # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
+            tma.store_wait(0)
+            out.store((dk * sm_scale).to(dtype))
+            fence_async_shared()
+            _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out)
+            tma.store_wait(0)
+            out.store(dv.to(dtype))
+            fence_async_shared()
+            _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out)
     tma.store_wait(0)
 
 
 @gluon.jit
 def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b, stride_ld, stride_lb,
-                   stride_lh, PART, n_parts, n_chunks, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr, SPLIT: gl.constexpr):
+                   stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                   STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                   num_warps: gl.constexpr, ACC: gl.constexpr):
     # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
@@ -878,15 +801,15 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
         mbarrier.init(qd_ready.index(st), count=2 + 4 * 32)
         mbarrier.init(qd_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, PART, n_parts, stride_b, TABLE, RB, T, H,
-                          qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty,
-                          qd_ready, qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC, SPLIT)),
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, PART, n_parts, stride_b, TABLE, RB, T, H,
-                          qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty,
-                          qd_ready, qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC, SPLIT)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale,
+                          sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready,
+                          qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale,
+                          sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready,
+                          qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC)),
         (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0,
                           dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem,
-                          do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, n_chunks, BLOCK_M, HALF,
-                          STAGES, ZFILL, CAUSAL, SPLIT)),
+                          do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M, HALF, STAGES,
+                          ZFILL, CAUSAL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 '''

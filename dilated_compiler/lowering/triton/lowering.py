@@ -40,7 +40,7 @@ from . import autotune, gluon_hopper
 from .autotune import TileConfig, candidates, interpreting
 from .diskcache import load_module
 from .generator import generate_source, generator_fingerprint
-from .tables import persistent_order, spans_cover, split_tail, tile_table
+from .tables import persistent_order, spans_cover, tile_table
 
 __all__ = ["TritonLowering"]
 
@@ -187,23 +187,16 @@ class TritonLowering:
             BLOCK_N=gluon_hopper.BLOCK_N, STAGES=stages or gluon_hopper.FWD_STAGES[D], ZFILL=zfill,
             CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4, MERGE=self.merge)
 
-    def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor, branch: int | None = None,
-                           split: bool = False):
+    def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor, branch: int | None = None):
         """A Gluon kernel's tile table (in persistent order; only ``branch``'s tiles if given), persistent grid (at
-        most one program per SM, then batch) and padded dilations. ``split``: the table's last band cut into
-        chunks where that helps (:func:`.tables.split_tail`; :meth:`_gluon_tail` then gives the split tiles)."""
-        key = ("persistent", kind, tiles.block, tiles.partner, branch, q.device) + (("split", ) if split else ())
+        most one program per SM, then batch) and padded dilations."""
+        key = ("persistent", kind, tiles.block, tiles.partner, branch, q.device)
         if key not in self._tables:
             table = self._table(kind, tiles, q.device).cpu()
             if branch is not None:
                 table = table[table[:, 1] == branch]
             programs = min(table.shape[0], _sm_count(q.device))
-            table = persistent_order(table, programs, tiles.partner)
-            tail = split_tail(table, programs, tiles.partner) if split else None
-            if tail is not None:
-                table = tail.table
-                self._tables[("tail", ) + key] = tail.tiles.to(q.device), tail.chunks
-            self._tables[key] = table.to(q.device), programs
+            self._tables[key] = persistent_order(table, programs, tiles.partner).to(q.device), programs
         table, programs = self._tables[key]
         key_rb = ("gluon dilations", q.device)
         if key_rb not in self._tables:
@@ -212,74 +205,35 @@ class TritonLowering:
         _ensure_allocator()  # the kernels make their tensor descriptors
         return table, (programs, q.shape[0]), self._tables[key_rb]
 
-    def _split_tail(self, q: torch.Tensor, branch, split) -> bool:
-        """Whether a backward launch cuts its last band into chunks (``split`` None: gluon_hopper.SPLIT_TAIL, for
-        batch 1 and grouped launches; with a larger batch the next batch's programs fill the band)."""
-        if split is None:
-            return gluon_hopper.SPLIT_TAIL and branch is None and q.shape[0] == 1
-        return bool(split)
-
-    def _gluon_tail(self, kind: str, tiles: TileConfig, q: torch.Tensor, branch, split: bool):
-        """(split tiles' rows, chunks per tile) of a launch whose table :meth:`_gluon_launch_args` split, else None."""
-        if not split:
-            return None
-        return self._tables.get(("tail", "persistent", kind, tiles.block, tiles.partner, branch, q.device, "split"))
-
-    def _tail_reduce(self, part, outs, tail, q):
-        """Adds each split tile's chunk sums in ``part`` and writes its rows of ``outs`` (dilated_tail_reduce)."""
-        tiles, chunks = tail
-        B, N, H, D = q.shape
-        rows = 32
-        self.kernels.dilated_tail_reduce[(tiles.shape[0], gluon_hopper.BWD_BLOCK // rows, B)](
-            part, outs[0], outs[-1], tiles, part.shape[1], chunks, H, q.stride(0), HEAD_DIM=D,
-            BLOCK=gluon_hopper.BWD_BLOCK, ROWS=rows, NX=len(outs), num_warps=4)
-
     def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
-                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, branch=None, split=None):
-        """``branch`` given ("all" mode): only that branch's tiles, adding into ``dq`` (float32; ACC). ``split``:
-        see :meth:`_split_tail`."""
-        split = self._split_tail(q, branch, split)
-        table, grid, dilations = self._gluon_launch_args("q", _GLUON_BWD_TILES, q, branch, split)
+                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, branch=None):
+        """``branch`` given ("all" mode): only that branch's tiles, adding into ``dq`` (float32; ACC)."""
+        table, grid, dilations = self._gluon_launch_args("q", _GLUON_BWD_TILES, q, branch)
         if table.shape[0] == 0:
             return
         B, N, H, D = q.shape
-        tail = self._gluon_tail("q", _GLUON_BWD_TILES, q, branch, split)
-        part = (torch.empty((B, tail[0].shape[0] * tail[1], 1, gluon_hopper.BWD_BLOCK, D), dtype=torch.float32,
-                            device=q.device) if tail is not None else dq)
-        n_parts = part.shape[1] if tail is not None else 0
-        self.gluon_kernels.gluon_bwd_dq[grid](
+        return self.gluon_kernels.gluon_bwd_dq[grid](
             q, k, v, dout, out, dq, lse, delta, dlse if dlse is not None else lse, table, dilations, table.shape[0],
             B, N, H, self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0), lse.stride(1),
-            part, n_parts, tail[1] if tail is not None else 1,
             HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DQ_STAGES[D], ZFILL=zfill,
             HAS_DLSE=dlse is not None, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4,
-            ACC=branch is not None, SPLIT=tail is not None)
-        if tail is not None:
-            self._tail_reduce(part, (dq, ), tail, q)
+            ACC=branch is not None)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS,
-                           stages=None, branch=None, split=None):
+                           stages=None, branch=None):
         """``ld``: lse and delta in one (2, B, H, N) buffer. ``branch`` given ("all" mode): only that branch's
-        tiles, adding into ``dk`` and ``dv`` (float32; ACC). ``split``: see :meth:`_split_tail`."""
-        split = self._split_tail(q, branch, split)
-        table, grid, dilations = self._gluon_launch_args("k", _GLUON_BWD_TILES, q, branch, split)
+        tiles, adding into ``dk`` and ``dv`` (float32; ACC)."""
+        table, grid, dilations = self._gluon_launch_args("k", _GLUON_BWD_TILES, q, branch)
         if table.shape[0] == 0:
             return
         B, N, H, D = q.shape
-        tail = self._gluon_tail("k", _GLUON_BWD_TILES, q, branch, split)
-        part = (torch.empty((B, tail[0].shape[0] * tail[1], 2, gluon_hopper.BWD_BLOCK, D), dtype=torch.float32,
-                            device=q.device) if tail is not None else dk)
-        n_parts = part.shape[1] if tail is not None else 0
-        self.gluon_kernels.gluon_bwd_dkdv[grid](
+        return self.gluon_kernels.gluon_bwd_dkdv[grid](
             q, k, v, dout, dk, dv, ld, table, dilations, table.shape[0], B, N, H,
             self.scale * math.log2(math.e), self.scale, q.stride(0), ld.stride(0), ld.stride(1), ld.stride(2),
-            part, n_parts, tail[1] if tail is not None else 1,
             HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DKDV_STAGES[D], ZFILL=zfill, CAUSAL=self.causal,
-            CONSUMER_REGS=consumer_regs, num_warps=4, ACC=branch is not None, SPLIT=tail is not None)
-        if tail is not None:
-            self._tail_reduce(part, (dk, dv), tail, q)
+            CONSUMER_REGS=consumer_regs, num_warps=4, ACC=branch is not None)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":

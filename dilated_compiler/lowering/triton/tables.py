@@ -17,13 +17,11 @@ No triton import here: tables (and the generated source) can be built on any mac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ...planner import Plan
 
-__all__ = ["COLUMNS", "tile_table", "persistent_order", "split_tail", "TailSplit", "describe_columns", "spans_cover"]
+__all__ = ["COLUMNS", "tile_table", "persistent_order", "describe_columns", "spans_cover"]
 
 # Columns of a tile table, in order.
 COLUMNS = (
@@ -38,8 +36,6 @@ COLUMNS = (
     ("hi", "  end of the walk"),
     ("zlo", "span [zlo, zhi) of sequence positions this tile owns in its segment (zero fill, see the kernels)"),
     ("zhi", "  the tile's rows j cover row0*r.. (row0+block)*r from the segment start; the last tile runs to its end"),
-    ("part", "-1: the row is a whole tile; else a slot of the tail scratch: the row walks part [lo, hi) of a tile's "
-             "partners and writes fp32 partial sums there (see split_tail)"),
 )
 NCOLS = len(COLUMNS)
 
@@ -125,7 +121,7 @@ def tile_table(plan: Plan, kind: str, block: int, partner_block: int) -> torch.T
         zhi = torch.where(tl_ == n_tiles - 1, seg_start + int(a.extent),
                           torch.clamp(seg_start + (row0 + block) * int(a.dilation), max=seg_start + int(a.extent)))
         cols = [hd, torch.full_like(row0, a.branch), pos0, torch.full_like(row0, L), row0, lo, mid, full_end, hi,
-                zlo, zhi, torch.full_like(row0, -1)]
+                zlo, zhi]
         t = torch.stack(cols, dim=1)
         group_work = work.view(-1, n_tiles).sum(dim=1).repeat_interleave(n_tiles)  # per (segment, head)
         order_keys = torch.stack([-group_work, torch.full_like(row0, op_index), sg, hd, -work, tl_], dim=1)
@@ -186,68 +182,3 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
         out[start + idle] = band[heavy]
         load[idle] += w[heavy]
     return table[out].contiguous()
-
-
-@dataclass(frozen=True)
-class TailSplit:
-    """A persistent table whose last band was cut into chunks (:func:`split_tail`)."""
-
-    table: torch.Tensor   # (T', NCOLS) int32: the bands before the last, then the chunks
-    tiles: torch.Tensor   # (n_split, NCOLS) int32: the split tiles' own rows; tile t's chunks sit in slots t*k.. t*k+k-1
-    chunks: int           # k, chunks per split tile
-
-
-def split_tail(table: torch.Tensor, programs: int, partner_block: int) -> TailSplit | None:
-    """Cut the tiles of a persistent table's last band into chunks of their partner walk, so that the band keeps
-    every program busy; None where there is nothing to gain.
-
-    With T tiles of equal work and G programs, the last band holds T mod G tiles: the other programs wait for a
-    whole tile's time (four-branch N = 64K: 3840 tiles, 132 programs, 30 bands where 29.09 would do; about 3% of
-    a pass). Each of the last band's n tiles becomes k = min(G // n, its partner blocks) chunks, each walking a
-    contiguous part of the tile's partner blocks [lo, hi) and writing fp32 partial sums (of dQ, or of dK and dV:
-    the backward's are plain sums over partners) to slot t*k + c of a scratch buffer; one small kernel then adds
-    a tile's k slots and writes its rows. The chunks go to the programs with the least work so far (longest
-    first). The first chunk of a tile keeps its zero fill (``zero_fill_chunk``).
-    """
-    T = table.shape[0]
-    if programs <= 0:
-        raise ValueError(f"programs must be positive; got {programs}")
-    if T <= programs or T % programs == 0:
-        return None
-    n_tail = T % programs
-    start = T - n_tail
-    t = table.to(torch.int64)
-    tail = t[start:]
-    P = partner_block
-    s0 = tail[:, 5] // P
-    s1 = -(-tail[:, 8] // P)
-    n = s1 - s0
-    k = min(programs // n_tail, int(n.min()))
-    if k < 2:
-        return None
-    c = torch.arange(k, dtype=torch.int64)
-    a = s0[:, None] + (c[None, :] * n[:, None]) // k
-    b = s0[:, None] + ((c[None, :] + 1) * n[:, None]) // k
-    lo = torch.where(c[None, :] == 0, tail[:, 5:6], a * P)
-    hi = torch.where(c[None, :] == k - 1, tail[:, 8:9], b * P)
-    chunks = tail[:, None, :].expand(n_tail, k, t.shape[1]).clone()
-    chunks[:, :, 5] = lo
-    chunks[:, :, 8] = hi
-    chunks[:, :, 11] = torch.arange(n_tail * k, dtype=torch.int64).view(n_tail, k)
-    chunks = chunks.view(n_tail * k, -1)
-    # longest first onto the least loaded of programs 0..m-1 (the band has m rows)
-    m = chunks.shape[0]
-    load = torch.zeros(programs, dtype=torch.int64)
-    load.index_add_(0, torch.arange(start) % programs, t[:start, 8] - t[:start, 5] + P)
-    work = chunks[:, 8] - chunks[:, 5] + P
-    heavy = torch.sort(work, descending=True, stable=True).indices
-    idle = torch.sort(load[:m], stable=True).indices
-    band = torch.empty_like(chunks)
-    band[idle] = chunks[heavy]
-    out = torch.cat([t[:start], band]).to(torch.int32).contiguous()
-    return TailSplit(out, table[start:].contiguous(), k)
-
-
-def zero_fill_chunk(part: torch.Tensor, chunks: int) -> torch.Tensor:
-    """Rows that write their span's zero fill: whole tiles (part -1) and the first chunk of a split tile."""
-    return (part < 0) | (part % max(chunks, 1) == 0)
