@@ -204,9 +204,9 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert a["LSE"] is aux_m is aux and aux.shape == (G, B, H, N) and a["stride_lg"] == B * H * N
     assert (a["stride_b"], a["stride_lb"], a["stride_lh"]) == (N * H * D, H * N, N)
     assert torch.isinf(aux).all()  # nothing ran: the kernel fills each branch's selected rows
-    # "all" mode's backward: the tl kernels, unless ALL_MODE_BACKWARD: then dq and dk/dv once per branch, adding
-    # into float32 buffers (ACC), each launch walking only its branch's tiles
-    monkeypatch.setattr(gluon_hopper, "ALL_MODE_BACKWARD", True)
+    # "all" mode's backward (ALL_MODE_BACKWARD, the default): dq and dk/dv once per branch, adding into float32
+    # buffers (ACC), each launch walking only its branch's tiles
+    assert gluon_hopper.ALL_MODE_BACKWARD is True
     for name in ("gluon_bwd_dq", "gluon_bwd_dkdv"):
         monkeypatch.setattr(low.gluon_kernels, name, Recorder(name))
     launches.clear()
@@ -472,12 +472,13 @@ def test_gpu_gluon_kernels(dtype, N, batch, causal, head_dim, poisoned, monkeypa
 @pytest.mark.parametrize("dtype,batch,causal,head_dim", [
     (torch.bfloat16, 2, False, 128), (torch.float16, 1, True, 128), (torch.bfloat16, 1, True, 64)])
 def test_gpu_gluon_all_mode_forward(dtype, batch, causal, head_dim, poisoned, monkeypatch):
-    """"all" mode on Hopper: gluon_fwd writes each branch's out and lse and dilated_merge combines them; the
-    backward runs the tl kernels. Same results as the reference (out, lse, gradients)."""
+    """"all" mode on Hopper: gluon_fwd writes each branch's out and lse and dilated_merge combines them; with
+    ALL_MODE_BACKWARD off the backward runs the tl kernels. Same results as the reference (out, lse, gradients)."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
         pytest.skip("the Gluon forward runs on compute capability 9.0 with the checked triton only")
+    monkeypatch.setattr(gluon_hopper, "ALL_MODE_BACKWARD", False)
     calls = _gluon_calls(poisoned, monkeypatch)
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4), Branch(2048, 8)), head_assignment="all",
                          causal=causal)
@@ -492,7 +493,7 @@ def test_gpu_gluon_all_mode_forward(dtype, batch, causal, head_dim, poisoned, mo
 @pytest.mark.parametrize("dtype,batch,causal,head_dim", [
     (torch.bfloat16, 2, False, 128), (torch.float16, 1, True, 128), (torch.bfloat16, 1, True, 64)])
 def test_gpu_gluon_all_mode_backward(dtype, batch, causal, head_dim, poisoned, monkeypatch):
-    """gluon_hopper.ALL_MODE_BACKWARD (not the default yet): "all" mode's backward as one dq and one dk/dv launch
+    """gluon_hopper.ALL_MODE_BACKWARD (the default): "all" mode's backward as one dq and one dk/dv launch
     per branch, adding into float32 buffers. Same results as the reference."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper

@@ -9,9 +9,9 @@ Per pass, one launch covers every branch, segment, head and tile of the plan, dr
   table, same results; in "all" mode it writes the per-branch results and ``dilated_merge`` follows);
 * backward: ``dilated_bwd_dq`` (which also computes delta = rowsum(dO * O) - dlse of its rows), then
   ``dilated_bwd_dkdv``. Recomputes the probabilities; nothing of size N*w is ever stored. Grouped calls that run
-  ``gluon_fwd`` run ``gluon_bwd_dq`` and ``gluon_bwd_dkdv`` instead (same structure, same results); "all" mode's
-  backward (atomic accumulation over branches) stays on the tl kernels unless ``gluon_hopper.ALL_MODE_BACKWARD``
-  (one Gluon launch per branch and pass, adding into fp32 buffers; not yet measured, off).
+  ``gluon_fwd`` run ``gluon_bwd_dq`` and ``gluon_bwd_dkdv`` instead (same structure, same results); in "all" mode
+  they run once per branch and pass, adding into fp32 buffers (``gluon_hopper.ALL_MODE_BACKWARD``), where the tl
+  kernels add over the branches with atomics.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported; for tests). Producing the source (``source()``) needs neither.
@@ -481,8 +481,10 @@ class TritonLowering:
             lines.append(f"#   on a Hopper GPU (compute capability 9.0, triton {gluon_hopper.CHECKED_TRITON[0]}x), "
                          f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
                          f"{gluon_hopper.BLOCK_N}, q, k and v start on 16 bytes and no key padding mask is given, "
-                         + ("gluon_fwd (after the tl kernels) runs instead of dilated_fwd; the backward stays on "
-                            "the tl kernels in 'all' mode" if self.merge else
+                         + ("gluon_fwd (after the tl kernels) runs instead of dilated_fwd, and gluon_bwd_dq and "
+                            "gluon_bwd_dkdv once per branch, adding into float32 buffers, instead of dilated_bwd_dq "
+                            "and dilated_bwd_dkdv" + ("" if gluon_hopper.ALL_MODE_BACKWARD else " (off here)")
+                            if self.merge else
                             "gluon_fwd, gluon_bwd_dq and gluon_bwd_dkdv (after the tl kernels) run instead of "
                             "dilated_fwd, dilated_bwd_dq and dilated_bwd_dkdv (the backward also needs out and its "
                             "gradient on 16 bytes)"))
