@@ -40,9 +40,9 @@ def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool) -> dic
     if kernel == "gluon_bwd_dq":
         return dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
                     ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4,
-                    ACC=False)
+                    ACC=0)
     return dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
-                ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, ACC=False)
+                ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, ACC=0)
 
 
 @pytest.mark.parametrize("kernel,head_dim,causal,has_dlse,dtype", [
@@ -65,13 +65,14 @@ def test_gluon_fwd_all_mode_compiles_without_spills(head_dim, causal):
     _check(compile_sm90(_kernels(head_dim, causal).gluon_fwd, consts))
 
 
-@pytest.mark.parametrize("kernel,head_dim,causal", [
-    ("gluon_bwd_dq", 128, False), ("gluon_bwd_dq", 128, True), ("gluon_bwd_dq", 64, True),
-    ("gluon_bwd_dkdv", 128, False), ("gluon_bwd_dkdv", 128, True), ("gluon_bwd_dkdv", 64, True)])
-def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal):
-    """"all" mode's backward form (ACC: one launch per branch adding into float32 dq, dk, dv; no zero fill), which
-    the lowering runs where gluon_hopper.ALL_MODE_BACKWARD is set."""
-    consts = {**_constexprs(kernel, head_dim, causal, True), "ACC": True, "ZFILL": False}
+@pytest.mark.parametrize("kernel,head_dim,causal,acc", [
+    ("gluon_bwd_dq", 128, False, 1), ("gluon_bwd_dq", 128, True, 1), ("gluon_bwd_dq", 64, True, 1),
+    ("gluon_bwd_dkdv", 128, False, 1), ("gluon_bwd_dkdv", 128, True, 1), ("gluon_bwd_dkdv", 64, True, 1),
+    ("gluon_bwd_dq", 128, False, 2), ("gluon_bwd_dkdv", 128, False, 2), ("gluon_bwd_dkdv", 64, True, 2)])
+def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal, acc):
+    """"all" mode's backward form (ACC: one launch per branch adding into float32 dq, dk, dv, or for the first,
+    storing: ACC 2; no zero fill), which the lowering runs where gluon_hopper.ALL_MODE_BACKWARD is set."""
+    consts = {**_constexprs(kernel, head_dim, causal, True), "ACC": acc, "ZFILL": False}
     fp32 = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
     _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, "bf16", fp32))
 

@@ -167,7 +167,7 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
         assert math.isclose(a["qk_scale"], D ** -0.5 * math.log2(math.e), rel_tol=1e-6)
         assert math.isclose(a["sm_scale"], D ** -0.5, rel_tol=1e-6)
         assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == regs and a["STAGES"] == stages
-        assert a["CAUSAL"] is False and a["ACC"] is False
+        assert a["CAUSAL"] is False and a["ACC"] == 0
     assert (a1["BLOCK_M"], a1["BLOCK_N"]) == (a2["BLOCK_N"], a2["BLOCK_M"]) == (128, 64)
     launches.clear()
     low.backward(dout, None, q, k, v, out, lse, aux)
@@ -205,14 +205,14 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert (a["stride_b"], a["stride_lb"], a["stride_lh"]) == (N * H * D, H * N, N)
     assert torch.isinf(aux).all()  # nothing ran: the kernel fills each branch's selected rows
     # "all" mode's backward (ALL_MODE_BACKWARD, the default): dq and dk/dv once per branch, adding into float32
-    # buffers (ACC), each launch walking only its branch's tiles
+    # buffers (ACC 1), each launch walking only its branch's tiles; the dilation-1 branch first, storing (ACC 2)
     assert gluon_hopper.ALL_MODE_BACKWARD is True
     for name in ("gluon_bwd_dq", "gluon_bwd_dkdv"):
         monkeypatch.setattr(low.gluon_kernels, name, Recorder(name))
     launches.clear()
     dq, dk, dv = low.backward(dout, dlse, q, k, v, out, lse_all, aux)
     assert [n for n, _, _ in launches] == ["gluon_bwd_dq", "gluon_bwd_dkdv"] * G
-    assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16 and bool((dq == 0).all())  # nothing ran
+    assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
     full = {kind: tile_table(low.plan, kind, gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP) for kind in "qk"}
     for i, (name, grid, bound) in enumerate(launches):
         a, branch = bound.arguments, i // 2
@@ -220,10 +220,18 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
         part = part[part[:, 1] == branch]
         table = persistent_order(part, min(5, part.shape[0]), gluon_hopper.BWD_STEP)
         assert grid == (min(5, part.shape[0]), B) and torch.equal(a["TABLE"].cpu(), table)
-        assert a["ACC"] is True and a["ZFILL"] is False and a["CAUSAL"] is False
+        assert a["ACC"] == (2 if branch == 0 else 1) and a["ZFILL"] is False and a["CAUSAL"] is False
         for t in ((a["DQ"],) if name == "gluon_bwd_dq" else (a["DK"], a["DV"])):
             assert t.dtype == torch.float32 and t.shape == (B, N, H, D)
     assert len({id(b.arguments["DQ"]) for n, _, b in launches if n == "gluon_bwd_dq"}) == 1  # one buffer
+    # the order: a dilation-1 branch first (storing), then the others in spec order; none: all add into zeros
+    orders = {}
+    for dils in ((2, 1, 4), (2, 4), (1, 1, 2)):
+        branches = tuple(Branch(256 * r, r) for r in dils)
+        plan = build_plan(AttentionSpec(branches, head_assignment="all"), 4096, 4, D)
+        orders[dils] = triton_lowering.TritonLowering(plan, torch.device("cpu"), torch.bfloat16)._all_mode_order()
+    assert orders == {(2, 1, 4): [(1, True), (0, False), (2, False)], (2, 4): [(0, False), (1, False)],
+                      (1, 1, 2): [(0, True), (1, False), (2, False)]}
 
 
 def test_unsupported_dtype_and_head_dim():
@@ -490,24 +498,27 @@ def test_gpu_gluon_all_mode_forward(dtype, batch, causal, head_dim, poisoned, mo
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("dtype,batch,causal,head_dim", [
-    (torch.bfloat16, 2, False, 128), (torch.float16, 1, True, 128), (torch.bfloat16, 1, True, 64)])
-def test_gpu_gluon_all_mode_backward(dtype, batch, causal, head_dim, poisoned, monkeypatch):
+@pytest.mark.parametrize("dtype,batch,causal,head_dim,dilations", [
+    (torch.bfloat16, 2, False, 128, (1, 2, 4, 8)), (torch.float16, 1, True, 128, (1, 2, 4, 8)),
+    (torch.bfloat16, 1, True, 64, (1, 2, 4, 8)), (torch.bfloat16, 1, False, 128, (2, 1, 8, 4)),
+    (torch.float16, 2, True, 64, (2, 4, 8))])
+def test_gpu_gluon_all_mode_backward(dtype, batch, causal, head_dim, dilations, poisoned, monkeypatch):
     """gluon_hopper.ALL_MODE_BACKWARD (the default): "all" mode's backward as one dq and one dk/dv launch
-    per branch, adding into float32 buffers. Same results as the reference."""
+    per branch into float32 buffers: the dilation-1 branch first, storing (the buffers start as NaN here), the
+    others adding; without such a branch all add into zeros. Same results as the reference."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
         pytest.skip("the Gluon kernels run on compute capability 9.0 with the checked triton only")
     monkeypatch.setattr(gluon_hopper, "ALL_MODE_BACKWARD", True)
     calls = _gluon_calls(poisoned, monkeypatch)
-    spec = AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4), Branch(2048, 8)), head_assignment="all",
-                         causal=causal)
+    spec = AttentionSpec(tuple(Branch(256 * r, r) for r in dilations), head_assignment="all", causal=causal)
     attn = compile_attention(spec, backend="triton")
     q, k, v = make_qkv(batch, 4096, 6, head_dim, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
     shape = (batch, 4096, 6, head_dim)
-    assert calls == {"fwd": [shape], "dq": [shape] * 4, "dkdv": [shape] * 4}
+    G = len(dilations)
+    assert calls == {"fwd": [shape], "dq": [shape] * G, "dkdv": [shape] * G}
 
 
 @pytest.mark.gpu

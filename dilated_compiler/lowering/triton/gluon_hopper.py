@@ -232,17 +232,23 @@ def _zero_gaps(d0, d1, d2, d3, row, RB, H, b, branch, span0, z_smem):
 
 
 @gluon.jit
-def _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):
+def _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
+              STORE: gl.constexpr):
     # ACC: X (B, N, H, D, float32) += val (HALF rows x HEAD_DIM, fp32, a matrix-product layout) at the selected
-    # rows pos0 + (row0 + i) * r of head `head`, by pointer loads and stores in two column halves: each thread
-    # holds columns of both halves, so the split moves no data, and only half of the addresses are live at a time
+    # rows pos0 + (row0 + i) * r of head `head` (STORE: X = val there, nothing read), by pointer loads and stores
+    # in two column halves: each thread holds columns of both halves, so the split moves no data, and only half of
+    # the addresses are live at a time
     lo, hi = gl.split(gl.permute(gl.reshape(val, [HALF, 2, HEAD_DIM // 2]), [0, 2, 1]))
     rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, lo.type.layout))
     cols = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, lo.type.layout))
     base = X + b.to(gl.int64) * stride_b + head * HEAD_DIM
     offs = gl.expand_dims((pos0 + rows * r).to(gl.int64) * (H * HEAD_DIM), 1) + gl.expand_dims(cols, 0)
-    gl.store(base + offs, gl.load(base + offs) + lo)
-    gl.store(base + HEAD_DIM // 2 + offs, gl.load(base + HEAD_DIM // 2 + offs) + hi)
+    if STORE:
+        gl.store(base + offs, lo)
+        gl.store(base + HEAD_DIM // 2 + offs, hi)
+    else:
+        gl.store(base + offs, gl.load(base + offs) + lo)
+        gl.store(base + HEAD_DIM // 2 + offs, gl.load(base + HEAD_DIM // 2 + offs) + hi)
 
 
 @gluon.jit
@@ -465,7 +471,8 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #                     does not select, so dq, dk and dv need no memset
 #   ACC               "all" mode, one launch per branch: DQ (or DK, DV) are float32 and each tile adds its rows into
 #                     them by pointer loads and stores (_add_rows); a row is in one tile of a branch, so no two
-#                     programs of a launch touch it
+#                     programs of a launch touch it. ACC == 2: store instead of add (the first launch, of a branch
+#                     that selects every row of every head: the buffers need no zeroing)
 
 
 @gluon.jit
@@ -572,7 +579,7 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H,
         mbarrier.arrive(t_empty, count=1)
         c += n_k
         if ACC:
-            _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+            _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
         else:
             tma.store_wait(0)
             dq_out.store((dq * sm_scale).to(dtype))
@@ -747,8 +754,8 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TAB
             head = gl.load(row + 0)
             pos0 = gl.load(row + 2)
             r = gl.load(RB + br)
-            _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
-            _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+            _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+            _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
         else:
             # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
             tma.store_wait(0)

@@ -205,9 +205,19 @@ class TritonLowering:
         _ensure_allocator()  # the kernels make their tensor descriptors
         return table, (programs, q.shape[0]), self._tables[key_rb]
 
+    def _all_mode_order(self) -> list[tuple[int, bool]]:
+        """"all" mode's backward launches: (branch, store), a branch of dilation 1 first (in "all" mode it selects
+        every row of every head, so its launches store into the fp32 buffers, which then need no zeroing; the Gluon
+        kernels run only where every segment's selected rows are whole tiles), the others adding."""
+        dil = [int(b.dilation) for b in self.spec.branches]
+        first = dil.index(1) if 1 in dil else None
+        rest = [(i, False) for i in range(len(dil)) if i != first]
+        return ([(first, True)] if first is not None else []) + rest
+
     def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
-                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, branch=None):
-        """``branch`` given ("all" mode): only that branch's tiles, adding into ``dq`` (float32; ACC)."""
+                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, branch=None, store=False):
+        """``branch`` given ("all" mode): only that branch's tiles, adding into ``dq`` (float32; ACC; ``store``:
+        storing, ACC == 2)."""
         table, grid, dilations = self._gluon_launch_args("q", _GLUON_BWD_TILES, q, branch)
         if table.shape[0] == 0:
             return
@@ -218,12 +228,12 @@ class TritonLowering:
             HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DQ_STAGES[D], ZFILL=zfill,
             HAS_DLSE=dlse is not None, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4,
-            ACC=branch is not None)
+            ACC=0 if branch is None else 2 if store else 1)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS,
-                           stages=None, branch=None):
+                           stages=None, branch=None, store=False):
         """``ld``: lse and delta in one (2, B, H, N) buffer. ``branch`` given ("all" mode): only that branch's
-        tiles, adding into ``dk`` and ``dv`` (float32; ACC)."""
+        tiles, adding into ``dk`` and ``dv`` (float32; ACC; ``store``: storing, ACC == 2)."""
         table, grid, dilations = self._gluon_launch_args("k", _GLUON_BWD_TILES, q, branch)
         if table.shape[0] == 0:
             return
@@ -233,7 +243,7 @@ class TritonLowering:
             self.scale * math.log2(math.e), self.scale, q.stride(0), ld.stride(0), ld.stride(1), ld.stride(2),
             HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DKDV_STAGES[D], ZFILL=zfill, CAUSAL=self.causal,
-            CONSUMER_REGS=consumer_regs, num_warps=4, ACC=branch is not None)
+            CONSUMER_REGS=consumer_regs, num_warps=4, ACC=0 if branch is None else 2 if store else 1)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
@@ -414,11 +424,15 @@ class TritonLowering:
             ld[0].copy_(lse)
             if self.merge:
                 # one launch per branch, each adding into fp32 buffers (a row is in one tile of a branch); dq's
-                # launch writes the delta of the branch's rows that dk/dv's then reads
-                dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in (q, k, v))
-                for branch in range(self.spec.num_branches):
-                    self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, False, branch=branch)
-                    self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, False, branch=branch)
+                # launch writes the delta of the branch's rows that dk/dv's then reads. A branch that selects
+                # every row of every head (dilation 1) goes first and stores: the buffers need no zeroing
+                order = self._all_mode_order()
+                alloc = _uninitialized if order[0][1] else torch.zeros
+                dq, dk, dv = (alloc(t.shape, dtype=torch.float32, device=q.device) for t in (q, k, v))
+                for branch, store in order:
+                    self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, False, branch=branch,
+                                          store=store)
+                    self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, False, branch=branch, store=store)
                 return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
             # written in full where the tiles' spans cover every row (zero fill), else into zeros
             zfill_q = self._zfill("q", _GLUON_BWD_TILES, q.device)
