@@ -117,8 +117,9 @@ def time_naive(spec, N, D, dtype):
     return f, bench(fb, grad_to_none=[q, k, v])
 
 
-def time_pregathered(spec, N, D, dtype):
-    """SDPA per branch over contiguous (segments, heads, rows, D) tensors made beforehand."""
+def pregathered_inputs(spec, N, D, dtype):
+    """Per branch, q, k, v as contiguous (segments, heads, rows, D) tensors (made beforehand), and the gradients
+    of the outputs."""
     G = spec.num_branches
     tensors = []
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -127,7 +128,12 @@ def time_pregathered(spec, N, D, dtype):
         S, L = -(-N // b.segment_length), b.segment_length // b.dilation
         t = [torch.randn(S, heads, L, D, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3)]
         tensors.append(t)
-    douts = [torch.randn_like(t[0]) for t in tensors]
+    return tensors, [torch.randn_like(t[0]) for t in tensors]
+
+
+def time_pregathered(spec, N, D, dtype):
+    """SDPA per branch over contiguous (segments, heads, rows, D) tensors made beforehand."""
+    tensors, douts = pregathered_inputs(spec, N, D, dtype)
 
     def fwd():
         return [F.scaled_dot_product_attention(*t, is_causal=spec.causal) for t in tensors]

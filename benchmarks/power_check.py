@@ -37,15 +37,7 @@ def steps():
     def ours():
         q.grad = k.grad = v.grad = None
         attn(q, k, v).backward(dout)
-    G = spec.num_branches
-    g = torch.Generator(device="cuda").manual_seed(1)
-    tensors = []
-    for i, b in enumerate(spec.branches):
-        heads = bt.H // G + (1 if i < bt.H % G else 0)
-        S, L = N // b.segment_length, b.segment_length // b.dilation
-        tensors.append([torch.randn(S, heads, L, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-                        for _ in range(3)])
-    douts = [torch.randn_like(t[0]) for t in tensors]
+    tensors, douts = bt.pregathered_inputs(spec, N, D, torch.bfloat16)
 
     def pre():
         for t in tensors:
