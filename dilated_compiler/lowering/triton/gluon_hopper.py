@@ -57,6 +57,14 @@ DKDV_STAGES = {128: 3, 64: 3}    # Q/dO/lse/delta ring: 1.659 ms against 1.735 w
 # dv into fp32 buffers, in place of the tl kernels' atomics. On an H100 (four-branch N = 64K, bf16, H = 16, D = 128;
 # benchmarks/gluon_all_backward_experiment.py) the lowering's fwd+bwd 23.41 -> 18.31 ms, causal 16.98 -> 11.98
 ALL_MODE_BACKWARD = True
+# the grouped backward as bwd_delta + gluon_bwd_fused (dQ added by TMA reduce-adds into a few segments' float32
+# slots) in place of gluon_bwd_dq + gluon_bwd_dkdv, where head_dim is 128 and the slots take at most
+# FUSED_MAX_ACCUM bytes
+FUSED_BACKWARD = True
+FUSED_MAX_ACCUM = 128 << 20
+FUSED_STAGES = 2
+FUSED_CONSUMER_REGS = 240
+FUSED_SLOTS = None   # experiments: this many slots (at most one per segment) instead of the estimate
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -818,5 +826,339 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
                           dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem,
                           do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M, HALF, STAGES,
                           ZFILL, CAUSAL)),
+    ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
+
+
+# ---- the fused backward ------------------------------------------------------------------------------------------
+#
+# gluon_bwd_fused: dQ, dK and dV in one persistent launch over the 128-row key tiles (gluon_bwd_dkdv's walk), after
+# bwd_delta. Each step adds the fifth matrix product dQ = dS K to dk/dv's four, in place of gluon_bwd_dq's pass
+# (which recomputes S and dP: 3 products). Symbols beyond gluon_bwd_dkdv's:
+#   SYNC              int32: [0] the next tile to claim (programs claim tiles in table order: a tile waits only
+#                     for segments whose tiles were all claimed before it, so the waits end whichever programs are
+#                     resident), then OWNER[NSLOT] (the segment a slot holds), then COUNT[NSLOT] (its finished
+#                     tile halves)
+#   ACCUM             float32 (NSLOT * LMAX, HEAD_DIM): NSLOT slots of one segment's dQ rows each; segment s (its
+#                     number within the batch, b * NSEG + SEGT[tile, 0]) uses slot s % NSLOT once OWNER says s.
+#                     Memory: a few segments' rows, not N
+#   SEGT              per table row: the tile's segment number and twice its segment's tile count (the COUNT that
+#                     completes it)
+#   ds_smem           two buffers of a step's dS^T (128 keys x 64 queries): each consumer stores its 64 keys' half;
+#                     ds_ready says both are there; then dQ = dS K over all 128 keys, each consumer computing 64 of
+#                     the HEAD_DIM columns
+#   acc_desc          ACCUM's descriptor (64 x 32 fp32 blocks): a consumer's dQ columns go out as two TMA
+#                     reduce-adds per step from its out_smem buffer (seen as fp32)
+#   finish            the consumer half whose COUNT completes its segment reads the slot, writes dQ = sm_scale *
+#                     slot to the segment's rows, zeros the slot and hands it to segment s + NSLOT
+# Needs HEAD_DIM 128 (the consumers' column halves are whole 64-column swizzle blocks of K).
+
+import triton.language as tl
+from triton._C.libtriton import ir as _ir
+from triton.experimental.gluon.language._core import builtin as _builtin
+
+
+@_builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    # TMA reduce-add of a shared-memory tile into global memory (cp.reduce.async.bulk.tensor ... add); Gluon in this
+    # Triton release has the operation but no wrapper
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+@gluon.jit
+def _bulk_done(x):
+    # every thread: wait until its bulk asynchronous groups (TMA stores and reduce-adds) have completed in full (not
+    # only read their shared-memory source, as tma.store_wait does), then order the asynchronous proxy's global
+    # accesses with its own generic ones
+    return gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.b32 $0, $1;",
+                                     "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def bwd_delta(DO, OUT, LD, DLSE, R, N, H, stride_ld, HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr,
+              ROWS: tl.constexpr):
+    # delta[b, h, n] = rowsum(dO * O) - dlse for the rows (b, n, h) of (B, N, H, D), R = B*N*H of them; written at
+    # LD + stride_ld (LD: (2, B, H, N), lse then delta)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, HEAD_DIM)
+    m = rows < R
+    offs = rows.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :]
+    d = tl.sum(tl.load(DO + offs, mask=m[:, None], other=0.0).to(tl.float32)
+               * tl.load(OUT + offs, mask=m[:, None], other=0.0).to(tl.float32), axis=1)
+    h = rows % H
+    bn = rows // H
+    dst = ((bn // N) * H + h).to(tl.int64) * N + bn % N
+    if HAS_DLSE:
+        d -= tl.load(DLSE + dst, mask=m, other=0.0)
+    tl.store(LD + stride_ld + dst, d, mask=m)
+
+
+@gluon.jit
+def _fused_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, dk0, dk1,
+                    dk2, dk3, dv0, dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, SYNC, T, TB, H,
+                    k_smem, v_smem, q_smem, do_smem, ld_smem, z_smem, tile_smem, kv_ready, kv_empty, qd_ready,
+                    qd_empty, BLOCK_M: gl.constexpr, HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr,
+                    CAUSAL: gl.constexpr):
+    # _dkdv_producer's copies, for the tiles this program claims; each claimed tile's number goes to the consumers
+    # in tile_smem with its K/V phase, and -1 (with an empty phase) ends them
+    ld_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    t_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    idx = gl.arange(0, 2 * BLOCK_M, layout=ld_l)
+    which = idx // BLOCK_M   # 0: lse, 1: delta
+    steps = idx % BLOCK_M
+    c = 0
+    i = 0
+    t = gl.atomic_add(SYNC, 1)
+    while t < TB:
+        b = t // T
+        row = TABLE + (t - b * T) * NCOLS
+        br, combo, rbase = _tile_coords(row, RB, H)
+        row0 = gl.load(row + 4)
+        n_m = gl.cdiv(gl.load(row + 3), BLOCK_M)
+        if CAUSAL:
+            j0 = gl.load(row + 5) // BLOCK_M
+        else:
+            j0 = 0
+        r = gl.load(RB + br)
+        ld_base = LD + b.to(gl.int64) * stride_lb + gl.load(row + 0).to(gl.int64) * stride_lh + gl.load(row + 2)
+        mbarrier.wait(kv_empty, (i & 1) ^ 1)
+        tile_smem.store(gl.full([1], t, gl.int32, layout=t_l))
+        gl.thread_barrier()
+        _copy_in(k0, k1, k2, k3, br, b, combo, rbase + row0, kv_ready, k_smem, True)
+        _copy_in(v0, v1, v2, v3, br, b, combo, rbase + row0, kv_ready, v_smem, True)
+        for j in range(j0, n_m):
+            g = c + j - j0
+            st = g % STAGES
+            mbarrier.wait(qd_empty.index(st), ((g // STAGES) & 1) ^ 1)
+            async_copy.async_copy_global_to_shared(ld_smem.index(st),
+                                                   ld_base + which * stride_ld + (j * BLOCK_M + steps) * r)
+            async_copy.mbarrier_arrive(qd_ready.index(st), increment_count=False)
+            _copy_in(q0, q1, q2, q3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), q_smem.index(st), True)
+            _copy_in(o0, o1, o2, o3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), do_smem.index(st),
+                     True)
+        c += n_m - j0
+        if ZFILL:
+            own = gl.load(row + 2) % r
+            for o in range(0, r):
+                if o != own:
+                    zc = o * H + gl.load(row + 0)
+                    for half in gl.static_range(2):
+                        _copy_out(dq0, dq1, dq2, dq3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+                        _copy_out(dk0, dk1, dk2, dk3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+                        _copy_out(dv0, dv1, dv2, dv3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+        i += 1
+        t = gl.atomic_add(SYNC, 1)
+    mbarrier.wait(kv_empty, (i & 1) ^ 1)
+    tile_smem.store(gl.full([1], -1, gl.int32, layout=t_l))
+    gl.thread_barrier()
+    mbarrier.arrive(kv_ready, count=2)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _finish_dq(DQ, ACCUM, SYNC, slot, seq, NSLOT, b, head, pos0, r, L, H, sm_scale, stride_b, LMAX,
+               HEAD_DIM: gl.constexpr, dtype: gl.constexpr, SKIP: gl.constexpr):
+    # the segment's dQ: rows pos0 + i*r (i < L) of head `head` = sm_scale * slot row i; the slot back to zeros and
+    # to segment seq + NSLOT
+    fl: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+    CH: gl.constexpr = 64
+    rows = gl.arange(0, CH, layout=gl.SliceLayout(1, fl))
+    cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, fl)), 0)
+    base = ACCUM + (slot * LMAX).to(gl.int64) * HEAD_DIM
+    out = DQ + b.to(gl.int64) * stride_b + head * HEAD_DIM
+    for r0 in range(0, L if (SKIP & 2) == 0 else 0, CH):
+        i = gl.expand_dims(r0 + rows, 1)
+        src = base + i * HEAD_DIM + cols
+        x = gl.load(src)
+        gl.store(src, gl.zeros_like(x))
+        gl.store(out + (pos0 + i * r).to(gl.int64) * (H * HEAD_DIM) + cols, (x * sm_scale).to(dtype))
+    gl.thread_barrier()
+    gl.atomic_xchg(SYNC + 1 + NSLOT + slot, 0)
+    gl.atomic_xchg(SYNC + 1 + slot, seq + NSLOT, sem="release")
+
+
+@gluon.jit
+def _fused_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DQ, ACCUM, SEGT, SYNC, NSEG, NSLOT, LMAX, stride_b, TABLE,
+                    RB, T, H, qk_scale, sm_scale, acc_desc, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem,
+                    ds_smem, tile_smem, kv_ready, kv_empty, qd_ready, qd_empty, ds_ready, WG: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                    CAUSAL: gl.constexpr, SKIP: gl.constexpr):
+    dtype: gl.constexpr = k_smem.dtype
+    QCOLS: gl.constexpr = HEAD_DIM // 2   # the dQ columns this consumer computes
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, HEAD_DIM, 16])
+    dq_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                   instr_shape=[16, QCOLS, 16])
+    op_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    cols_l: gl.constexpr = gl.SliceLayout(0, s_l)
+    t_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    k_half = k_smem.slice(WG * HALF, HALF)
+    v_half = v_smem.slice(WG * HALF, HALF)
+    k_cols = k_smem.slice(WG * QCOLS, QCOLS, dim=1)
+    out = out_smem.index(WG)
+    # the same bytes as two (BLOCK_M, QCOLS // 2) fp32 blocks of ACCUM's descriptor
+    dq_bufs = out._reinterpret(gl.float32, [2, BLOCK_M, QCOLS // 2],
+                               gl.NVMMASharedLayout.get_default_for([BLOCK_M, QCOLS // 2], gl.float32))
+    c = 0
+    i = 0
+    mbarrier.wait(kv_ready, 0)
+    t = gl.max(tile_smem.load(t_l), axis=0)
+    while t >= 0:
+        b = t // T
+        tt = t - b * T
+        row = TABLE + tt * NCOLS
+        br, combo, rbase = _tile_coords(row, RB, H)
+        L = gl.load(row + 3)
+        row0 = gl.load(row + 4) + WG * HALF
+        n_m = gl.cdiv(L, BLOCK_M)
+        if CAUSAL:
+            j0 = gl.load(row + 5) // BLOCK_M
+            n_masked = gl.cdiv(gl.load(row + 6), BLOCK_M)
+            k_rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_l))
+        else:
+            j0 = 0
+        seq = b * NSEG + gl.load(SEGT + tt * 2)
+        slot = seq % NSLOT
+        acc_row0 = slot * LMAX
+        # the slot is this segment's once the segment NSLOT before it handed it on
+        owner = gl.atomic_add(SYNC + 1 + slot, 0, sem="acquire")
+        while owner != seq:
+            owner = gl.atomic_add(SYNC + 1 + slot, 0, sem="acquire")
+        _bulk_done(owner)
+        dk = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
+        dv = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
+        for j in range(j0, n_m):
+            g = c + j - j0
+            st = g % STAGES
+            mbarrier.wait(qd_ready.index(st), (g // STAGES) & 1)
+            q_t = q_smem.index(st)
+            do_t = do_smem.index(st)
+            st_tok = warpgroup_mma(k_half, q_t.permute((1, 0)), gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l),
+                                   use_acc=False, is_async=True)
+            dpt_tok = warpgroup_mma(v_half, do_t.permute((1, 0)),
+                                    gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l), use_acc=False,
+                                    is_async=True)
+            s_t = warpgroup_mma_wait(1, deps=(st_tok, ))
+            if CAUSAL:
+                s_t = _causal_st(s_t, j, n_masked, k_rows, BLOCK_M, cols_l)
+            lse = ld_smem.index(st).slice(0, BLOCK_M).load(cols_l)
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse2, 0))
+            dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_l), do_t, dv, is_async=True)
+            dp_t = warpgroup_mma_wait(1, deps=(dpt_tok, ))
+            delta = ld_smem.index(st).slice(BLOCK_M, BLOCK_M).load(cols_l)
+            ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0))).to(dtype)
+            dk_tok = warpgroup_mma(gl.convert_layout(ds_t, op_l), q_t, dk, is_async=True)
+            if SKIP & 4:
+                dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+                mbarrier.arrive(qd_empty.index(st), count=1)
+            else:
+                # this consumer's keys of dS^T into the step's buffer; dQ's product needs both halves
+                ds_b = ds_smem.index(g % 2)
+                ds_b.slice(WG * HALF, HALF).store(ds_t)
+                fence_async_shared()
+                gl.thread_barrier()
+                mbarrier.arrive(ds_ready.index(g % 2), count=1)
+                mbarrier.wait(ds_ready.index(g % 2), (g // 2) & 1)
+                dq_tok = warpgroup_mma(ds_b.permute((1, 0)), k_cols,
+                                       gl.zeros([BLOCK_M, QCOLS], gl.float32, layout=dq_l), use_acc=False,
+                                       is_async=True)
+                dv, dk, dq = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok))
+                mbarrier.arrive(qd_empty.index(st), count=1)
+                lo, hi = gl.split(gl.permute(gl.reshape(dq, [BLOCK_M, 2, QCOLS // 2]), [0, 2, 1]))
+                tma.store_wait(0)   # the previous step's reduce-adds have read the buffers
+                dq_bufs.index(0).store(lo)
+                dq_bufs.index(1).store(hi)
+                fence_async_shared()
+                if (SKIP & 1) == 0:
+                    _tma_reduce_add(acc_desc, [acc_row0 + j * BLOCK_M, WG * QCOLS], dq_bufs.index(0))
+                    _tma_reduce_add(acc_desc, [acc_row0 + j * BLOCK_M, WG * QCOLS + QCOLS // 2], dq_bufs.index(1))
+        mbarrier.arrive(kv_empty, count=1)
+        c += n_m - j0
+        tma.store_wait(0)
+        out.store((dk * sm_scale).to(dtype))
+        fence_async_shared()
+        _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out)
+        tma.store_wait(0)
+        out.store(dv.to(dtype))
+        fence_async_shared()
+        _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out)
+        # this half of the tile is done; the half that completes the segment writes its dQ
+        _bulk_done(slot)
+        gl.thread_barrier()
+        done = gl.atomic_add(SYNC + 1 + NSLOT + slot, 1, sem="acq_rel")
+        if done == gl.load(SEGT + tt * 2 + 1) - 1:
+            _finish_dq(DQ, ACCUM, SYNC, slot, seq, NSLOT, b, gl.load(row + 0), gl.load(row + 2), gl.load(RB + br), L,
+                       H, sm_scale, stride_b, LMAX, HEAD_DIM, dtype, SKIP)
+        i += 1
+        mbarrier.wait(kv_ready, i & 1)
+        t = gl.max(tile_smem.load(t_l), axis=0)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def gluon_bwd_fused(Q, K, V, DO, DQ, DK, DV, LD, ACCUM, SEGT, SYNC, TABLE, RB, T, B, N, H, NSEG, NSLOT, LMAX, qk_scale,
+                    sm_scale, stride_b, stride_ld, stride_lb, stride_lh, HEAD_DIM: gl.constexpr,
+                    BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr,
+                    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+                    SKIP: gl.constexpr = 0):
+    # LD: lse at LD[b, h, n], delta (bwd_delta's) at LD[stride_ld + b, h, n]; grid: at most one program per SM
+    dtype: gl.constexpr = Q.dtype.element_ty
+    HALF: gl.constexpr = BLOCK_N // 2
+    gl.static_assert(HEAD_DIM == 128, "the fused backward needs HEAD_DIM 128")
+    gl.static_assert(BLOCK_N == 2 * BLOCK_M, "dS^T's buffer is seen as square halves")
+    q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    o0, o1, o2, o3 = _branch_descs(DO, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
+    k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    dq0, dq1, dq2, dq3 = _branch_descs(DQ, RB, B, N, H, stride_b, HALF, HEAD_DIM)
+    dk0, dk1, dk2, dk3 = _branch_descs(DK, RB, B, N, H, stride_b, HALF, HEAD_DIM)
+    dv0, dv1, dv2, dv3 = _branch_descs(DV, RB, B, N, H, stride_b, HALF, HEAD_DIM)
+    a_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM // 4], gl.float32)
+    acc_desc = tma.make_tensor_descriptor(ACCUM, [NSLOT * LMAX, HEAD_DIM], [HEAD_DIM, 1], [BLOCK_M, HEAD_DIM // 4],
+                                          a_sl)
+    n_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    h_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, HEAD_DIM], dtype)
+    s_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], n_sl)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], n_sl)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], m_sl)
+    out_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], h_sl)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], s_sl)
+    ld_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2 * BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    tile_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    zl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    z_smem = gl.allocate_shared_memory(dtype, [HALF, HEAD_DIM], h_sl, value=gl.zeros([HALF, HEAD_DIM], dtype, zl))
+    fence_async_shared()
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    qd_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    qd_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=2)
+    mbarrier.init(kv_empty, count=2)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(qd_ready.index(st), count=2 + 4 * 32)
+        mbarrier.init(qd_empty.index(st), count=2)
+    for st in gl.static_range(2):
+        mbarrier.init(ds_ready.index(st), count=2)
+    TB = T * B
+    gl.warp_specialize([
+        (_fused_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DQ, ACCUM, SEGT, SYNC, NSEG, NSLOT, LMAX, stride_b,
+                           TABLE, RB, T, H, qk_scale, sm_scale, acc_desc, k_smem, v_smem, q_smem, do_smem, ld_smem,
+                           out_smem, ds_smem, tile_smem, kv_ready, kv_empty, qd_ready, qd_empty, ds_ready, 0,
+                           HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, SKIP)),
+        (_fused_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DQ, ACCUM, SEGT, SYNC, NSEG, NSLOT, LMAX, stride_b,
+                           TABLE, RB, T, H, qk_scale, sm_scale, acc_desc, k_smem, v_smem, q_smem, do_smem, ld_smem,
+                           out_smem, ds_smem, tile_smem, kv_ready, kv_empty, qd_ready, qd_empty, ds_ready, 1,
+                           HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, SKIP)),
+        (_fused_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, dk0,
+                           dk1, dk2, dk3, dv0, dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, SYNC, T,
+                           TB, H, k_smem, v_smem, q_smem, do_smem, ld_smem, z_smem, tile_smem, kv_ready, kv_empty,
+                           qd_ready, qd_empty, BLOCK_M, HALF, STAGES, ZFILL, CAUSAL)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 '''
