@@ -442,7 +442,7 @@ def test_gpu_against_reference(pattern, dtype, head_dim, mode, causal, poisoned)
 
 def _gluon_calls(lowering_module, monkeypatch):
     """The Gluon launches of a test, by kernel: {"fwd": [q shapes], "dq": [...], "dkdv": [...]}."""
-    calls = {"fwd": [], "dq": [], "dkdv": [], "fused": []}
+    calls = {"fwd": [], "dq": [], "dkdv": []}
 
     def record(name):
         launch = getattr(lowering_module.TritonLowering, f"_launch_gluon_{name}")
@@ -472,10 +472,7 @@ def test_gpu_gluon_kernels(dtype, N, batch, causal, head_dim, poisoned, monkeypa
     q, k, v = make_qkv(batch, N, 8, head_dim, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
     expected = [(batch, N, 8, head_dim)] if N % 2048 == 0 else []
-    # head_dim 128: the fused backward (gluon_hopper.FUSED_BACKWARD); 64: dq, then dk/dv
-    fused = expected if head_dim == 128 else []
-    split = [] if head_dim == 128 else expected
-    assert calls == {"fwd": expected, "dq": split, "dkdv": split, "fused": fused}
+    assert calls == {"fwd": expected, "dq": expected, "dkdv": expected}
 
 
 @pytest.mark.gpu
@@ -496,7 +493,7 @@ def test_gpu_gluon_all_mode_forward(dtype, batch, causal, head_dim, poisoned, mo
     attn = compile_attention(spec, backend="triton")
     q, k, v = make_qkv(batch, 4096, 6, head_dim, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
-    assert calls == {"fwd": [(batch, 4096, 6, head_dim)], "dq": [], "dkdv": [], "fused": []}
+    assert calls == {"fwd": [(batch, 4096, 6, head_dim)], "dq": [], "dkdv": []}
 
 
 @pytest.mark.gpu
@@ -521,7 +518,7 @@ def test_gpu_gluon_all_mode_backward(dtype, batch, causal, head_dim, dilations, 
     check_against_reference(attn, spec, q, k, v)
     shape = (batch, 4096, 6, head_dim)
     G = len(dilations)
-    assert calls == {"fwd": [shape], "dq": [shape] * G, "dkdv": [shape] * G, "fused": []}
+    assert calls == {"fwd": [shape], "dq": [shape] * G, "dkdv": [shape] * G}
 
 
 @pytest.mark.gpu
@@ -536,7 +533,7 @@ def test_gpu_gluon_forward_unaligned_inputs(poisoned, monkeypatch):
     q, k, v = (store[i, 1:1 + n].view(1, 1024, 4, 128).requires_grad_() for i in range(3))
     assert q.data_ptr() % 16 != 0
     check_against_reference(attn, spec, q, k, v)
-    assert calls == {"fwd": [], "dq": [], "dkdv": [], "fused": []}
+    assert calls == {"fwd": [], "dq": [], "dkdv": []}
 
 
 @pytest.mark.gpu
@@ -563,7 +560,7 @@ def test_gpu_gluon_backward_unaligned_gradient(poisoned, monkeypatch):
     assert_close(out, ref, torch.bfloat16, "out")
     for name, a, e in zip("qkv", grads, ref_grads):
         assert_close(a, e, torch.bfloat16, f"grad {name}", grad=True)
-    assert calls == {"fwd": [(1, 1024, 4, 128)], "dq": [], "dkdv": [], "fused": []}
+    assert calls == {"fwd": [(1, 1024, 4, 128)], "dq": [], "dkdv": []}
 
 
 @pytest.mark.gpu
@@ -655,4 +652,4 @@ def test_gpu_past_int32_offsets(causal, tail, poisoned, monkeypatch):
     from dilated_compiler.lowering.triton import gluon_hopper
     hopper = torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith(gluon_hopper.CHECKED_TRITON)
     expected = [(1, N, H, D)] if hopper and tail == 2048 else []
-    assert calls == {"fwd": expected, "dq": [], "dkdv": [], "fused": expected}  # head_dim 128: fused backward
+    assert calls == {"fwd": expected, "dq": expected, "dkdv": expected}

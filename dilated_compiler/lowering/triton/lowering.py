@@ -40,7 +40,7 @@ from . import autotune, gluon_hopper
 from .autotune import TileConfig, candidates, interpreting
 from .diskcache import load_module
 from .generator import generate_source, generator_fingerprint
-from .tables import persistent_order, segment_numbers, spans_cover, tile_table
+from .tables import persistent_order, spans_cover, tile_table
 
 __all__ = ["TritonLowering"]
 
@@ -245,64 +245,6 @@ class TritonLowering:
             STAGES=stages or gluon_hopper.DKDV_STAGES[D], ZFILL=zfill, CAUSAL=self.causal,
             CONSUMER_REGS=consumer_regs, num_warps=4, ACC=0 if branch is None else 2 if store else 1)
 
-    def fused_backward_unsupported(self, q: torch.Tensor) -> str | None:
-        """None if the grouped backward runs as bwd_delta + gluon_bwd_fused (the Gluon backward must run), else why
-        gluon_bwd_dq + gluon_bwd_dkdv run instead."""
-        if not gluon_hopper.FUSED_BACKWARD:
-            return "turned off (gluon_hopper.FUSED_BACKWARD)"
-        if self.merge:
-            return '"all" mode adds each branch into float32 buffers'
-        if self.head_dim != 128:
-            return "head_dim 128 only"
-        args = self._fused_args(q)
-        if args is None:
-            return "dQ's slots would pass gluon_hopper.FUSED_MAX_ACCUM bytes"
-        return None
-
-    def _fused_args(self, q: torch.Tensor):
-        """The fused backward's table (tile_table order: programs claim rows in turn), per-row segment numbers,
-        segments per batch, slots, rows per slot and programs; None where the slots would be too large."""
-        B = q.shape[0]
-        key = ("fused", B, q.device)
-        if key not in self._tables:
-            table = self._table("k", _GLUON_BWD_TILES, q.device).cpu()
-            segt, nseg = segment_numbers(table)
-            programs = min(table.shape[0] * B, _sm_count(q.device))
-            lmax = int(table[:, 3].max())
-            per_seg = int(torch.bincount(segt[:, 0].long()).min())
-            # at most two tiles per program are claimed and unfinished (one computing, one its producer loads),
-            # so about 2 * programs / per_seg segments are open at a time; a few more slots keep waits rare
-            nslot = min(nseg * B, -(-2 * programs // per_seg) + 4)
-            if gluon_hopper.FUSED_SLOTS:
-                nslot = min(nseg * B, gluon_hopper.FUSED_SLOTS)
-            if nslot * lmax * self.head_dim * 4 > gluon_hopper.FUSED_MAX_ACCUM:
-                self._tables[key] = None
-            else:
-                self._tables[key] = (table.to(q.device), segt.to(q.device), nseg, nslot, lmax, programs)
-        return self._tables[key]
-
-    def _launch_gluon_fused(self, q, k, v, dout, dq, dk, dv, ld, zfill, consumer_regs=None, stages=None, skip=0):
-        table, segt, nseg, nslot, lmax, programs = self._fused_args(q)
-        _, _, dilations = self._gluon_launch_args("k", _GLUON_BWD_TILES, q)
-        B, N, H, D = q.shape
-        accum = torch.zeros((nslot * lmax, D), dtype=torch.float32, device=q.device)
-        sync = torch.zeros(1 + 2 * nslot, dtype=torch.int32, device=q.device)
-        sync[1:1 + nslot] = torch.arange(nslot, dtype=torch.int32, device=q.device)
-        return self.gluon_kernels.gluon_bwd_fused[(programs,)](
-            q, k, v, dout, dq, dk, dv, ld, accum, segt, sync, table, dilations, table.shape[0], B, N, H, nseg,
-            nslot, lmax, self.scale * math.log2(math.e), self.scale, q.stride(0), ld.stride(0), ld.stride(1),
-            ld.stride(2), HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
-            STAGES=stages or gluon_hopper.FUSED_STAGES, ZFILL=zfill, CAUSAL=self.causal,
-            CONSUMER_REGS=consumer_regs or gluon_hopper.FUSED_CONSUMER_REGS, num_warps=4, SKIP=skip)
-
-    def _launch_delta(self, dout, out, ld, dlse):
-        B, N, H, D = out.shape
-        R = B * N * H
-        rows = 64
-        self.gluon_kernels.bwd_delta[(triton.cdiv(R, rows),)](
-            dout, out, ld, dlse if dlse is not None else ld, R, N, H, ld.stride(0), HAS_DLSE=dlse is not None,
-            HEAD_DIM=D, ROWS=rows)
-
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
             return
@@ -492,14 +434,6 @@ class TritonLowering:
                                           store=store)
                     self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, False, branch=branch, store=store)
                 return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-            if self.fused_backward_unsupported(q) is None:
-                # delta first (the fused kernel has no query-tile pass to write it); dq, dk, dv in one launch
-                self._launch_delta(dout, out, ld, dlse)
-                zfill = self._zfill("k", _GLUON_BWD_TILES, q.device)
-                dq, dk, dv = ((_uninitialized if zfill else torch.zeros)(t.shape, dtype=t.dtype, device=q.device)
-                              for t in (q, k, v))
-                self._launch_gluon_fused(q, k, v, dout, dq, dk, dv, ld, zfill)
-                return dq, dk, dv
             # written in full where the tiles' spans cover every row (zero fill), else into zeros
             zfill_q = self._zfill("q", _GLUON_BWD_TILES, q.device)
             dq = (_uninitialized if zfill_q else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)

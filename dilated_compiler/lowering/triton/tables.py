@@ -21,7 +21,7 @@ import torch
 
 from ...planner import Plan
 
-__all__ = ["COLUMNS", "tile_table", "persistent_order", "describe_columns", "spans_cover", "segment_numbers"]
+__all__ = ["COLUMNS", "tile_table", "persistent_order", "describe_columns", "spans_cover"]
 
 # Columns of a tile table, in order.
 COLUMNS = (
@@ -182,26 +182,3 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
         out[start + idle] = band[heavy]
         load[idle] += w[heavy]
     return table[out].contiguous()
-
-
-def segment_numbers(table: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """For the fused backward (one program per key tile, claimed in table order): per row, its segment's number
-    (segments numbered in their order in the table; a segment is a (head, branch, pos0) group) and twice the
-    segment's tile count (the kernel's two consumers each count a tile once), as a (T, 2) int32 table; and the
-    number of segments.
-
-    The kernel's waits end only if every segment's tiles sit before the next segment's in the table (a tile waits
-    for a segment numbered lower): tile_table keeps them together, and this checks it."""
-    T = table.shape[0]
-    if T == 0:
-        return torch.zeros((0, 2), dtype=torch.int32), 0
-    t = table.to(torch.int64)
-    _, group = torch.unique(t[:, [0, 1, 2]], dim=0, return_inverse=True)
-    starts = torch.ones(T, dtype=torch.bool)
-    starts[1:] = group[1:] != group[:-1]
-    seq = torch.cumsum(starts.to(torch.int64), 0) - 1
-    nseg = int(seq[-1]) + 1
-    if nseg != int(group.max()) + 1:
-        raise ValueError("a segment's tiles are not adjacent in the table (the fused backward's waits need them so)")
-    counts = torch.bincount(seq, minlength=nseg)
-    return torch.stack([seq, 2 * counts[seq]], dim=1).to(torch.int32).contiguous(), nseg
