@@ -177,6 +177,15 @@ def _copy_out(d0, d1, d2, d3, branch, b, combo, row, smem):
 
 
 @gluon.jit
+def _store_out(d0, d1, d2, d3, branch, b, combo, row, smem, val):
+    # val (registers) to selected rows: into smem once its previous TMA store has read it, then one TMA store
+    tma.store_wait(0)
+    smem.store(val)
+    fence_async_shared()
+    _copy_out(d0, d1, d2, d3, branch, b, combo, row, smem)
+
+
+@gluon.jit
 def _tile_coords(row, RB, H):
     head = gl.load(row + 0)
     branch = gl.load(row + 1)
@@ -364,10 +373,7 @@ def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lg, stride_
         c += n_k
         # epilogue: out through shared memory and a TMA store, lse by pointers
         out = acc / gl.expand_dims(gl.convert_layout(l_i, acc_rows), 1)
-        tma.store_wait(0)
-        o_half.store(out.to(dtype))
-        fence_async_shared()
-        _copy_out(o0, o1, o2, o3, br, b, combo, rbase + row0, o_half)
+        _store_out(o0, o1, o2, o3, br, b, combo, rbase + row0, o_half, out.to(dtype))
         rows = row0 + gl.arange(0, HALF, layout=rows_l)
         lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
         lse_ptr = LSE
@@ -581,10 +587,7 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H,
         if ACC:
             _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
         else:
-            tma.store_wait(0)
-            dq_out.store((dq * sm_scale).to(dtype))
-            fence_async_shared()
-            _copy_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out)
+            _store_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out, (dq * sm_scale).to(dtype))
     tma.store_wait(0)
 
 
@@ -758,14 +761,8 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TAB
             _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
         else:
             # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
-            tma.store_wait(0)
-            out.store((dk * sm_scale).to(dtype))
-            fence_async_shared()
-            _copy_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out)
-            tma.store_wait(0)
-            out.store(dv.to(dtype))
-            fence_async_shared()
-            _copy_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out)
+            _store_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out, (dk * sm_scale).to(dtype))
+            _store_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out, dv.to(dtype))
     tma.store_wait(0)
 
 
