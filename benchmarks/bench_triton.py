@@ -72,6 +72,22 @@ def inputs(N, D, dtype, grad=True):
     return [torch.randn(1, N, H, D, device="cuda", dtype=dtype, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
+def module_step(N, heads=H, causal=False):
+    """The four-branch grouped module (backend="triton") over random bf16 q, k, v (batch 1, D = 128) that need
+    gradients. Returns (attn, q, k, v, dout, step); step() runs one fwd+bwd and clears the gradients."""
+    attn = compile_attention(spec_for(FOUR, "grouped", causal), backend="triton")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, N, heads, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    dout = torch.randn_like(q)
+
+    def step():
+        attn(q, k, v).backward(dout)
+        for t in (q, k, v):
+            t.grad = None
+    return attn, q, k, v, dout, step
+
+
 def time_module(attn, N, D, dtype):
     q, k, v = inputs(N, D, dtype)
     dout = torch.randn_like(q)

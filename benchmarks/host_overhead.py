@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from dilated_compiler import AttentionSpec, Branch, compile_attention
-
-FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_triton as bt  # noqa: E402
 
 
 def host_ms(fn, calls):
@@ -40,21 +41,11 @@ def main():
     ap.add_argument("--N", type=int, default=16384)
     ap.add_argument("--calls", type=int, default=200)
     args = ap.parse_args()
-    spec = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR))
-    attn = compile_attention(spec, backend="triton")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, args.N, 16, 128, device="cuda", dtype=torch.bfloat16,
-                           generator=g).requires_grad_() for _ in range(3))
-    dout = torch.randn_like(q)
+    attn, q, k, v, dout, step = bt.module_step(args.N)
 
     def fwd():
         with torch.no_grad():
             attn(q, k, v)
-
-    def step():
-        attn(q, k, v).backward(dout)
-        for t in (q, k, v):
-            t.grad = None
     for _ in range(5):
         fwd()
         step()

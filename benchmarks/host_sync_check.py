@@ -9,30 +9,22 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dilated_compiler import AttentionSpec, Branch, compile_attention
-
-FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_triton as bt  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--N", type=int, default=16384)
     args = ap.parse_args()
-    attn = compile_attention(AttentionSpec(tuple(Branch(w, r) for w, r in FOUR)), backend="triton")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, args.N, 16, 128, device="cuda", dtype=torch.bfloat16,
-                           generator=g).requires_grad_() for _ in range(3))
-    dout = torch.randn_like(q)
-
-    def step():
-        attn(q, k, v).backward(dout)
-        for t in (q, k, v):
-            t.grad = None
+    *_, step = bt.module_step(args.N)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

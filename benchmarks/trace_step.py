@@ -10,13 +10,14 @@ Prints the last step's kernels and, over all steps, the step span against the su
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dilated_compiler import AttentionSpec, Branch, compile_attention
-
-FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_triton as bt  # noqa: E402
 
 
 def main():
@@ -26,17 +27,7 @@ def main():
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
-    spec = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR), causal=args.causal)
-    attn = compile_attention(spec, backend="triton")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, args.N, args.heads, 128, device="cuda", dtype=torch.bfloat16,
-                           generator=g).requires_grad_() for _ in range(3))
-    dout = torch.randn_like(q)
-
-    def step():
-        attn(q, k, v).backward(dout)
-        for t in (q, k, v):
-            t.grad = None
+    *_, step = bt.module_step(args.N, args.heads, args.causal)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
