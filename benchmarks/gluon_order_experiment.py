@@ -52,7 +52,7 @@ def set_order(low, q, heaviest_first: bool) -> None:
                         ("k", tl_lowering._GLUON_BWD_TILES)):
         table = low._table(kind, tiles, device)
         programs = min(table.shape[0], tl_lowering._sm_count(device))
-        key = ("persistent", kind, tiles.block, tiles.partner, None, device)
+        key = ("persistent", kind, tiles.block, tiles.partner, device)
         low._tables[key] = (table if heaviest_first else persistent_order(table.cpu(), programs,
                                                                           tiles.partner).to(device)), programs
         assert low._gluon_launch_args(kind, tiles, q)[0] is low._tables[key][0]

@@ -40,9 +40,9 @@ def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool) -> dic
     if kernel == "gluon_bwd_dq":
         return dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
                     ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4,
-                    ACC=0)
+                    ACC=0, PHASED=False)
     return dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
-                ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, ACC=0)
+                ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, ACC=0, PHASED=False)
 
 
 @pytest.mark.parametrize("kernel,head_dim,causal,has_dlse,dtype", [
@@ -70,9 +70,10 @@ def test_gluon_fwd_all_mode_compiles_without_spills(head_dim, causal):
     ("gluon_bwd_dkdv", 128, False, 1), ("gluon_bwd_dkdv", 128, True, 1), ("gluon_bwd_dkdv", 64, True, 1),
     ("gluon_bwd_dq", 128, False, 2), ("gluon_bwd_dkdv", 128, False, 2), ("gluon_bwd_dkdv", 64, True, 2)])
 def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal, acc):
-    """"all" mode's backward form (ACC: one launch per branch adding into float32 dq, dk, dv, or for the first,
-    storing: ACC 2; no zero fill), which the lowering runs where gluon_hopper.ALL_MODE_BACKWARD is set."""
-    consts = {**_constexprs(kernel, head_dim, causal, True), "ACC": acc, "ZFILL": False}
+    """"all" mode's backward form (ACC, PHASED: one launch over the branches in phases, adding into float32 dq, dk,
+    dv, or in the first phase storing: ACC 2; no zero fill), which the lowering runs where
+    gluon_hopper.ALL_MODE_BACKWARD is set."""
+    consts = {**_constexprs(kernel, head_dim, causal, True), "ACC": acc, "ZFILL": False, "PHASED": True}
     fp32 = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
     _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, "bf16", fp32))
 

@@ -116,8 +116,12 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
             self.name, self.kernel = name, getattr(low.gluon_kernels, name)
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(
-                (self.name, grid, inspect.signature(self.kernel.fn).bind(*args, **kwargs)))
+            def launch(*args, **kwargs):
+                options = {k: kwargs.pop(k) for k in ("launch_cooperative_grid",) if k in kwargs}
+                bound = inspect.signature(self.kernel.fn).bind(*args, **kwargs)
+                bound.arguments["launch options"] = options
+                launches.append((self.name, grid, bound))
+            return launch
     for name in ("gluon_fwd", "gluon_bwd_dq", "gluon_bwd_dkdv"):
         monkeypatch.setattr(low.gluon_kernels, name, Recorder(name))
     monkeypatch.setattr(triton_lowering.TritonLowering, "gluon_unsupported", lambda self, q, k, v, has_kpm, *m: None)
@@ -167,7 +171,8 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
         assert math.isclose(a["qk_scale"], D ** -0.5 * math.log2(math.e), rel_tol=1e-6)
         assert math.isclose(a["sm_scale"], D ** -0.5, rel_tol=1e-6)
         assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == regs and a["STAGES"] == stages
-        assert a["CAUSAL"] is False and a["ACC"] == 0
+        assert a["CAUSAL"] is False and a["ACC"] == 0 and a["PHASED"] is False and a["NPH"] == 1
+        assert a["launch options"] == {}
     assert (a1["BLOCK_M"], a1["BLOCK_N"]) == (a2["BLOCK_N"], a2["BLOCK_M"]) == (128, 64)
     launches.clear()
     low.backward(dout, None, q, k, v, out, lse, aux)
@@ -204,26 +209,29 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert a["LSE"] is aux_m is aux and aux.shape == (G, B, H, N) and a["stride_lg"] == B * H * N
     assert (a["stride_b"], a["stride_lb"], a["stride_lh"]) == (N * H * D, H * N, N)
     assert torch.isinf(aux).all()  # nothing ran: the kernel fills each branch's selected rows
-    # "all" mode's backward (ALL_MODE_BACKWARD, the default): dq and dk/dv once per branch, adding into float32
-    # buffers (ACC 1), each launch walking only its branch's tiles; the dilation-1 branch first, storing (ACC 2)
+    # "all" mode's backward (ALL_MODE_BACKWARD, the default): one dq and one dk/dv launch, each over every branch's
+    # tiles in phases (PHASED; a branch after another, the dilation-1 branch first and storing: ACC 2), adding into
+    # float32 buffers; cooperative (the phases' waits need every program resident), the batch folded into the walk
     assert gluon_hopper.ALL_MODE_BACKWARD is True
     for name in ("gluon_bwd_dq", "gluon_bwd_dkdv"):
         monkeypatch.setattr(low.gluon_kernels, name, Recorder(name))
     launches.clear()
     dq, dk, dv = low.backward(dout, dlse, q, k, v, out, lse_all, aux)
-    assert [n for n, _, _ in launches] == ["gluon_bwd_dq", "gluon_bwd_dkdv"] * G
+    assert [n for n, _, _ in launches] == ["gluon_bwd_dq", "gluon_bwd_dkdv"]
     assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
     full = {kind: tile_table(low.plan, kind, gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP) for kind in "qk"}
-    for i, (name, grid, bound) in enumerate(launches):
-        a, branch = bound.arguments, i // 2
-        part = full["q" if name == "gluon_bwd_dq" else "k"]
-        part = part[part[:, 1] == branch]
-        table = persistent_order(part, min(5, part.shape[0]), gluon_hopper.BWD_STEP)
-        assert grid == (min(5, part.shape[0]), B) and torch.equal(a["TABLE"].cpu(), table)
-        assert a["ACC"] == (2 if branch == 0 else 1) and a["ZFILL"] is False and a["CAUSAL"] is False
+    for name, grid, bound in launches:
+        a = bound.arguments
+        kind_table = full["q" if name == "gluon_bwd_dq" else "k"]
+        parts = [kind_table[kind_table[:, 1] == branch] for branch in range(G)]
+        assert grid == (5, 1) and a["launch options"] == {"launch_cooperative_grid": True}
+        table = torch.cat([persistent_order(part, 5, gluon_hopper.BWD_STEP) for part in parts])
+        assert torch.equal(a["TABLE"].cpu(), table) and a["T"] == table.shape[0] and a["B"] == B
+        assert a["PHASES"].tolist() == [0, *torch.tensor([p.shape[0] for p in parts]).cumsum(0).tolist()]
+        assert a["NPH"] == G and a["BAR"].tolist() == [0] * G and a["PHASED"] is True
+        assert a["ACC"] == 2 and a["ZFILL"] is False and a["CAUSAL"] is False
         for t in ((a["DQ"],) if name == "gluon_bwd_dq" else (a["DK"], a["DV"])):
             assert t.dtype == torch.float32 and t.shape == (B, N, H, D)
-    assert len({id(b.arguments["DQ"]) for n, _, b in launches if n == "gluon_bwd_dq"}) == 1  # one buffer
     # the order: a dilation-1 branch first (storing), then the others in spec order; none: all add into zeros
     orders = {}
     for dils in ((2, 1, 4), (2, 4), (1, 1, 2)):
@@ -503,9 +511,10 @@ def test_gpu_gluon_all_mode_forward(dtype, batch, causal, head_dim, poisoned, mo
     (torch.bfloat16, 1, True, 64, (1, 2, 4, 8)), (torch.bfloat16, 1, False, 128, (2, 1, 8, 4)),
     (torch.float16, 2, True, 64, (2, 4, 8))])
 def test_gpu_gluon_all_mode_backward(dtype, batch, causal, head_dim, dilations, poisoned, monkeypatch):
-    """gluon_hopper.ALL_MODE_BACKWARD (the default): "all" mode's backward as one dq and one dk/dv launch
-    per branch into float32 buffers: the dilation-1 branch first, storing (the buffers start as NaN here), the
-    others adding; without such a branch all add into zeros. Same results as the reference."""
+    """gluon_hopper.ALL_MODE_BACKWARD (the default): "all" mode's backward as one dq and one dk/dv launch, each
+    walking the branches in phases into float32 buffers: the dilation-1 branch first, storing (the buffers start
+    as NaN here), the others adding once the phase before is done; without such a branch all add into zeros.
+    Batch 2 folds the batch into the walk. Same results as the reference."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
@@ -517,8 +526,7 @@ def test_gpu_gluon_all_mode_backward(dtype, batch, causal, head_dim, dilations, 
     q, k, v = make_qkv(batch, 4096, 6, head_dim, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
     shape = (batch, 4096, 6, head_dim)
-    G = len(dilations)
-    assert calls == {"fwd": [shape], "dq": [shape] * G, "dkdv": [shape] * G}
+    assert calls == {"fwd": [shape], "dq": [shape], "dkdv": [shape]}  # one launch per pass
 
 
 @pytest.mark.gpu

@@ -18,8 +18,9 @@ and then ``gluon_bwd_dkdv`` (persistent over 128-row key tiles, each consumer ow
 query rows at a time with transposed products, as FA3 does).
 
 In "all" mode (every head in every branch) the forward writes each branch's out and lse (MERGE) for the
-lowering's ``dilated_merge``. That mode's backward runs the two backward kernels once per branch (ACC), adding
-into fp32 buffers (:data:`ALL_MODE_BACKWARD`; off, it runs on the tl kernels with atomics).
+lowering's ``dilated_merge``. That mode's backward runs each backward kernel once, over every branch's tiles in
+phases (ACC, PHASED: a phase per branch, adding into fp32 buffers once the phase before has; [Note: phases]);
+:data:`ALL_MODE_BACKWARD` off, it runs on the tl kernels with atomics.
 
 They compute exactly what ``dilated_fwd``, ``dilated_bwd_dq`` and ``dilated_bwd_dkdv`` compute (same tile tables,
 same arithmetic per tile) for the cases in :func:`unsupported_reason`; the lowering runs them where that returns
@@ -53,9 +54,10 @@ FWD_STAGES = {128: 2, 64: 2}     # K/V ring (128: no room for a third)
 DQ_STAGES = {128: 3, 64: 3}      # K/V ring; O read by pointers makes room: 1.122 ms against 1.158 with 2
 DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
 DKDV_STAGES = {128: 3, 64: 3}    # Q/dO/lse/delta ring: 1.659 ms against 1.735 with 2 (gluon_dkdv_experiment)
-# "all" mode's backward on gluon_bwd_dq and gluon_bwd_dkdv: one launch per branch (ACC), each adding its dq, dk and
-# dv into fp32 buffers, in place of the tl kernels' atomics. On an H100 (four-branch N = 64K, bf16, H = 16, D = 128;
-# benchmarks/gluon_all_backward_experiment.py) the lowering's fwd+bwd 23.41 -> 18.31 ms, causal 16.98 -> 11.98
+# "all" mode's backward on gluon_bwd_dq and gluon_bwd_dkdv: one launch per pass, a phase per branch adding its dq,
+# dk and dv into fp32 buffers (ACC, PHASED), in place of the tl kernels' atomics. On an H100 (four-branch N = 64K,
+# bf16, H = 16, D = 128; benchmarks/gluon_all_backward_experiment.py), as one launch per branch, the lowering's
+# fwd+bwd 23.41 -> 18.31 ms, causal 16.98 -> 11.98
 ALL_MODE_BACKWARD = True
 
 
@@ -258,6 +260,50 @@ def _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexp
     else:
         gl.store(base + offs, gl.load(base + offs) + lo)
         gl.store(base + HEAD_DIM // 2 + offs, gl.load(base + HEAD_DIM // 2 + offs) + hi)
+
+
+@gluon.jit
+def _phase(PHASES, p, T, B, pid, G, PHASED: gl.constexpr):
+    # [Note: phases] phase p's table rows [start, start + count) and how many of its tiles this program runs.
+    # PHASED: the batch is folded into the walk (tile idx of the phase: batch idx // count, row idx % count);
+    # else the whole table for the grid's batch index
+    if PHASED:
+        start = gl.load(PHASES + p)
+        count = gl.load(PHASES + p + 1) - start
+        n_mine = (count * B - pid + G - 1) // G
+    else:
+        start = 0
+        count = T
+        n_mine = (T - pid + G - 1) // G
+    return start, count, n_mine
+
+
+@gluon.jit
+def _walk_tile(TABLE, start, count, pid, i, G, b0, PHASED: gl.constexpr):
+    # the batch index and table row of this program's i-th tile of a phase
+    if PHASED:
+        idx = pid + i * G
+        b = idx // count
+        row = TABLE + (start + idx - b * count) * NCOLS
+    else:
+        b = b0
+        row = TABLE + (pid + i * G) * NCOLS
+    return b, row
+
+
+@gluon.jit
+def _grid_arrive(BAR):
+    # this consumer's writes of a phase are done (all its threads, then a release at GPU scope)
+    gl.thread_barrier()
+    gl.atomic_add(BAR, 1, sem="release")
+
+
+@gluon.jit
+def _grid_wait(BAR, target):
+    # until `target` consumers arrived (acquire): every write of the previous phase is visible
+    n = gl.atomic_add(BAR, 0, sem="acquire")
+    while n < target:
+        n = gl.atomic_add(BAR, 0, sem="acquire")
 
 
 @gluon.jit
@@ -475,46 +521,59 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #                     diagonal) on, masked before mid
 #   ZFILL             as in the forward: the producer writes zeros to the rows of the tile's span that its branch
 #                     does not select, so dq, dk and dv need no memset
-#   ACC               "all" mode, one launch per branch: DQ (or DK, DV) are float32 and each tile adds its rows into
-#                     them by pointer loads and stores (_add_rows); a row is in one tile of a branch, so no two
-#                     programs of a launch touch it. ACC == 2: store instead of add (the first launch, of a branch
-#                     that selects every row of every head: the buffers need no zeroing)
+#   ACC               "all" mode: DQ (or DK, DV) are float32 and each tile adds its rows into them by pointer
+#                     loads and stores (_add_rows). ACC == 2: the first phase stores instead (a branch that selects
+#                     every row of every head: the buffers need no zeroing)
+#   PHASED            [Note: phases] "all" mode's one launch per pass: TABLE holds the branches' tiles one branch
+#                     after another, phase ph in rows [PHASES[ph], PHASES[ph + 1]), the batch folded into the walk.
+#                     A row is in one tile of a branch, so no two tiles of a phase touch it; across phases, a
+#                     consumer's first write of phase ph waits until all 2G consumers arrived on BAR[ph - 1] (each
+#                     arrives after its last write of a phase). Only the writes wait: a program computes its first
+#                     tile of the next phase meanwhile. The spin-waits need every program resident: the lowering
+#                     launches PHASED grids cooperatively (launch_cooperative_grid), at most one program per SM
 
 
 @gluon.jit
 def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE, RB,
-                 T, H, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
-    b = gl.program_id(1)
+                 T, B, H, PHASES, NPH, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
+                 PHASED: gl.constexpr):
+    b0 = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
-    n_mine = (T - pid + G - 1) // G
     c = 0
-    for i in range(n_mine):
-        row = TABLE + (pid + i * G) * NCOLS
-        br, combo, rbase = _tile_coords(row, RB, H)
-        row0 = gl.load(row + 4)
-        n_k, _ = _key_walk(row, BLOCK_N, CAUSAL)
-        mbarrier.wait(t_empty, (i & 1) ^ 1)
-        _copy_in(q0, q1, q2, q3, br, b, combo, rbase + row0, t_ready, q_smem, True)
-        _copy_in(do0, do1, do2, do3, br, b, combo, rbase + row0, t_ready, do_smem, True)
-        for j in range(n_k):
-            g = c + j
-            st = g % STAGES
-            mbarrier.wait(kv_empty.index(st), ((g // STAGES) & 1) ^ 1)
-            _copy_in(k0, k1, k2, k3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), k_smem.index(st), True)
-            _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), v_smem.index(st), True)
-        c += n_k
-        if ZFILL:
-            _zero_gaps(dq0, dq1, dq2, dq3, row, RB, H, b, br, rbase + row0, z_smem)
+    it = 0
+    for ph in range(NPH if PHASED else 1):
+        start, count, n_mine = _phase(PHASES, ph, T, B, pid, G, PHASED)
+        for i in range(n_mine):
+            b, row = _walk_tile(TABLE, start, count, pid, i, G, b0, PHASED)
+            br, combo, rbase = _tile_coords(row, RB, H)
+            row0 = gl.load(row + 4)
+            n_k, _ = _key_walk(row, BLOCK_N, CAUSAL)
+            mbarrier.wait(t_empty, ((it if PHASED else i) & 1) ^ 1)
+            _copy_in(q0, q1, q2, q3, br, b, combo, rbase + row0, t_ready, q_smem, True)
+            _copy_in(do0, do1, do2, do3, br, b, combo, rbase + row0, t_ready, do_smem, True)
+            for j in range(n_k):
+                g = c + j
+                st = g % STAGES
+                mbarrier.wait(kv_empty.index(st), ((g // STAGES) & 1) ^ 1)
+                _copy_in(k0, k1, k2, k3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), k_smem.index(st),
+                         True)
+                _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), v_smem.index(st),
+                         True)
+            c += n_k
+            it += 1
+            if ZFILL:
+                _zero_gaps(dq0, dq1, dq2, dq3, row, RB, H, b, br, rbase + row0, z_smem)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale, stride_b,
-                 stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty, kv_ready, kv_empty,
-                 WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr):
+def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH, BAR, qk_scale,
+                 sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty,
+                 kv_ready, kv_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
+                 ACC: gl.constexpr, PHASED: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, dP: (HALF queries, BLOCK_N keys); dQ: (HALF queries, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -525,77 +584,92 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H,
     rows_l: gl.constexpr = gl.SliceLayout(1, s_l)
     cols_l: gl.constexpr = gl.SliceLayout(0, s_l)
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    b = gl.program_id(1)
+    b0 = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
-    n_mine = (T - pid + G - 1) // G
     q_half = q_smem.slice(WG * HALF, HALF)
     do_half = do_smem.slice(WG * HALF, HALF)
     dq_out = dq_smem.index(WG)
     c = 0
-    for i in range(n_mine):
-        row = TABLE + (pid + i * G) * NCOLS
-        br, combo, rbase = _tile_coords(row, RB, H)
-        head = gl.load(row + 0)
-        pos0 = gl.load(row + 2)
-        row0 = gl.load(row + 4) + WG * HALF
-        r = gl.load(RB + br)
-        n_k, n_full = _key_walk(row, BLOCK_N, CAUSAL)
-        if CAUSAL:
-            q_rows = row0 + gl.arange(0, HALF, layout=rows_l)
-        offs = b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + (row0 + gl.arange(0, HALF,
-                                                                                                     layout=rows_l)) * r
-        lse = gl.load(LSE + offs)
-        lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        # O's rows by pointers, issued before the wait (its shared buffer would cost the K/V ring a stage)
-        o_rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, blk))
-        o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blk))
-        o_ptrs = (OUT + b.to(gl.int64) * stride_b
-                  + (pos0 + gl.expand_dims(o_rows, 1) * r).to(gl.int64) * (H * HEAD_DIM)
-                  + head * HEAD_DIM + gl.expand_dims(o_cols, 0))
-        o_val = gl.load(o_ptrs)
-        mbarrier.wait(t_ready, i & 1)
-        # delta = rowsum(dO * O) - dlse of these rows, for this kernel and for dk/dv
-        prod = do_half.load(blk).to(gl.float32) * o_val.to(gl.float32)
-        delta = gl.convert_layout(gl.sum(prod, axis=1), rows_l)
-        if HAS_DLSE:
-            delta = delta - gl.load(DLSE + offs)
-        gl.store(DELTA + offs, delta)
-        dq = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
-        for j in range(n_k):
-            g = c + j
-            st = g % STAGES
-            k_t = k_smem.index(st)
-            mbarrier.wait(kv_ready.index(st), (g // STAGES) & 1)
-            s_tok = warpgroup_mma(q_half, k_t.permute((1, 0)),
-                                  gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
-                                  is_async=True)
-            dp_tok = warpgroup_mma(do_half, v_smem.index(st).permute((1, 0)),
-                                   gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
-                                   is_async=True)
-            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+    it = 0
+    for ph in range(NPH if PHASED else 1):
+        start, count, n_mine = _phase(PHASES, ph, T, B, pid, G, PHASED)
+        for i in range(n_mine):
+            b, row = _walk_tile(TABLE, start, count, pid, i, G, b0, PHASED)
+            br, combo, rbase = _tile_coords(row, RB, H)
+            head = gl.load(row + 0)
+            pos0 = gl.load(row + 2)
+            row0 = gl.load(row + 4) + WG * HALF
+            r = gl.load(RB + br)
+            n_k, n_full = _key_walk(row, BLOCK_N, CAUSAL)
             if CAUSAL:
-                s = _causal_s(s, j, n_full, q_rows, BLOCK_N, cols_l)
-            p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
-            dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
-            ds = p * (dp - gl.expand_dims(delta, 1))
-            dq_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_l), k_t, dq, is_async=True)
-            dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
-            mbarrier.arrive(kv_empty.index(st), count=1)
-        mbarrier.arrive(t_empty, count=1)
-        c += n_k
-        if ACC:
-            _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
-        else:
-            _store_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out, (dq * sm_scale).to(dtype))
+                q_rows = row0 + gl.arange(0, HALF, layout=rows_l)
+            offs = (b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0
+                    + (row0 + gl.arange(0, HALF, layout=rows_l)) * r)
+            lse = gl.load(LSE + offs)
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            # O's rows by pointers, issued before the wait (its shared buffer would cost the K/V ring a stage)
+            o_rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, blk))
+            o_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, blk))
+            o_ptrs = (OUT + b.to(gl.int64) * stride_b
+                      + (pos0 + gl.expand_dims(o_rows, 1) * r).to(gl.int64) * (H * HEAD_DIM)
+                      + head * HEAD_DIM + gl.expand_dims(o_cols, 0))
+            o_val = gl.load(o_ptrs)
+            mbarrier.wait(t_ready, (it if PHASED else i) & 1)
+            # delta = rowsum(dO * O) - dlse of these rows, for this kernel and for dk/dv
+            prod = do_half.load(blk).to(gl.float32) * o_val.to(gl.float32)
+            delta = gl.convert_layout(gl.sum(prod, axis=1), rows_l)
+            if HAS_DLSE:
+                delta = delta - gl.load(DLSE + offs)
+            gl.store(DELTA + offs, delta)
+            dq = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
+            for j in range(n_k):
+                g = c + j
+                st = g % STAGES
+                k_t = k_smem.index(st)
+                mbarrier.wait(kv_ready.index(st), (g // STAGES) & 1)
+                s_tok = warpgroup_mma(q_half, k_t.permute((1, 0)),
+                                      gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
+                                      is_async=True)
+                dp_tok = warpgroup_mma(do_half, v_smem.index(st).permute((1, 0)),
+                                       gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False,
+                                       is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s_tok, ))
+                if CAUSAL:
+                    s = _causal_s(s, j, n_full, q_rows, BLOCK_N, cols_l)
+                p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+                dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+                ds = p * (dp - gl.expand_dims(delta, 1))
+                dq_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_l), k_t, dq, is_async=True)
+                dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+                mbarrier.arrive(kv_empty.index(st), count=1)
+            mbarrier.arrive(t_empty, count=1)
+            c += n_k
+            it += 1
+            if ACC:
+                if PHASED:
+                    # [Note: phases] a row's earlier phases first: all of phase ph - 1 before this phase's first write
+                    if i == 0:
+                        if ph > 0:
+                            _grid_wait(BAR + ph - 1, 2 * G)
+                    if ph == 0:
+                        _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+                    else:
+                        _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, False)
+                else:
+                    _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+            else:
+                _store_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out, (dq * sm_scale).to(dtype))
+        if PHASED:
+            _grid_arrive(BAR + ph)
     tma.store_wait(0)
 
 
 @gluon.jit
-def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b,
-                 stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, PHASES, NPH, BAR, qk_scale, sm_scale,
+                 stride_b, stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
-                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr):
+                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr, PHASED: gl.constexpr):
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -625,76 +699,83 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
         mbarrier.init(kv_ready.index(st), count=2)
         mbarrier.init(kv_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale,
-                        stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty,
-                        kv_ready, kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, ACC)),
-        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, H, qk_scale, sm_scale,
-                        stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty,
-                        kv_ready, kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL, ACC)),
+        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH, BAR,
+                        qk_scale, sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem,
+                        t_ready, t_empty, kv_ready, kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL,
+                        ACC, PHASED)),
+        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH, BAR,
+                        qk_scale, sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem,
+                        t_ready, t_empty, kv_ready, kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL,
+                        ACC, PHASED)),
         (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE,
-                        RB, T, H, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
-                        BLOCK_N, STAGES, ZFILL, CAUSAL)),
+                        RB, T, B, H, PHASES, NPH, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready,
+                        kv_empty, BLOCK_N, STAGES, ZFILL, CAUSAL, PHASED)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 
 
 @gluon.jit
 def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0, dv1, dv2,
-                   dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem, do_smem,
-                   ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M: gl.constexpr,
-                   HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
+                   dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, B, H, PHASES, NPH, k_smem, v_smem, q_smem,
+                   do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M: gl.constexpr,
+                   HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
+                   PHASED: gl.constexpr):
     # per step: the 64 queries' lse and delta (strided by r: no TMA) by cp.async into the step's ld_smem slot, one
     # element per thread, each thread arriving on qd_ready when its copy lands; then Q and dO by TMA
     ld_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     idx = gl.arange(0, 2 * BLOCK_M, layout=ld_l)
     which = idx // BLOCK_M   # 0: lse, 1: delta
     steps = idx % BLOCK_M
-    b = gl.program_id(1)
+    b0 = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
-    n_mine = (T - pid + G - 1) // G
     c = 0
-    for i in range(n_mine):
-        row = TABLE + (pid + i * G) * NCOLS
-        br, combo, rbase = _tile_coords(row, RB, H)
-        row0 = gl.load(row + 4)
-        n_m = gl.cdiv(gl.load(row + 3), BLOCK_M)
-        if CAUSAL:
-            j0 = gl.load(row + 5) // BLOCK_M  # query steps before lo see none of the tile's keys
-        else:
-            j0 = 0
-        r = gl.load(RB + br)
-        ld_base = LD + b.to(gl.int64) * stride_lb + gl.load(row + 0).to(gl.int64) * stride_lh + gl.load(row + 2)
-        mbarrier.wait(kv_empty, (i & 1) ^ 1)
-        _copy_in(k0, k1, k2, k3, br, b, combo, rbase + row0, kv_ready, k_smem, True)
-        _copy_in(v0, v1, v2, v3, br, b, combo, rbase + row0, kv_ready, v_smem, True)
-        for j in range(j0, n_m):
-            g = c + j - j0
-            st = g % STAGES
-            mbarrier.wait(qd_empty.index(st), ((g // STAGES) & 1) ^ 1)
-            async_copy.async_copy_global_to_shared(ld_smem.index(st),
-                                                   ld_base + which * stride_ld + (j * BLOCK_M + steps) * r)
-            async_copy.mbarrier_arrive(qd_ready.index(st), increment_count=False)
-            _copy_in(q0, q1, q2, q3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), q_smem.index(st), True)
-            _copy_in(o0, o1, o2, o3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), do_smem.index(st),
-                     True)
-        c += n_m - j0
-        if ZFILL:
-            # _zero_gaps for dK and dV in one pass (two calls: the producer's 32 registers spill more)
-            own = gl.load(row + 2) % r
-            for o in range(0, r):
-                if o != own:
-                    zc = o * H + gl.load(row + 0)
-                    for half in gl.static_range(2):
-                        _copy_out(dk0, dk1, dk2, dk3, br, b, zc, rbase + row0 + half * HALF, z_smem)
-                        _copy_out(dv0, dv1, dv2, dv3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+    it = 0
+    for ph in range(NPH if PHASED else 1):
+        start, count, n_mine = _phase(PHASES, ph, T, B, pid, G, PHASED)
+        for i in range(n_mine):
+            b, row = _walk_tile(TABLE, start, count, pid, i, G, b0, PHASED)
+            br, combo, rbase = _tile_coords(row, RB, H)
+            row0 = gl.load(row + 4)
+            n_m = gl.cdiv(gl.load(row + 3), BLOCK_M)
+            if CAUSAL:
+                j0 = gl.load(row + 5) // BLOCK_M  # query steps before lo see none of the tile's keys
+            else:
+                j0 = 0
+            r = gl.load(RB + br)
+            ld_base = LD + b.to(gl.int64) * stride_lb + gl.load(row + 0).to(gl.int64) * stride_lh + gl.load(row + 2)
+            mbarrier.wait(kv_empty, ((it if PHASED else i) & 1) ^ 1)
+            _copy_in(k0, k1, k2, k3, br, b, combo, rbase + row0, kv_ready, k_smem, True)
+            _copy_in(v0, v1, v2, v3, br, b, combo, rbase + row0, kv_ready, v_smem, True)
+            for j in range(j0, n_m):
+                g = c + j - j0
+                st = g % STAGES
+                mbarrier.wait(qd_empty.index(st), ((g // STAGES) & 1) ^ 1)
+                async_copy.async_copy_global_to_shared(ld_smem.index(st),
+                                                       ld_base + which * stride_ld + (j * BLOCK_M + steps) * r)
+                async_copy.mbarrier_arrive(qd_ready.index(st), increment_count=False)
+                _copy_in(q0, q1, q2, q3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), q_smem.index(st), True)
+                _copy_in(o0, o1, o2, o3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), do_smem.index(st),
+                         True)
+            c += n_m - j0
+            it += 1
+            if ZFILL:
+                # _zero_gaps for dK and dV in one pass (two calls: the producer's 32 registers spill more)
+                own = gl.load(row + 2) % r
+                for o in range(0, r):
+                    if o != own:
+                        zc = o * H + gl.load(row + 0)
+                        for half in gl.static_range(2):
+                            _copy_out(dk0, dk1, dk2, dk3, br, b, zc, rbase + row0 + half * HALF, z_smem)
+                            _copy_out(dv0, dv1, dv2, dv3, br, b, zc, rbase + row0 + half * HALF, z_smem)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale, sm_scale,
-                   k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready, qd_empty,
-                   WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr, BLOCK_M: gl.constexpr,
-                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr):
+def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, B, H, PHASES, NPH, BAR,
+                   qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty,
+                   qd_ready, qd_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
+                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr,
+                   PHASED: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
     # S^T, dP^T: (HALF keys, BLOCK_M queries); dK, dV: (HALF keys, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -703,74 +784,91 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TAB
                                                     instr_shape=[16, HEAD_DIM, 16])
     op_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
     cols_l: gl.constexpr = gl.SliceLayout(0, s_l)
-    b = gl.program_id(1)
+    b0 = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
-    n_mine = (T - pid + G - 1) // G
     k_half = k_smem.slice(WG * HALF, HALF)
     v_half = v_smem.slice(WG * HALF, HALF)
     out = out_smem.index(WG)
     c = 0
-    for i in range(n_mine):
-        row = TABLE + (pid + i * G) * NCOLS
-        br, combo, rbase = _tile_coords(row, RB, H)
-        L = gl.load(row + 3)
-        row0 = gl.load(row + 4) + WG * HALF
-        n_m = gl.cdiv(L, BLOCK_M)
-        if CAUSAL:
-            j0 = gl.load(row + 5) // BLOCK_M
-            n_masked = gl.cdiv(gl.load(row + 6), BLOCK_M)  # query steps before n_masked need masks
-            k_rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_l))
-        else:
-            j0 = 0
-        dk = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
-        dv = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
-        mbarrier.wait(kv_ready, i & 1)
-        for j in range(j0, n_m):
-            g = c + j - j0
-            st = g % STAGES
-            mbarrier.wait(qd_ready.index(st), (g // STAGES) & 1)
-            q_t = q_smem.index(st)
-            do_t = do_smem.index(st)
-            # S^T and dP^T issued together; the softmax of S^T runs while dP^T is computed (FA3's order)
-            st_tok = warpgroup_mma(k_half, q_t.permute((1, 0)), gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l),
-                                   use_acc=False, is_async=True)
-            dpt_tok = warpgroup_mma(v_half, do_t.permute((1, 0)),
-                                    gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l), use_acc=False,
-                                    is_async=True)
-            s_t = warpgroup_mma_wait(1, deps=(st_tok, ))
+    it = 0
+    for ph in range(NPH if PHASED else 1):
+        start, count, n_mine = _phase(PHASES, ph, T, B, pid, G, PHASED)
+        for i in range(n_mine):
+            b, row = _walk_tile(TABLE, start, count, pid, i, G, b0, PHASED)
+            br, combo, rbase = _tile_coords(row, RB, H)
+            L = gl.load(row + 3)
+            row0 = gl.load(row + 4) + WG * HALF
+            n_m = gl.cdiv(L, BLOCK_M)
             if CAUSAL:
-                s_t = _causal_st(s_t, j, n_masked, k_rows, BLOCK_M, cols_l)
-            lse = ld_smem.index(st).slice(0, BLOCK_M).load(cols_l)
-            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse2, 0))
-            dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_l), do_t, dv, is_async=True)
-            dp_t = warpgroup_mma_wait(1, deps=(dpt_tok, ))
-            delta = ld_smem.index(st).slice(BLOCK_M, BLOCK_M).load(cols_l)
-            ds_t = p_t * (dp_t - gl.expand_dims(delta, 0))
-            dk_tok = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_l), q_t, dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-            mbarrier.arrive(qd_empty.index(st), count=1)
-        mbarrier.arrive(kv_empty, count=1)
-        c += n_m - j0
-        if ACC:
-            head = gl.load(row + 0)
-            pos0 = gl.load(row + 2)
-            r = gl.load(RB + br)
-            _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
-            _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
-        else:
-            # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
-            _store_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out, (dk * sm_scale).to(dtype))
-            _store_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out, dv.to(dtype))
+                j0 = gl.load(row + 5) // BLOCK_M
+                n_masked = gl.cdiv(gl.load(row + 6), BLOCK_M)  # query steps before n_masked need masks
+                k_rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_l))
+            else:
+                j0 = 0
+            dk = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
+            dv = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
+            mbarrier.wait(kv_ready, (it if PHASED else i) & 1)
+            for j in range(j0, n_m):
+                g = c + j - j0
+                st = g % STAGES
+                mbarrier.wait(qd_ready.index(st), (g // STAGES) & 1)
+                q_t = q_smem.index(st)
+                do_t = do_smem.index(st)
+                # S^T and dP^T issued together; the softmax of S^T runs while dP^T is computed (FA3's order)
+                st_tok = warpgroup_mma(k_half, q_t.permute((1, 0)), gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l),
+                                       use_acc=False, is_async=True)
+                dpt_tok = warpgroup_mma(v_half, do_t.permute((1, 0)),
+                                        gl.zeros([HALF, BLOCK_M], gl.float32, layout=s_l), use_acc=False,
+                                        is_async=True)
+                s_t = warpgroup_mma_wait(1, deps=(st_tok, ))
+                if CAUSAL:
+                    s_t = _causal_st(s_t, j, n_masked, k_rows, BLOCK_M, cols_l)
+                lse = ld_smem.index(st).slice(0, BLOCK_M).load(cols_l)
+                lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse2, 0))
+                dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_l), do_t, dv, is_async=True)
+                dp_t = warpgroup_mma_wait(1, deps=(dpt_tok, ))
+                delta = ld_smem.index(st).slice(BLOCK_M, BLOCK_M).load(cols_l)
+                ds_t = p_t * (dp_t - gl.expand_dims(delta, 0))
+                dk_tok = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_l), q_t, dk, is_async=True)
+                dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+                mbarrier.arrive(qd_empty.index(st), count=1)
+            mbarrier.arrive(kv_empty, count=1)
+            c += n_m - j0
+            it += 1
+            if ACC:
+                head = gl.load(row + 0)
+                pos0 = gl.load(row + 2)
+                r = gl.load(RB + br)
+                if PHASED:
+                    # [Note: phases]
+                    if i == 0:
+                        if ph > 0:
+                            _grid_wait(BAR + ph - 1, 2 * G)
+                    if ph == 0:
+                        _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+                        _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+                    else:
+                        _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, False)
+                        _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, False)
+                else:
+                    _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+                    _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+            else:
+                # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
+                _store_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out, (dk * sm_scale).to(dtype))
+                _store_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out, dv.to(dtype))
+        if PHASED:
+            _grid_arrive(BAR + ph)
     tma.store_wait(0)
 
 
 @gluon.jit
-def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_scale, stride_b, stride_ld, stride_lb,
-                   stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                   STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                   num_warps: gl.constexpr, ACC: gl.constexpr):
+def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, PHASES, NPH, BAR, qk_scale, sm_scale, stride_b,
+                   stride_ld, stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr, PHASED: gl.constexpr):
     # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
@@ -805,15 +903,15 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, qk_scale, sm_
         mbarrier.init(qd_ready.index(st), count=2 + 4 * 32)
         mbarrier.init(qd_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale,
-                          sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready,
-                          qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC)),
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, H, qk_scale,
-                          sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty, qd_ready,
-                          qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, B, H, PHASES, NPH,
+                          BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready,
+                          kv_empty, qd_ready, qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC, PHASED)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, B, H, PHASES, NPH,
+                          BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready,
+                          kv_empty, qd_ready, qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC, PHASED)),
         (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0,
-                          dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, H, k_smem, v_smem, q_smem,
-                          do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M, HALF, STAGES,
-                          ZFILL, CAUSAL)),
+                          dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, B, H, PHASES, NPH, k_smem,
+                          v_smem, q_smem, do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M,
+                          HALF, STAGES, ZFILL, CAUSAL, PHASED)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 '''

@@ -10,8 +10,8 @@ Per pass, one launch covers every branch, segment, head and tile of the plan, dr
 * backward: ``dilated_bwd_dq`` (which also computes delta = rowsum(dO * O) - dlse of its rows), then
   ``dilated_bwd_dkdv``. Recomputes the probabilities; nothing of size N*w is ever stored. Grouped calls that run
   ``gluon_fwd`` run ``gluon_bwd_dq`` and ``gluon_bwd_dkdv`` instead (same structure, same results); in "all" mode
-  they run once per branch and pass, adding into fp32 buffers (``gluon_hopper.ALL_MODE_BACKWARD``), where the tl
-  kernels add over the branches with atomics.
+  each runs once over all branches in phases, a branch after another adding into fp32 buffers
+  (``gluon_hopper.ALL_MODE_BACKWARD``), where the tl kernels add over the branches with atomics.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported; for tests). Producing the source (``source()``) needs neither.
@@ -187,23 +187,26 @@ class TritonLowering:
             BLOCK_N=gluon_hopper.BLOCK_N, STAGES=stages or gluon_hopper.FWD_STAGES[D], ZFILL=zfill,
             CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4, MERGE=self.merge)
 
-    def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor, branch: int | None = None):
-        """A Gluon kernel's tile table (in persistent order; only ``branch``'s tiles if given), persistent grid (at
-        most one program per SM, then batch) and padded dilations."""
-        key = ("persistent", kind, tiles.block, tiles.partner, branch, q.device)
+    def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor):
+        """A Gluon kernel's tile table (in persistent order), persistent grid (at most one program per SM, then
+        batch) and padded dilations."""
+        key = ("persistent", kind, tiles.block, tiles.partner, q.device)
         if key not in self._tables:
             table = self._table(kind, tiles, q.device).cpu()
-            if branch is not None:
-                table = table[table[:, 1] == branch]
             programs = min(table.shape[0], _sm_count(q.device))
             self._tables[key] = persistent_order(table, programs, tiles.partner).to(q.device), programs
         table, programs = self._tables[key]
-        key_rb = ("gluon dilations", q.device)
-        if key_rb not in self._tables:
-            self._tables[key_rb] = torch.tensor(gluon_hopper.padded_dilations(self.spec), dtype=torch.int32,
-                                                device=q.device)
-        _ensure_allocator()  # the kernels make their tensor descriptors
-        return table, (programs, q.shape[0]), self._tables[key_rb]
+        return table, (programs, q.shape[0]), self._gluon_dilations(q.device)
+
+    def _gluon_dilations(self, device: torch.device) -> torch.Tensor:
+        """The branches' dilations padded to gluon_hopper.MAX_BRANCHES (the kernels' RB); sets the allocator the
+        kernels' tensor descriptors need."""
+        key = ("gluon dilations", device)
+        if key not in self._tables:
+            self._tables[key] = torch.tensor(gluon_hopper.padded_dilations(self.spec), dtype=torch.int32,
+                                             device=device)
+        _ensure_allocator()
+        return self._tables[key]
 
     def _all_mode_order(self) -> list[tuple[int, bool]]:
         """"all" mode's backward launches: (branch, store), a branch of dilation 1 first (in "all" mode it selects
@@ -214,36 +217,63 @@ class TritonLowering:
         rest = [(i, False) for i in range(len(dil)) if i != first]
         return ([(first, True)] if first is not None else []) + rest
 
+    def _gluon_phased_args(self, kind: str, tiles: TileConfig, q: torch.Tensor, order: list[tuple[int, bool]]):
+        """"all" mode's backward launch ([Note: phases] in the kernels): the branches' tile tables one after
+        another in ``order``, each in persistent order; the phase boundaries (row offsets, one more than phases);
+        and the programs, at most one per SM (the launch is cooperative: all of them resident at once)."""
+        B = q.shape[0]
+        key = ("phased", kind, tiles.block, tiles.partner, tuple(order), B, q.device)
+        if key not in self._tables:
+            full = self._table(kind, tiles, q.device).cpu()
+            parts = [full[full[:, 1] == branch] for branch, _ in order]
+            programs = min(max(p.shape[0] for p in parts) * B, _sm_count(q.device))
+            parts = [persistent_order(p, programs, tiles.partner) for p in parts]
+            bounds = torch.tensor([0] + [p.shape[0] for p in parts], dtype=torch.int64).cumsum(0).to(torch.int32)
+            self._tables[key] = torch.cat(parts).to(q.device), bounds.to(q.device), programs
+        return self._tables[key]
+
+    def _backward_launch(self, kind: str, q: torch.Tensor, order):
+        """(table, grid, dilations, phases, phase count, phase counters, ACC, launch options) of a Gluon backward
+        launch: grouped (``order`` None) or "all" mode's phased one (see _gluon_phased_args)."""
+        if order is None:
+            table, grid, dilations = self._gluon_launch_args(kind, _GLUON_BWD_TILES, q)
+            return table, grid, dilations, table, 1, table, 0, {}
+        table, phases, programs = self._gluon_phased_args(kind, _GLUON_BWD_TILES, q, order)
+        counters = torch.zeros(len(order), dtype=torch.int32, device=q.device)
+        return (table, (programs, 1), self._gluon_dilations(q.device), phases, len(order), counters,
+                2 if order[0][1] else 1, {"launch_cooperative_grid": True})
+
     def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
-                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, branch=None, store=False):
-        """``branch`` given ("all" mode): only that branch's tiles, adding into ``dq`` (float32; ACC; ``store``:
-        storing, ACC == 2)."""
-        table, grid, dilations = self._gluon_launch_args("q", _GLUON_BWD_TILES, q, branch)
+                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, order=None):
+        """``order`` given ("all" mode, :meth:`_all_mode_order`): one launch over every branch's tiles, a phase per
+        branch in that order, adding into ``dq`` (float32; ACC 1; the first phase storing where ``order`` says so:
+        ACC 2)."""
+        table, grid, dilations, phases, nph, bar, acc, options = self._backward_launch("q", q, order)
         if table.shape[0] == 0:
             return
         B, N, H, D = q.shape
         return self.gluon_kernels.gluon_bwd_dq[grid](
             q, k, v, dout, out, dq, lse, delta, dlse if dlse is not None else lse, table, dilations, table.shape[0],
-            B, N, H, self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0), lse.stride(1),
-            HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
+            B, N, H, phases, nph, bar, self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0),
+            lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DQ_STAGES[D], ZFILL=zfill,
             HAS_DLSE=dlse is not None, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4,
-            ACC=0 if branch is None else 2 if store else 1)
+            ACC=acc, PHASED=order is not None, **options)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS,
-                           stages=None, branch=None, store=False):
-        """``ld``: lse and delta in one (2, B, H, N) buffer. ``branch`` given ("all" mode): only that branch's
-        tiles, adding into ``dk`` and ``dv`` (float32; ACC; ``store``: storing, ACC == 2)."""
-        table, grid, dilations = self._gluon_launch_args("k", _GLUON_BWD_TILES, q, branch)
+                           stages=None, order=None):
+        """``ld``: lse and delta in one (2, B, H, N) buffer. ``order``: as for :meth:`_launch_gluon_dq`, adding
+        into ``dk`` and ``dv``."""
+        table, grid, dilations, phases, nph, bar, acc, options = self._backward_launch("k", q, order)
         if table.shape[0] == 0:
             return
         B, N, H, D = q.shape
         return self.gluon_kernels.gluon_bwd_dkdv[grid](
-            q, k, v, dout, dk, dv, ld, table, dilations, table.shape[0], B, N, H,
+            q, k, v, dout, dk, dv, ld, table, dilations, table.shape[0], B, N, H, phases, nph, bar,
             self.scale * math.log2(math.e), self.scale, q.stride(0), ld.stride(0), ld.stride(1), ld.stride(2),
             HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DKDV_STAGES[D], ZFILL=zfill, CAUSAL=self.causal,
-            CONSUMER_REGS=consumer_regs, num_warps=4, ACC=0 if branch is None else 2 if store else 1)
+            CONSUMER_REGS=consumer_regs, num_warps=4, ACC=acc, PHASED=order is not None, **options)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
@@ -423,16 +453,15 @@ class TritonLowering:
             ld = torch.empty((2, B, H, N), dtype=torch.float32, device=q.device)
             ld[0].copy_(lse)
             if self.merge:
-                # one launch per branch, each adding into fp32 buffers (a row is in one tile of a branch); dq's
-                # launch writes the delta of the branch's rows that dk/dv's then reads. A branch that selects
-                # every row of every head (dilation 1) goes first and stores: the buffers need no zeroing
+                # one launch per pass, a phase per branch, each phase adding into fp32 buffers once the one before
+                # has (a row is in one tile of a branch); dq's launch writes the delta that dk/dv's then reads. A
+                # branch that selects every row of every head (dilation 1) goes first and stores: the buffers need
+                # no zeroing
                 order = self._all_mode_order()
                 alloc = _uninitialized if order[0][1] else torch.zeros
                 dq, dk, dv = (alloc(t.shape, dtype=torch.float32, device=q.device) for t in (q, k, v))
-                for branch, store in order:
-                    self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, False, branch=branch,
-                                          store=store)
-                    self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, False, branch=branch, store=store)
+                self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, False, order=order)
+                self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, False, order=order)
                 return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
             # written in full where the tiles' spans cover every row (zero fill), else into zeros
             zfill_q = self._zfill("q", _GLUON_BWD_TILES, q.device)
@@ -496,7 +525,8 @@ class TritonLowering:
                          f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
                          f"{gluon_hopper.BLOCK_N}, q, k and v start on 16 bytes and no key padding mask is given, "
                          + ("gluon_fwd (after the tl kernels) runs instead of dilated_fwd, and gluon_bwd_dq and "
-                            "gluon_bwd_dkdv once per branch, adding into float32 buffers, instead of dilated_bwd_dq "
+                            "gluon_bwd_dkdv (one launch each, a phase per branch adding into float32 buffers) "
+                            "instead of dilated_bwd_dq "
                             "and dilated_bwd_dkdv" + ("" if gluon_hopper.ALL_MODE_BACKWARD else " (off here)")
                             if self.merge else
                             "gluon_fwd, gluon_bwd_dq and gluon_bwd_dkdv (after the tl kernels) run instead of "
