@@ -624,19 +624,21 @@ def test_gpu_torch_compile_fullgraph():
                             spec, q, k, v)
 
 
-def _graph_spec(causal):
-    return AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4), Branch(2048, 8)), causal=causal)
+def _graph_spec(causal, mode="grouped"):
+    return AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4), Branch(2048, 8)), causal=causal,
+                         head_assignment=mode)
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("N,causal", [(4096, False), (4096, True), (3840, False)])
-def test_gpu_cuda_graph_capture(N, causal):
+@pytest.mark.parametrize("N,causal,mode", [(4096, False, "grouped"), (4096, True, "grouped"), (3840, False, "grouped"),
+                                           (4096, False, "all")])
+def test_gpu_cuda_graph_capture(N, causal, mode):
     """A fwd+bwd step captured in a CUDA graph after a warm-up (what torch.compile's "reduce-overhead" mode does)
     replays to the eager results for new inputs copied in place: no host synchronisation, no first-call work and
     no allocation outside the graph's pool inside the step. N = 4096: the Gluon kernels on Hopper; 3840 (a ragged
-    last segment): the tl ones."""
-    attn = compile_attention(_graph_spec(causal), backend="triton")
+    last segment): the tl ones; "all" mode: the Gluon backward's cooperative launches."""
+    attn = compile_attention(_graph_spec(causal, mode), backend="triton")
     q, k, v = make_qkv(1, N, 8, 128, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn_like(q)
 
