@@ -209,8 +209,8 @@ class TritonLowering:
         return self._tables[key]
 
     def _all_mode_order(self) -> list[tuple[int, bool]]:
-        """"all" mode's backward launches: (branch, store), a branch of dilation 1 first (in "all" mode it selects
-        every row of every head, so its launches store into the fp32 buffers, which then need no zeroing; the Gluon
+        """"all" mode's backward phases: (branch, store), a branch of dilation 1 first (in "all" mode it selects
+        every row of every head, so its phase stores into the fp32 buffers, which then need no zeroing; the Gluon
         kernels run only where every segment's selected rows are whole tiles), the others adding."""
         dil = [int(b.dilation) for b in self.spec.branches]
         first = dil.index(1) if 1 in dil else None
@@ -237,7 +237,7 @@ class TritonLowering:
         launch: grouped (``order`` None) or "all" mode's phased one (see _gluon_phased_args)."""
         if order is None:
             table, grid, dilations = self._gluon_launch_args(kind, _GLUON_BWD_TILES, q)
-            return table, grid, dilations, table, 1, table, 0, {}
+            return table, grid, dilations, table, 1, table, 0, {}  # phases and counters: unread placeholders
         table, phases, programs = self._gluon_phased_args(kind, _GLUON_BWD_TILES, q, order)
         counters = torch.zeros(len(order), dtype=torch.int32, device=q.device)
         return (table, (programs, 1), self._gluon_dilations(q.device), phases, len(order), counters,
