@@ -307,6 +307,28 @@ def _grid_wait(BAR, target):
 
 
 @gluon.jit
+def _phase_wait(BAR, ph, i, G, PHASED: gl.constexpr):
+    # [Note: phases] before a consumer's first write of phase ph > 0: all 2G consumers done with phase ph - 1
+    if PHASED:
+        if i == 0:
+            if ph > 0:
+                _grid_wait(BAR + ph - 1, 2 * G)
+
+
+@gluon.jit
+def _acc_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
+              ACC: gl.constexpr, PHASED: gl.constexpr, ph):
+    # ACC's write of a tile's rows: ACC == 2 stores, in the first phase only where PHASED; otherwise adds
+    if PHASED:
+        if ph == 0:
+            _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+        else:
+            _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, False)
+    else:
+        _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+
+
+@gluon.jit
 def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
               v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
@@ -647,17 +669,8 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B,
             c += n_k
             it += 1
             if ACC:
-                if PHASED:
-                    # [Note: phases] a row's earlier phases first: all of phase ph - 1 before this phase's first write
-                    if i == 0:
-                        if ph > 0:
-                            _grid_wait(BAR + ph - 1, 2 * G)
-                    if ph == 0:
-                        _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
-                    else:
-                        _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, False)
-                else:
-                    _add_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+                _phase_wait(BAR, ph, i, G, PHASED)
+                _acc_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC, PHASED, ph)
             else:
                 _store_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out, (dq * sm_scale).to(dtype))
         if PHASED:
@@ -841,11 +854,9 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TAB
                 head = gl.load(row + 0)
                 pos0 = gl.load(row + 2)
                 r = gl.load(RB + br)
+                _phase_wait(BAR, ph, i, G, PHASED)
+                # both writes under one branch (two _acc_rows calls spill more in the causal form)
                 if PHASED:
-                    # [Note: phases]
-                    if i == 0:
-                        if ph > 0:
-                            _grid_wait(BAR + ph - 1, 2 * G)
                     if ph == 0:
                         _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
                         _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
