@@ -573,6 +573,69 @@ def test_gpu_gluon_backward_unaligned_gradient(poisoned, monkeypatch):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("head_dim,dtype,mode,causal", [
+    (16, torch.bfloat16, "grouped", False), (32, torch.float16, "all", True), (80, torch.bfloat16, "grouped", True),
+    (96, torch.float16, "grouped", False), (256, torch.bfloat16, "grouped", True), (256, torch.float16, "all", False),
+])
+def test_gpu_head_dims(head_dim, dtype, mode, causal, poisoned):
+    """head_dim 16 to 256 beyond the tuned 64 and 128: padded (80, 96) and the 256 bucket, against the reference;
+    3 heads (odd), batch 2, ragged N."""
+    branches = GPU_PATTERNS["offsets"]
+    if mode == "all":
+        branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
+    spec = AttentionSpec(branches, head_assignment=mode, causal=causal)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(2, 1000, 3, head_dim, dtype=dtype, device="cuda", requires_grad=True)
+    check_against_reference(attn, spec, q, k, v)
+
+
+def _tile_candidates():
+    from dilated_compiler.lowering.triton import autotune
+    cases = []
+    for head_dim in (64, 128, 256):
+        for pass_name in ("fwd", "dq", "dkdv"):
+            for i, cfg in enumerate(autotune.candidates(pass_name, head_dim)):
+                cases.append(pytest.param(head_dim, pass_name, i, id=f"D{head_dim}-{pass_name}-{cfg}"))
+    return cases
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("head_dim,pass_name,index", _tile_candidates())
+def test_gpu_every_tile_candidate(head_dim, pass_name, index, poisoned, monkeypatch):
+    """Autotuning skips a candidate that does not fit the device, so each candidate of each head_dim bucket is run
+    here on its own: it must fit this GPU and give the reference's out, lse and gradients (the tl kernels: the
+    segments are not whole 128-row tiles, so no Gluon kernel runs)."""
+    from dilated_compiler import build_plan
+    calls = _gluon_calls(poisoned, monkeypatch)
+    first = poisoned.candidates
+    monkeypatch.setattr(poisoned, "candidates",
+                        lambda name, d: [first(name, d)[index if name == pass_name else 0]])
+    spec = AttentionSpec(GPU_PATTERNS["offsets"], causal=True)
+    low = poisoned.TritonLowering(build_plan(spec, 1000, 4, head_dim), torch.device("cuda"), torch.bfloat16)
+    q, k, v = make_qkv(2, 1000, 4, head_dim, dtype=torch.bfloat16, device="cuda")
+    out, lse, aux = low.forward(q, k, v)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    dout = torch.randn(out.shape, generator=g, device="cuda", dtype=torch.bfloat16)
+    dlse = torch.randn(lse.shape, generator=g, device="cuda", dtype=torch.float32)
+    dlse = torch.where(torch.isinf(lse), 0.0, dlse)  # rows no key reaches: lse is -inf, its gradient 0
+    grads = low.backward(dout, dlse, q, k, v, out, lse, aux)
+    qr, kr, vr = (t.double().cpu().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference.attention(qr, kr, vr, spec, return_lse=True)
+    finite_lse = torch.where(torch.isinf(ref_lse), 0.0, ref_lse)
+    ref_grads = torch.autograd.grad((ref * dout.double().cpu()).sum() + (finite_lse * dlse.double().cpu()).sum(),
+                                    (qr, kr, vr))
+    assert_close(out, ref, torch.bfloat16, "out")
+    assert_close(lse, ref_lse, torch.bfloat16, "lse")
+    for name, a, e in zip("qkv", grads, ref_grads):
+        assert_close(a, e, torch.bfloat16, f"grad {name}", grad=True)
+    assert calls == {"fwd": [], "dq": [], "dkdv": []}
+    chosen = {key.split("|")[0]: cfg for key, cfg in low._configs.items()}
+    assert chosen[pass_name] == first(pass_name, head_dim)[index]
+
+
+@pytest.mark.gpu
+@cuda
 def test_gpu_pointer_path(poisoned, monkeypatch):
     """The pointer-load path (GPUs without TMA, unaligned tensors) on this GPU too."""
     monkeypatch.setattr(poisoned, "USE_TMA", False)
