@@ -410,6 +410,68 @@ def test_disk_cache_atomic_checked_and_keyed(tmp_path, monkeypatch):
     assert hasattr(low.kernels, "dilated_fwd")
 
 
+def test_autotune_choose_caches_per_device_and_key(tmp_path, monkeypatch):
+    """The fastest candidate that fits; remembered per device and key, in memory and in a checksummed file; a
+    candidate out of resources is skipped, any other error propagates; none fitting is an error naming why."""
+    import json
+    from triton.runtime.errors import OutOfResources
+    from dilated_compiler.lowering.triton import autotune, diskcache
+    from dilated_compiler.lowering.triton.autotune import TileConfig
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DILATED_COMPILER_AUTOTUNE", raising=False)
+    monkeypatch.setattr(autotune, "_memory", {})
+    a, b, c = TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(64, 32, 4, 2, False)
+    times, timed = {a: 2.0, c: 1.5}, []
+
+    def time_one(cfg):
+        timed.append(cfg)
+        if cfg not in times:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return times[cfg]
+
+    def untimed(cfg):
+        raise AssertionError(f"{cfg} timed again")
+
+    assert autotune.choose("GPU X", "fwd|k1", [a, b, c], time_one) == c and timed == [a, b, c]
+    assert autotune.choose("GPU X", "fwd|k1", [a, b, c], untimed) == c
+    path = tmp_path / "triton" / "autotune-GPU_X.json"
+    assert json.loads(diskcache.read_verified(path)) == {"fwd|k1": list(c)}
+    monkeypatch.setattr(autotune, "_memory", {})  # a new process: read from the file
+    assert autotune.choose("GPU X", "fwd|k1", [a, b, c], untimed) == c
+    # another device, another key: timed afresh
+    timed.clear()
+    assert autotune.choose("GPU Y", "fwd|k1", [a, c], time_one) == c and timed == [a, c]
+    timed.clear()
+    assert autotune.choose("GPU X", "dq|k1", [c, a], time_one) == c and timed == [c, a]
+    assert set(json.loads(diskcache.read_verified(path))) == {"fwd|k1", "dq|k1"}
+    # a remembered choice that is no longer a candidate: timed again
+    timed.clear()
+    assert autotune.choose("GPU X", "fwd|k1", [a, b], time_one) == a and timed == [a, b]
+    # a file without its checksum line (truncated) is not trusted: its choice, a, is a candidate but not taken
+    assert json.loads(diskcache.read_verified(path))["fwd|k1"] == list(a)
+    path.write_text(path.read_text().rstrip("\n").rpartition("\n")[0] + "\n")
+    monkeypatch.setattr(autotune, "_memory", {})
+    timed.clear()
+    assert autotune.choose("GPU X", "fwd|k1", [a, b, c], time_one) == c and timed == [a, b, c]
+    # errors other than running out of resources are not swallowed
+    with pytest.raises(ZeroDivisionError):
+        autotune.choose("GPU X", "dkdv|k2", [a, c], lambda cfg: 1 / 0)
+    with pytest.raises(RuntimeError, match=r"no tile configuration fits GPU X for dkdv\|k3: .*shared memory"):
+        autotune.choose("GPU X", "dkdv|k3", [b, TileConfig(256, 64, 8, 3)], time_one)
+    # DILATED_COMPILER_AUTOTUNE=0, or a single candidate: the first, untimed
+    assert autotune.choose("GPU X", "fwd|k9", [b], untimed) == b
+    monkeypatch.setenv("DILATED_COMPILER_AUTOTUNE", "0")
+    assert autotune.choose("GPU X", "fwd|k1", [a, b, c], untimed) == a
+
+
+def test_autotune_shape_buckets():
+    from dilated_compiler.lowering.triton.autotune import shape_bucket
+    assert shape_bucket(65536, 16) == "N65536_BH16"
+    assert shape_bucket(40000, 12) == shape_bucket(65536, 16) == "N65536_BH16"
+    assert shape_bucket(65537, 16) == "N131072_BH16"
+    assert shape_bucket(1, 1) == "N1_BH1"
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------------
 
 GPU_PATTERNS = {
@@ -589,6 +651,26 @@ def test_gpu_head_dims(head_dim, dtype, mode, causal, poisoned):
     check_against_reference(attn, spec, q, k, v)
 
 
+def _lowering_against_reference(low, spec, B, N, H, D, dtype):
+    """A TritonLowering's forward and backward (with an lse gradient) against the reference."""
+    q, k, v = make_qkv(B, N, H, D, dtype=dtype, device="cuda")
+    out, lse, aux = low.forward(q, k, v)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    dout = torch.randn(out.shape, generator=g, device="cuda", dtype=dtype)
+    dlse = torch.randn(lse.shape, generator=g, device="cuda", dtype=torch.float32)
+    dlse = torch.where(torch.isinf(lse), 0.0, dlse)  # rows no key reaches: lse is -inf, its gradient 0
+    grads = low.backward(dout, dlse, q, k, v, out, lse, aux)
+    qr, kr, vr = (t.double().cpu().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference.attention(qr, kr, vr, spec, return_lse=True)
+    finite_lse = torch.where(torch.isinf(ref_lse), 0.0, ref_lse)
+    ref_grads = torch.autograd.grad((ref * dout.double().cpu()).sum() + (finite_lse * dlse.double().cpu()).sum(),
+                                    (qr, kr, vr))
+    assert_close(out, ref, dtype, "out")
+    assert_close(lse, ref_lse, dtype, "lse")
+    for name, a, e in zip("qkv", grads, ref_grads):
+        assert_close(a, e, dtype, f"grad {name}", grad=True)
+
+
 def _tile_candidates():
     from dilated_compiler.lowering.triton import autotune
     cases = []
@@ -613,25 +695,51 @@ def test_gpu_every_tile_candidate(head_dim, pass_name, index, poisoned, monkeypa
                         lambda name, d: [first(name, d)[index if name == pass_name else 0]])
     spec = AttentionSpec(GPU_PATTERNS["offsets"], causal=True)
     low = poisoned.TritonLowering(build_plan(spec, 1000, 4, head_dim), torch.device("cuda"), torch.bfloat16)
-    q, k, v = make_qkv(2, 1000, 4, head_dim, dtype=torch.bfloat16, device="cuda")
-    out, lse, aux = low.forward(q, k, v)
-    g = torch.Generator(device="cuda").manual_seed(3)
-    dout = torch.randn(out.shape, generator=g, device="cuda", dtype=torch.bfloat16)
-    dlse = torch.randn(lse.shape, generator=g, device="cuda", dtype=torch.float32)
-    dlse = torch.where(torch.isinf(lse), 0.0, dlse)  # rows no key reaches: lse is -inf, its gradient 0
-    grads = low.backward(dout, dlse, q, k, v, out, lse, aux)
-    qr, kr, vr = (t.double().cpu().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = reference.attention(qr, kr, vr, spec, return_lse=True)
-    finite_lse = torch.where(torch.isinf(ref_lse), 0.0, ref_lse)
-    ref_grads = torch.autograd.grad((ref * dout.double().cpu()).sum() + (finite_lse * dlse.double().cpu()).sum(),
-                                    (qr, kr, vr))
-    assert_close(out, ref, torch.bfloat16, "out")
-    assert_close(lse, ref_lse, torch.bfloat16, "lse")
-    for name, a, e in zip("qkv", grads, ref_grads):
-        assert_close(a, e, torch.bfloat16, f"grad {name}", grad=True)
+    _lowering_against_reference(low, spec, 2, 1000, 4, head_dim, torch.bfloat16)
     assert calls == {"fwd": [], "dq": [], "dkdv": []}
     chosen = {key.split("|")[0]: cfg for key, cfg in low._configs.items()}
     assert chosen[pass_name] == first(pass_name, head_dim)[index]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_gpu_autotune_on(mode, tmp_path, poisoned, monkeypatch):
+    """Autotuning as users get it (on by default): each pass times its candidates, the result is right, and the
+    choices are kept per device in the cache folder, where a new process finds them and times nothing."""
+    import json
+    from dilated_compiler import build_plan
+    from dilated_compiler.lowering.triton import autotune, diskcache
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DILATED_COMPILER_AUTOTUNE", raising=False)
+    monkeypatch.setattr(autotune, "_memory", {})
+    calls = _gluon_calls(poisoned, monkeypatch)
+    branches = GPU_PATTERNS["offsets"]
+    if mode == "all":
+        branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
+    spec = AttentionSpec(branches, head_assignment=mode, causal=True)
+    plan = build_plan(spec, 1000, 4, 128)
+    timed = []
+    bench = poisoned.TritonLowering._bench
+    monkeypatch.setattr(poisoned.TritonLowering, "_bench", staticmethod(lambda fn: timed.append(1) or bench(fn)))
+    low = poisoned.TritonLowering(plan, torch.device("cuda"), torch.bfloat16)
+    _lowering_against_reference(low, spec, 2, 1000, 4, 128, torch.bfloat16)
+    assert calls == {"fwd": [], "dq": [], "dkdv": []}
+    n_candidates = sum(len(autotune.candidates(p, 128)) for p in ("fwd", "dq", "dkdv"))
+    assert len(timed) == n_candidates
+    path = autotune._file(torch.cuda.get_device_name())
+    assert path.parent == tmp_path / "triton"
+    saved = json.loads(diskcache.read_verified(path))
+    assert sorted(key.split("|")[0] for key in saved) == ["dkdv", "dq", "fwd"]
+    for key, cfg in saved.items():
+        assert autotune.TileConfig(*cfg) in autotune.candidates(key.split("|")[0], 128)
+        assert low._configs[key] == autotune.TileConfig(*cfg)
+    # a new process: the choices come from the file, nothing is timed
+    monkeypatch.setattr(autotune, "_memory", {})
+    timed.clear()
+    again = poisoned.TritonLowering(plan, torch.device("cuda"), torch.bfloat16)
+    _lowering_against_reference(again, spec, 2, 1000, 4, 128, torch.bfloat16)
+    assert timed == [] and again._configs == low._configs
 
 
 @pytest.mark.gpu

@@ -14,6 +14,8 @@ import re
 import threading
 from typing import Callable, NamedTuple
 
+from triton.runtime.errors import OutOfResources
+
 from .diskcache import cache_dir, read_verified, with_checksum, write_atomic
 
 __all__ = ["TileConfig", "candidates", "choose"]
@@ -100,24 +102,26 @@ def _load(device_name: str) -> dict[str, list[int]]:
 
 def choose(device_name: str, key: str, configs: list[TileConfig], time_one: Callable[[TileConfig], float]
            ) -> TileConfig:
-    """The cached choice for ``key``, or the fastest of ``configs`` by ``time_one`` (which returns ms, or
-    raises for a config that does not fit the device)."""
+    """The cached choice for ``key``, or the fastest of ``configs`` by ``time_one``, which returns ms, or raises
+    triton's ``OutOfResources`` for a config that does not fit the device (that config is skipped). Any other
+    error propagates: a candidate that fails for another reason is a defect, not a slower choice."""
     if len(configs) == 1 or os.environ.get("DILATED_COMPILER_AUTOTUNE", "1") == "0":
         return configs[0]
     with _lock:
         known = _load(device_name).get(key)
     if known is not None and TileConfig(*known) in configs:
         return TileConfig(*known)
-    best, best_ms = None, float("inf")
+    best, best_ms, skipped = None, float("inf"), []
     for cfg in configs:
         try:
             ms = time_one(cfg)
-        except Exception:  # out of shared memory / registers on this device: not a candidate here
+        except OutOfResources as e:  # more shared memory or registers than this device has
+            skipped.append(f"{cfg}: {e}")
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
-        raise RuntimeError(f"no tile configuration of {[str(c) for c in configs]} runs for {key} on {device_name}")
+        raise RuntimeError(f"no tile configuration fits {device_name} for {key}: " + "; ".join(skipped))
     with _lock:
         data = _load(device_name)
         data[key] = list(best)
