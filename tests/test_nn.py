@@ -13,7 +13,7 @@ from dilated_compiler.nn import (DilatedMultiheadAttention, DilatedTransformerDe
                                  DilatedTransformerEncoderLayer, MultiheadCrossAttention, RotaryEmbedding)
 from dilated_compiler.spec import AttentionSpec, Branch, load_spec
 
-from conftest import assert_close
+from conftest import TOLERANCES, assert_close, cuda
 
 GROUPED = AttentionSpec((Branch(4, 1), Branch(8, 2), Branch(16, 4)), head_assignment="grouped")
 ALL = AttentionSpec((Branch(4, 1), Branch(16, 4)), head_assignment="all")
@@ -309,3 +309,45 @@ def test_encoder_layer_inside_nn_transformer_encoder_with_float_padding_mask():
     torch.testing.assert_close(enc(x, src_key_padding_mask=kpm), expected)
     with pytest.raises(ValueError, match=r"a float key_padding_mask may hold only 0 \(keep\) and -inf \(ignore\)"):
         layer.self_attn(x, x, x, key_padding_mask=torch.full((2, 12), 0.5))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("case", ["whole tiles", "gqa, padding, ragged"])
+def test_gpu_dilated_mha_auto_backend(case):
+    """The layer on a GPU with backend "auto" (the Triton kernels), bf16, against the float64 reference on the
+    module's own weights: forward and the gradients of input and weights. "whole tiles": segments of whole
+    128-row tiles, the Hopper kernels' case; the other: grouped-query heads, key padding and a ragged N."""
+    import copy
+    from dilated_compiler.runtime import resolve_backend
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    torch.manual_seed(0)
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4)), causal=True)
+    if case == "whole tiles":
+        m = DilatedMultiheadAttention(512, 8, spec, device="cuda", dtype=torch.bfloat16)
+        B, N, kpm = 2, 2048, None
+    else:
+        m = DilatedMultiheadAttention(384, 6, spec, num_kv_heads=3, device="cuda", dtype=torch.bfloat16)
+        B, N = 2, 1000
+        kpm = torch.rand(B, N) < 0.2
+    m64 = copy.deepcopy(m).to("cpu", F64)
+    x = torch.randn(B, N, m.embed_dim, dtype=F64)
+    x_gpu = x.to("cuda", torch.bfloat16).requires_grad_()
+    x64 = x_gpu.detach().to("cpu", F64).requires_grad_()
+    out, _ = m(x_gpu, x_gpu, x_gpu, key_padding_mask=None if kpm is None else kpm.cuda())
+    ref = ref_dilated_mha(m64, x64, x64, x64, spec, key_padding_mask=kpm)
+    assert_close(out, ref, torch.bfloat16)
+    dout = torch.randn(out.shape, dtype=F64)
+    grads = _params_and_input_grads((out * dout.to("cuda", torch.bfloat16)).sum(), m, (x_gpu,))
+    ref_grads = _params_and_input_grads((ref * dout).sum(), m64, (x64,))
+    assert_close(grads[0], ref_grads[0], torch.bfloat16, "grad of the input", grad=True)
+    # a weight's gradient sums over the batch's B·N tokens: bf16 rounding in the layer's own products grows with
+    # the tensor's scale, not each entry's, so these compare by norm at bf16's relative tolerance
+    # (the key bias's gradient is zero in exact arithmetic: it shifts all of a row's scores alike; what is left is
+    # rounding, measured against the value bias's gradient, a sum of as many terms of the same shape)
+    named = {name: (a.detach().double().cpu(), e.detach().double().cpu())
+             for (name, _), a, e in zip(m.named_parameters(), grads[1:], ref_grads[1:], strict=True)}
+    for name, (a, e) in named.items():
+        scale = named["v_proj.bias"][1].norm() if name == "k_proj.bias" else e.norm()
+        rel = ((a - e).norm() / scale).item()
+        assert rel <= TOLERANCES[torch.bfloat16]["rtol"], f"grad of {name}: relative error {rel:.3g} (norm)"

@@ -129,3 +129,33 @@ def test_random_specs_and_shapes(case):
     """Random specs and shapes (ragged N, offsets, odd head counts, GQA, key padding, head_dim needing padding)
     through both tile paths, against the reference, with self-filled outputs poisoned."""
     run_case(case, "triton")
+
+
+@pytest.mark.parametrize("mode,is_causal", [("grouped", False), ("all", True)])
+def test_dilated_mha_layer(mode, is_causal):
+    """The nn layer on this backend: its projections, grouped-query heads, key padding and is_causal around the
+    kernels, against the float64 reference (the module's weights + reference.attention), forward and the gradients
+    of input and weights."""
+    import copy
+    import dataclasses
+    from dilated_compiler.nn import DilatedMultiheadAttention
+    from conftest import assert_close
+    from test_nn import _padding, _params_and_input_grads, ref_dilated_mha
+    spec = _spec("odd", mode, False)
+    torch.manual_seed(0)
+    m = DilatedMultiheadAttention(48, 6, spec, num_kv_heads=2, dtype=torch.float32, backend="triton")
+    m64 = copy.deepcopy(m).double()
+    B, N = 2, 21
+    x = torch.randn(B, N, 48, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    kpm = _padding(B, N)
+    out, _ = m(x, x, x, key_padding_mask=kpm, is_causal=is_causal)
+    ref_spec = dataclasses.replace(spec, causal=is_causal)
+    ref = ref_dilated_mha(m64, x64, x64, x64, ref_spec, key_padding_mask=kpm)
+    assert_close(out, ref, torch.float32)
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    grads = _params_and_input_grads((out * dout.float()).sum(), m, (x,))
+    ref_grads = _params_and_input_grads((ref * dout).sum(), m64, (x64,))
+    assert len(grads) == len(ref_grads) > 1
+    for i, (a, e) in enumerate(zip(grads, ref_grads)):
+        assert_close(a, e, torch.float32, f"grad {i}", grad=True)
