@@ -22,14 +22,14 @@ GRAD_TOLERANCES = {dt: dict(atol=t["atol"] * 5, rtol=t["rtol"] * 5) for dt, t in
 
 
 @st.composite
-def attention_cases(draw, max_dilation=6, max_kv_heads=3, max_seq=70, head_dims=(1, 3, 8, 16)):
+def attention_cases(draw, max_dilation=6, max_kv_heads=3, max_seq=70, head_dims=(1, 3, 8, 16), max_segment=40):
     """A random valid spec (either mode, explicit offsets, causal, a scale) and shapes for it: ragged N, odd head
     counts, GQA, key padding, head_dim needing padding; as a dict for :func:`run_case`."""
     mode = draw(st.sampled_from(["grouped", "all"]))
     n_branches = draw(st.integers(1, 3))
     branches = []
     for _ in range(n_branches):
-        w = draw(st.integers(1, 40))
+        w = draw(st.integers(1, max_segment))
         r = draw(st.integers(1, min(w, max_dilation)))
         off = draw(st.one_of(st.none(), st.integers(0, r - 1))) if mode == "grouped" else None
         branches.append(Branch(w, r, off))
@@ -42,15 +42,16 @@ def attention_cases(draw, max_dilation=6, max_kv_heads=3, max_seq=70, head_dims=
                 lse_grad=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
 
-def run_case(case, backend, dtype=torch.float32):
+def run_case(case, backend, dtype=torch.float32, device="cpu"):
     """Compile ``case["spec"]`` for ``backend`` and check it against the reference on the case's inputs."""
     spec = case["spec"]
     attn = compile_attention(spec, backend=backend)
-    q, k, v = make_qkv(case["batch"], case["seq"], case["heads"], case["head_dim"], dtype=dtype,
+    q, k, v = make_qkv(case["batch"], case["seq"], case["heads"], case["head_dim"], dtype=dtype, device=device,
                        kv_heads=case["kv_heads"], seed=case["seed"], requires_grad=True)
     mask = None
     if case["mask"]:
-        mask = torch.rand(case["batch"], case["seq"], generator=torch.Generator().manual_seed(case["seed"])) < 0.3
+        g = torch.Generator().manual_seed(case["seed"])
+        mask = (torch.rand(case["batch"], case["seq"], generator=g) < 0.3).to(device)
     check_against_reference(attn, spec, q, k, v, key_padding_mask=mask, lse_grad=case["lse_grad"])
 
 

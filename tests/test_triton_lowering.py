@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dilated_compiler import AttentionSpec, Branch, compile_attention, reference
 from dilated_compiler.lowering import BackendError, triton_available, triton_unavailable_reason
-from conftest import assert_close, check_against_reference, cuda, make_qkv
+from conftest import assert_close, attention_cases, check_against_reference, cuda, make_qkv, run_case
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason=f"triton unavailable: {triton_unavailable_reason()}")
 
@@ -740,6 +740,59 @@ def test_gpu_autotune_on(mode, tmp_path, poisoned, monkeypatch):
     again = poisoned.TritonLowering(plan, torch.device("cuda"), torch.bfloat16)
     _lowering_against_reference(again, spec, 2, 1000, 4, 128, torch.bfloat16)
     assert timed == [] and again._configs == low._configs
+
+
+@pytest.mark.gpu
+@cuda
+@given(case=attention_cases(max_dilation=9, max_kv_heads=3, max_seq=2000, head_dims=(16, 64, 96, 128),
+                            max_segment=1024),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_gpu_random_specs_and_shapes(case, dtype):
+    """Random specs and shapes on the GPU (segments up to 1024, N up to 2000, ragged N, offsets, odd head counts,
+    GQA, key padding, padded head_dim): out, lse and gradients against the reference. derandomize: the same
+    examples on every run."""
+    run_case(case, "triton", dtype=dtype, device="cuda")
+
+
+@st.composite
+def gluon_cases(draw):
+    """Grouped specs whose every segment is whole 128-row tiles, which the Hopper kernels take: 1 to 4 branches,
+    dilations 1 to 8, offsets, causal or not, batch 1 or 2. Segment lengths are 128 * r * (1 or 2), powers of two,
+    so that N, a multiple of the longest, is a multiple of each."""
+    branches = []
+    for _ in range(draw(st.integers(1, 4))):
+        r = draw(st.sampled_from([1, 2, 4, 8]))
+        w = 128 * r * draw(st.sampled_from([1, 2]))
+        branches.append(Branch(w, r, draw(st.one_of(st.none(), st.integers(0, r - 1)))))
+    spec = AttentionSpec(tuple(branches), causal=draw(st.booleans()))
+    longest = max(b.segment_length for b in branches)
+    heads = draw(st.integers(len(branches), 6))
+    return dict(spec=spec, batch=draw(st.integers(1, 2)), seq=longest * draw(st.integers(1, 3)), heads=heads,
+                kv_heads=heads, head_dim=draw(st.sampled_from([64, 128])), mask=False,
+                lse_grad=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@pytest.fixture
+def gluon_calls(poisoned, monkeypatch):
+    return _gluon_calls(poisoned, monkeypatch)
+
+
+@pytest.mark.gpu
+@cuda
+@given(case=gluon_cases(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_gpu_random_gluon_specs(case, dtype, gluon_calls):
+    """Random specs of whole 128-row tiles: the Hopper (Gluon) kernels run them, forward and backward, and agree
+    with the reference; outputs the kernels fill by themselves start as NaN."""
+    import triton
+    from dilated_compiler.lowering.triton import gluon_hopper
+    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
+        pytest.skip("the Gluon kernels run on compute capability 9.0 with the checked triton only")
+    calls = gluon_calls
+    before = {name: len(c) for name, c in calls.items()}
+    run_case(case, "triton", dtype=dtype, device="cuda")
+    assert all(len(c) > before[name] for name, c in calls.items()), calls
 
 
 @pytest.mark.gpu
