@@ -480,6 +480,14 @@ GPU_PATTERNS = {
 }
 
 
+
+def _gpu_spec(pattern, mode, causal):
+    """GPU_PATTERNS[pattern] as a spec; in "all" mode without explicit offsets (there head h uses h % dilation)."""
+    branches = GPU_PATTERNS[pattern]
+    if mode == "all":
+        branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
+    return AttentionSpec(branches, head_assignment=mode, causal=causal)
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """Outputs the kernels fill by themselves start as NaN (a missed gap fails the comparison)."""
@@ -501,10 +509,7 @@ def poisoned(monkeypatch):
     ("offsets", torch.bfloat16, 128, "grouped", False),
 ])
 def test_gpu_against_reference(pattern, dtype, head_dim, mode, causal, poisoned):
-    branches = GPU_PATTERNS[pattern]
-    if mode == "all":
-        branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
-    spec = AttentionSpec(branches, head_assignment=mode, causal=causal)
+    spec = _gpu_spec(pattern, mode, causal)
     attn = compile_attention(spec, backend="triton")
     q, k, v = make_qkv(2, 1000, 4, head_dim, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
@@ -642,10 +647,7 @@ def test_gpu_gluon_backward_unaligned_gradient(poisoned, monkeypatch):
 def test_gpu_head_dims(head_dim, dtype, mode, causal, poisoned):
     """head_dim 16 to 256 beyond the tuned 64 and 128: padded (80, 96) and the 256 bucket, against the reference;
     3 heads (odd), batch 2, ragged N."""
-    branches = GPU_PATTERNS["offsets"]
-    if mode == "all":
-        branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
-    spec = AttentionSpec(branches, head_assignment=mode, causal=causal)
+    spec = _gpu_spec("offsets", mode, causal)
     attn = compile_attention(spec, backend="triton")
     q, k, v = make_qkv(2, 1000, 3, head_dim, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
@@ -714,10 +716,7 @@ def test_gpu_autotune_on(mode, tmp_path, poisoned, monkeypatch):
     monkeypatch.delenv("DILATED_COMPILER_AUTOTUNE", raising=False)
     monkeypatch.setattr(autotune, "_memory", {})
     calls = _gluon_calls(poisoned, monkeypatch)
-    branches = GPU_PATTERNS["offsets"]
-    if mode == "all":
-        branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
-    spec = AttentionSpec(branches, head_assignment=mode, causal=True)
+    spec = _gpu_spec("offsets", mode, True)
     plan = build_plan(spec, 1000, 4, 128)
     timed = []
     bench = poisoned.TritonLowering._bench
