@@ -480,13 +480,13 @@ GPU_PATTERNS = {
 }
 
 
-
 def _gpu_spec(pattern, mode, causal):
     """GPU_PATTERNS[pattern] as a spec; in "all" mode without explicit offsets (there head h uses h % dilation)."""
     branches = GPU_PATTERNS[pattern]
     if mode == "all":
         branches = tuple(Branch(b.segment_length, b.dilation) for b in branches)
     return AttentionSpec(branches, head_assignment=mode, causal=causal)
+
 
 @pytest.fixture
 def poisoned(monkeypatch):
@@ -788,10 +788,9 @@ def test_gpu_random_gluon_specs(case, dtype, gluon_calls):
     from dilated_compiler.lowering.triton import gluon_hopper
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
         pytest.skip("the Gluon kernels run on compute capability 9.0 with the checked triton only")
-    calls = gluon_calls
-    before = {name: len(c) for name, c in calls.items()}
+    before = {name: len(c) for name, c in gluon_calls.items()}
     run_case(case, "triton", dtype=dtype, device="cuda")
-    assert all(len(c) > before[name] for name, c in calls.items()), calls
+    assert all(len(c) > before[name] for name, c in gluon_calls.items()), gluon_calls
 
 
 @pytest.mark.gpu
