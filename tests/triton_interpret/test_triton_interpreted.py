@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 from dilated_compiler import AttentionSpec, Branch, compile_attention  # noqa: E402
 from dilated_compiler.lowering.triton import lowering as triton_lowering  # noqa: E402
-from conftest import attention_cases, check_against_reference, make_qkv, run_case  # noqa: E402
+from conftest import assert_close, attention_cases, check_against_reference, make_qkv, run_case  # noqa: E402
 
 
 @pytest.fixture(autouse=True, params=["tma", "pointers"])
@@ -139,7 +139,6 @@ def test_dilated_mha_layer(mode, is_causal):
     import copy
     import dataclasses
     from dilated_compiler.nn import DilatedMultiheadAttention
-    from conftest import assert_close
     from test_nn import _padding, _params_and_input_grads, ref_dilated_mha
     spec = _spec("odd", mode, False)
     torch.manual_seed(0)
