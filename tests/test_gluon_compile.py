@@ -78,6 +78,16 @@ def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal, ac
     _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, "bf16", fp32))
 
 
+@pytest.mark.parametrize("kernel", ["gluon_bwd_dq", "gluon_bwd_dkdv"])
+@pytest.mark.parametrize("acc", [1, 2])
+def test_gluon_backward_one_phase_compiles(kernel, acc):
+    """"all" mode with one branch: a phased backward of one phase (NPH = 1), one tile (T = 1), B = H = 1, with the
+    runtime's specialisation of arguments equal to 1 (triton 3.6 fails to compile ACC 2 with NPH the constant 1)."""
+    consts = {**_constexprs(kernel, 64, False, False), "ACC": acc, "ZFILL": False, "PHASED": True}
+    fp32 = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
+    _check(compile_sm90(getattr(_kernels(64, False), kernel), consts, "bf16", fp32, ints=dict(NPH=1, T=1, B=1, H=1)))
+
+
 def _check(compiled):
     sass = summarize(compiled)
     assert sass.shared <= MAX_SHARED, f"{sass.shared} bytes of shared memory"

@@ -37,13 +37,16 @@ class SassSummary:
                 f"{self.spills_in_steps}, elsewhere {self.spills_elsewhere}")
 
 
-def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | None = None):
+def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | None = None, ints: dict | None = None):
     """``fn`` (a ``gluon.jit`` kernel) compiled for sm_90a with these constexprs; tensors of ``dtype`` but those
-    named in ``pointers`` (name: Triton type, e.g. ``{"DQ": "*fp32"}``)."""
+    named in ``pointers`` (name: Triton type, e.g. ``{"DQ": "*fp32"}``). ``ints``: integer arguments' values at a
+    launch; as at run time, one equal to 1 becomes a constant unless the kernel's ``do_not_specialize`` names it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     params = inspect.signature(fn.fn).parameters
+    constexprs = {**constexprs, **{p.name: 1 for p in fn.params
+                                   if (ints or {}).get(p.name) == 1 and not p.do_not_specialize}}
     unknown = set(constexprs) - set(params)
     if unknown:
         raise ValueError(f"{fn.fn.__name__} has no parameters {sorted(unknown)}")

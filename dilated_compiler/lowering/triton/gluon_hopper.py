@@ -678,7 +678,9 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B,
     tma.store_wait(0)
 
 
-@gluon.jit
+# NPH never specialised: triton 3.6 crashes compiling a phased (PHASED, ACC 2) launch whose phase count is the
+# constant 1 ("all" mode with one branch; tests/test_gluon_compile.py)
+@gluon.jit(do_not_specialize=["NPH"])
 def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, PHASES, NPH, BAR, qk_scale, sm_scale,
                  stride_b, stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
@@ -875,7 +877,9 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TAB
     tma.store_wait(0)
 
 
-@gluon.jit
+# NPH never specialised: triton 3.6 crashes compiling a phased (PHASED, ACC 2) launch whose phase count is the
+# constant 1 ("all" mode with one branch; tests/test_gluon_compile.py)
+@gluon.jit(do_not_specialize=["NPH"])
 def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, PHASES, NPH, BAR, qk_scale, sm_scale, stride_b,
                    stride_ld, stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
