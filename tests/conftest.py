@@ -42,6 +42,26 @@ def attention_cases(draw, max_dilation=6, max_kv_heads=3, max_seq=70, head_dims=
                 lse_grad=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
 
+@st.composite
+def gluon_cases(draw, modes=("grouped",)):
+    """Specs whose every segment is whole 128-row tiles, which the Hopper kernels take: 1 to 4 branches, dilations
+    1 to 8, offsets (grouped), causal or not, batch 1 or 2. Segment lengths are 128 * r * (1 or 2), powers of two,
+    so that N, a multiple of the longest, is a multiple of each. ``modes``: head assignments to draw from."""
+    mode = draw(st.sampled_from(modes)) if len(modes) > 1 else modes[0]
+    branches = []
+    for _ in range(draw(st.integers(1, 4))):
+        r = draw(st.sampled_from([1, 2, 4, 8]))
+        w = 128 * r * draw(st.sampled_from([1, 2]))
+        off = draw(st.one_of(st.none(), st.integers(0, r - 1))) if mode == "grouped" else None
+        branches.append(Branch(w, r, off))
+    spec = AttentionSpec(tuple(branches), head_assignment=mode, causal=draw(st.booleans()))
+    longest = max(b.segment_length for b in branches)
+    heads = draw(st.integers(len(branches) if mode == "grouped" else 1, 6))
+    return dict(spec=spec, batch=draw(st.integers(1, 2)), seq=longest * draw(st.integers(1, 3)), heads=heads,
+                kv_heads=heads, head_dim=draw(st.sampled_from([64, 128])), mask=False,
+                lse_grad=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
 def run_case(case, backend, dtype=torch.float32, device="cpu"):
     """Compile ``case["spec"]`` for ``backend`` and check it against the reference on the case's inputs."""
     spec = case["spec"]
@@ -53,6 +73,27 @@ def run_case(case, backend, dtype=torch.float32, device="cpu"):
         g = torch.Generator().manual_seed(case["seed"])
         mask = (torch.rand(case["batch"], case["seq"], generator=g) < 0.3).to(device)
     check_against_reference(attn, spec, q, k, v, key_padding_mask=mask, lse_grad=case["lse_grad"])
+
+
+def poison_uninitialized(monkeypatch):
+    """Outputs the Triton lowering fills by itself start as NaN (a missed gap fails the comparison). Returns the
+    lowering module."""
+    from dilated_compiler.lowering.triton import lowering as triton_lowering
+    monkeypatch.setattr(triton_lowering, "_uninitialized",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    return triton_lowering
+
+
+def record_gluon_calls(lowering_module, monkeypatch):
+    """The Gluon launches from here on, by kernel: {"fwd": [q shapes], "dq": [...], "dkdv": [...]}."""
+    calls = {"fwd": [], "dq": [], "dkdv": []}
+
+    def record(name):
+        launch = getattr(lowering_module.TritonLowering, f"_launch_gluon_{name}")
+        return lambda self, *a, **kw: calls[name].append(a[0].shape) or launch(self, *a, **kw)
+    for name in calls:
+        monkeypatch.setattr(lowering_module.TritonLowering, f"_launch_gluon_{name}", record(name))
+    return calls
 
 
 def make_qkv(batch, seq, heads, head_dim, dtype=torch.float32, device="cpu", kv_heads=None, seed=0,
