@@ -3,8 +3,8 @@
 The test suite runs a fixed, small number of hypothesis examples per test (derandomized on the GPU). This script
 draws from the same strategies (tests/conftest.py), a fresh seed for each round of 10 examples, until a time
 budget is spent, and checks out, lse and the gradients of q, k and v of each example as the tests do; outputs the
-Triton lowering fills by itself start as NaN. The first failing example is printed by hypothesis (shrunk first, unless --no-shrink);
-the exit status is then 1.
+Triton lowering fills by itself start as NaN. The first failing example is printed by hypothesis (shrunk first,
+unless --no-shrink); the exit status is then 1.
 
     python scripts/soak.py --backend torch --seconds 60                       # any machine
     TRITON_INTERPRET=1 python scripts/soak.py --backend triton --seconds 600  # the kernels, interpreted on CPU
