@@ -31,13 +31,12 @@ from conftest import (attention_cases, gluon_cases, poison_uninitialized, record
                       run_case)
 
 # the strategies' bounds per place: the CPU paths on tiny shapes (the interpreter runs milliseconds per tile)
+_GPU = dict(max_dilation=9, max_kv_heads=4, max_seq=2000, head_dims=(16, 64, 96, 128), max_segment=1024)
 CASES = {
     ("torch", "cpu"): dict(max_dilation=9, max_kv_heads=4, max_seq=130, head_dims=(1, 3, 8, 16, 24), max_segment=64),
     ("triton", "cpu"): dict(max_dilation=5, max_kv_heads=2, max_seq=48, head_dims=(3, 8, 16)),
-    ("torch", "cuda"): dict(max_dilation=9, max_kv_heads=4, max_seq=2000, head_dims=(16, 64, 96, 128),
-                            max_segment=1024),
-    ("triton", "cuda"): dict(max_dilation=9, max_kv_heads=4, max_seq=2000, head_dims=(16, 64, 96, 128),
-                             max_segment=1024),
+    ("torch", "cuda"): _GPU,
+    ("triton", "cuda"): _GPU,
 }
 
 
