@@ -42,9 +42,9 @@ KERNELS = {  # name: constexprs
     "gluon_fwd": dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=128, STAGES=2, ZFILL=True, CAUSAL=True,
                       CONSUMER_REGS=232, num_warps=4, MERGE=False),
     "gluon_bwd_dq": dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, STAGES=3, ZFILL=True, HAS_DLSE=False,
-                         CAUSAL=True, CONSUMER_REGS=232, num_warps=4, ACC=False),
+                         CAUSAL=True, CONSUMER_REGS=232, num_warps=4, ACC=False, PHASED=False),
     "gluon_bwd_dkdv": dict(HEAD_DIM=128, BLOCK_N=128, BLOCK_M=64, STAGES=3, ZFILL=True, CAUSAL=True,
-                           CONSUMER_REGS=240, num_warps=4, ACC=False),
+                           CONSUMER_REGS=240, num_warps=4, ACC=False, PHASED=False),
 }
 
 

@@ -44,7 +44,7 @@ def check_compile():
     low = tl_lowering.TritonLowering(build_plan(FOUR, 65536, 16, 128), torch.device("cpu"), torch.bfloat16)
     for stages, regs in VARIANTS[:-1]:
         consts = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, STAGES=stages, ZFILL=True, HAS_DLSE=False,
-                      CAUSAL=False, CONSUMER_REGS=regs, num_warps=4, ACC=False)
+                      CAUSAL=False, CONSUMER_REGS=regs, num_warps=4, ACC=False, PHASED=False)
         label = f"{stages} K/V stages, consumer regs {regs}"
         try:
             print(f"{label}: {summarize(compile_sm90(low.gluon_kernels.gluon_bwd_dq, consts))}")
