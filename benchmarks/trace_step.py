@@ -2,7 +2,7 @@
 start (relative to the step's first), duration and the idle gap before it, so that time spent outside the
 attention kernels (copies, memsets, launch gaps) shows up.
 
-    PYTHONPATH=. python benchmarks/trace_step.py [--N 65536] [--causal] [--steps 5]
+    PYTHONPATH=. python benchmarks/trace_step.py [--N 65536] [--causal] [--mode grouped|all] [--steps 5]
 
 Prints the last step's kernels and, over all steps, the step span against the sum of kernel times.
 """
@@ -25,9 +25,10 @@ def main():
     ap.add_argument("--N", type=int, default=65536)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--mode", choices=("grouped", "all"), default="grouped")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
-    *_, step = bt.module_step(args.N, args.heads, args.causal)
+    *_, step = bt.module_step(args.N, args.heads, args.causal, args.mode)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -45,7 +46,7 @@ def main():
             cur = []
         cur.append(e)
     steps.append(cur)
-    print(f"{torch.cuda.get_device_name()}: fwd+bwd step, four-branch grouped{' causal' if args.causal else ''}, "
+    print(f"{torch.cuda.get_device_name()}: fwd+bwd step, four-branch {args.mode}{' causal' if args.causal else ''}, "
           f"N={args.N}, H={args.heads}, D=128, bf16; {len(steps)} steps found")
     last = steps[-1]
     t0 = last[0].time_range.start
