@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from dilated_compiler import AttentionSpec, Branch, compile_attention
 from conftest import attention_cases, check_against_reference, cuda, make_qkv, run_case
 
-DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+DEVICES = ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])]
 
 PATTERNS = {
     "three-branch": (Branch(8, 1), Branch(16, 2), Branch(32, 4)),
