@@ -110,8 +110,7 @@ def test_experiment_kernels_compile(script):
     (``--check-compile``): a kernel parameter added to the lowering's kernels shows here, not on the GPU."""
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, str(root / "benchmarks" / f"{script}.py"), "--check-compile"], cwd=root,
-                         capture_output=True, text=True, timeout=900, env={**os.environ,
-                                                                           "PYTHONPATH": str(root)})
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(root)})
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-3000:]
     # the scripts report a variant that fails to compile on a line of its own and go on
