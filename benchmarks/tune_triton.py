@@ -34,7 +34,7 @@ FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
 # 1.105 ms (no spills) against 1.049 for 128x128/w8/s3, pointer loads 1.121 ms; capped dkdv 64x32/r168 and
 # 128x32/w8/r128 and dq 128x64/w8/s2/r128 spill and run 1.9-7.7x slower; fwd 64x64/w4/s2 and 128x128/w8/s2 slower.
 # On Hopper with triton 3.6 the module's grouped non-causal forward runs the Gluon kernel instead
-# (benchmarks/gluon_zero_fill_experiment.py times that one); these are the tl kernels.
+# (benchmarks/experiments/gluon_zero_fill_experiment.py times that one); these are the tl kernels.
 FWD = [_c(128, 128, 8, 3), _c(128, 64, 8, 3, "ptr"), _c(64, 64, 4, 3), _c(128, 64, 8, 2, "tma", 128)]
 DKDV = [_c(64, 32, 4, 3), _c(64, 32, 4, 2), _c(64, 32, 4, 3, "ptr"), _c(64, 32, 4, 4), _c(128, 32, 8, 3),
         _c(64, 64, 4, 2)]

@@ -106,11 +106,13 @@ EXPERIMENTS = ["gluon_bwd_experiment", "gluon_causal_experiment", "gluon_dkdv_ex
 
 @pytest.mark.parametrize("script", EXPERIMENTS)
 def test_experiment_kernels_compile(script):
-    """The experiment scripts in benchmarks/ that carry their own kernels or launch constexprs still compile them
-    (``--check-compile``): a kernel parameter added to the lowering's kernels shows here, not on the GPU."""
+    """The experiment scripts in benchmarks/experiments/ that carry their own kernels or launch constexprs still
+    compile them (``--check-compile``): a kernel parameter added to the lowering's kernels shows here, not on the
+    GPU."""
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / f"{script}.py"), "--check-compile"], cwd=root,
-                         capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(root)})
+    script_path = root / "benchmarks" / "experiments" / f"{script}.py"
+    run = subprocess.run([sys.executable, str(script_path), "--check-compile"], cwd=root, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(root)})
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-3000:]
     # the scripts report a variant that fails to compile on a line of its own and go on

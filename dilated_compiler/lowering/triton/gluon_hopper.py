@@ -49,15 +49,15 @@ CONSUMER_REGS = 232   # setmaxnreg of the worker consumer; the other consumer ge
 BWD_BLOCK, BWD_STEP = 128, 64
 DQ_CONSUMER_REGS = 232     # measured on an H100 (benchmarks/results/H100-triton.md): 1.142 ms against 1.166 at 240
 # ring depths by head_dim, measured on an H100 (benchmarks/results/H100-triton.md; for 64,
-# benchmarks/gluon_d64_experiment.py: deeper rings won on one case and lost on another)
+# benchmarks/experiments/gluon_d64_experiment.py: deeper rings won on one case and lost on another)
 FWD_STAGES = {128: 2, 64: 2}     # K/V ring (128: no room for a third)
 DQ_STAGES = {128: 3, 64: 3}      # K/V ring; O read by pointers makes room: 1.122 ms against 1.158 with 2
 DKDV_CONSUMER_REGS = 240   # 1.947 ms against 2.576 at 232 (which spills among the matrix instructions)
 DKDV_STAGES = {128: 3, 64: 3}    # Q/dO/lse/delta ring: 1.659 ms against 1.735 with 2 (gluon_dkdv_experiment)
 # "all" mode's backward on gluon_bwd_dq and gluon_bwd_dkdv: one launch per pass, a phase per branch adding its dq,
-# dk and dv into fp32 buffers (ACC, PHASED), in place of the tl kernels' atomics. On an H100 (four-branch N = 64K,
-# bf16, H = 16, D = 128; benchmarks/gluon_all_backward_experiment.py), as one launch per branch, the lowering's
-# fwd+bwd 23.41 -> 18.31 ms, causal 16.98 -> 11.98
+# dk and dv into fp32 buffers (ACC, PHASED), in place of the tl kernels' atomics. On an H100 (four-branch
+# N = 64K, bf16, H = 16, D = 128; benchmarks/experiments/gluon_all_backward_experiment.py), as one launch per
+# branch, the lowering's fwd+bwd 23.41 -> 18.31 ms, causal 16.98 -> 11.98
 ALL_MODE_BACKWARD = True
 
 

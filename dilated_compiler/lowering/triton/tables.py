@@ -74,7 +74,7 @@ def tile_table(plan: Plan, kind: str, block: int, partner_block: int) -> torch.T
     segments' partners, which stay in L2, and the light tiles come last (load balance). Ordering single tiles
     heaviest first instead put tiles of different segments side by side in causal tables (equal work, different
     segments), and the passes became bound by memory bandwidth: on an H100 (four-branch causal, N = 64K, bf16,
-    benchmarks/tl_order_experiment.py) this order took the "all" mode fwd+bwd from 21.08 to 17.67 ms and the
+    benchmarks/experiments/tl_order_experiment.py) this order took the "all" mode fwd+bwd from 21.08 to 17.67 ms and the
     grouped tl fwd+bwd from 3.97 to 3.11. Persistent launches rearrange the rows (:func:`persistent_order`).
     """
     if kind not in ("q", "k"):
@@ -154,11 +154,10 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
     Single tiles heaviest first (tile_table's order until it kept segments together) balances too, but in a causal
     table the tiles of equal work come from different segments, so a band of them read G segments' partners, each
     from memory; and tile_table's order dealt round-robin would not balance (a program would get the same rank in
-    every group it meets). On an H100 (four-branch
-    causal, N = 64K, bf16, 16 heads, D = 128; benchmarks/gluon_order_experiment.py) this order took the Gluon
-    forward from 0.851 to 0.525 ms, dq from 0.959 to 0.702, dk/dv from 1.139 to 0.967 and the lowering's
-    fwd+bwd from 2.971 to 2.316, outputs bitwise equal; non-causal times did not move (the orders nearly agree
-    there).
+    every group it meets). On an H100 (four-branch causal, N = 64K, bf16, 16 heads, D = 128;
+    benchmarks/experiments/gluon_order_experiment.py) this order took the Gluon forward from 0.851 to 0.525 ms,
+    dq from 0.959 to 0.702, dk/dv from 1.139 to 0.967 and the lowering's fwd+bwd from 2.971 to 2.316, outputs
+    bitwise equal; non-causal times did not move (the orders nearly agree there).
     """
     T = table.shape[0]
     if programs <= 0:

@@ -16,7 +16,7 @@ segment's selected rows a multiple of BLOCK_N (the four-branch pattern at 64K ha
 program walks tiles pid, pid + G, ... of the same tile table as dilated_fwd; per tile it makes tensor descriptors
 over the segment's selected rows (row stride r * H * D), as dilated_fwd does.
 
-    PYTHONPATH=. python benchmarks/gluon_fwd_experiment.py [--check-compile]
+    PYTHONPATH=. python benchmarks/experiments/gluon_fwd_experiment.py [--check-compile]
 
 --check-compile compiles the kernels for sm_90a without a GPU (needs triton 3.6 with Gluon) and prints their
 resource use.
@@ -25,7 +25,7 @@ Results (H100, benchmarks/results/H100-triton.md): 1.13-1.16 ms with descriptors
 with per-branch host descriptors, against 1.06 ms for the generated kernel. The next step, warp specialisation
 (a producer warpgroup for the copies, two consumer warpgroups of 64 rows), reached 0.775 ms in this file's run
 at commit 3da13c1 and became the lowering's Gluon forward (dilated_compiler/lowering/triton/gluon_hopper.py;
-benchmarks/gluon_zero_fill_experiment.py times it).
+benchmarks/experiments/gluon_zero_fill_experiment.py times it).
 """
 
 from __future__ import annotations

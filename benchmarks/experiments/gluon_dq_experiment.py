@@ -13,7 +13,7 @@ The lowering keeps O_PTR with three stages (gluon_hopper.DQ_STAGES); PIPE and th
 
 --check-compile compiles the variants for sm_90a (triton 3.6) and counts spill instructions.
 
-    PYTHONPATH=. python benchmarks/gluon_dq_experiment.py [--check-compile]
+    PYTHONPATH=. python benchmarks/experiments/gluon_dq_experiment.py [--check-compile]
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Four-branch 64K: gluon_fwd 0.585-0.592 ms against 0.678; dq + dk/dv 0.742 + 1.09
 backward. Deeper rings won on one case and lost on another, so D = 64 keeps D = 128's depths; the lowering now
 runs the Gluon kernels at D = 64.
 
-    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/gluon_d64_experiment.py
+    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/gluon_d64_experiment.py
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ changes nothing.
 Four-branch "all" mode N = 64K, bf16, 16 heads, D = 128, causal and not: the lowering's backward alone and
 forward + backward, the forms alternating over --rounds rounds.
 
-    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/gluon_red_experiment.py [--rounds 3]
+    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/gluon_red_experiment.py [--rounds 3]
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ there has 2048 selected rows, so the kernels here need no masks):
 
 Each variant is checked against the generated kernel's output, then timed.
 
-    PYTHONPATH=. python benchmarks/fwd_halves_experiment.py
+    PYTHONPATH=. python benchmarks/experiments/fwd_halves_experiment.py
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ by the consumers after their epilogue 0.832-0.853 ms, by the producer with plain
 Four-branch grouped pattern at N = 64K, bf16, 16 heads, D = 128. Every variant's output starts as NaN and is
 compared with the generated tl kernel's (zeros included).
 
-    PYTHONPATH=. python benchmarks/gluon_zero_fill_experiment.py
+    PYTHONPATH=. python benchmarks/experiments/gluon_zero_fill_experiment.py
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Variants, non-causal grouped four-branch at N = 64K, bf16, 16 heads, D = 128, te
 
 Each variant is checked against the generated kernel's output, then timed.
 
-    PYTHONPATH=. python benchmarks/fwd_tile_loop_experiment.py
+    PYTHONPATH=. python benchmarks/experiments/fwd_tile_loop_experiment.py
 """
 
 from __future__ import annotations

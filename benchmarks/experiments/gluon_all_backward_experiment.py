@@ -27,7 +27,7 @@ gluon_hopper.py) instead of one per branch. Each row gets the same additions in 
 the differences to tl read as before (6.9e-4, causal 9.7e-4). On the H100 (--rounds 2), store first: bwd
 13.24 ms, fwd+bwd 17.58; causal 8.83 and 11.19.
 
-    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/gluon_all_backward_experiment.py [--rounds 3]
+    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/gluon_all_backward_experiment.py [--rounds 3]
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ generated kernel's output, then timed:
 * host           the same loop with per-branch host descriptors (four branches: the kernel inlines the loop
                  once per branch; one-branch specs: once)
 
-    PYTHONPATH=. python benchmarks/fwd_host_desc_experiment.py
+    PYTHONPATH=. python benchmarks/experiments/fwd_host_desc_experiment.py
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Result (H100, first run): all five outputs written and equal to the tl kernels' 
 dv within 6e-6 relative). gluon_fwd 0.851 ms against 0.977 for the tl forward; gluon_bwd_dq 0.990 +
 gluon_bwd_dkdv 1.098 = 2.088 ms against 2.955 for the tl backward. The lowering now runs them for causal specs.
 
-    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/gluon_causal_experiment.py [--check-compile]
+    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/gluon_causal_experiment.py [--check-compile]
 
 --check-compile compiles the three kernels with CAUSAL=True for sm_90a without a GPU (triton 3.6) and counts
 spill instructions among a step's matrix instructions and elsewhere.

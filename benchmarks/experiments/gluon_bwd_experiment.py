@@ -5,7 +5,7 @@ dilated_bwd_dkdv and dilated_bwd_dq.
 Result (H100, four-branch grouped 64K, bf16; benchmarks/results/H100-triton.md): all correct on the first run;
 dq 1.142 ms at 232 registers (tl 1.263), dk/dv 1.947 ms with S^T and dP^T together at 240 (tl 2.193). Both went
 into the lowering as gluon_bwd_dq and gluon_bwd_dkdv; the lowering's dk/dv has changed since
-(benchmarks/gluon_dkdv_experiment.py).
+(benchmarks/experiments/gluon_dkdv_experiment.py).
 
 Why: under ncu (benchmarks/profile_kernels.py, H100) the generated dk/dv kernel keeps the tensor pipe busy 43%
 of the time (2.15 ms of the four-branch 64K backward's 3.5 ms), cuDNN's backward 63%. The forward went from 50%
@@ -29,7 +29,7 @@ each tile's Q, dO and O, then K/V tiles of 64 rows into a ring; each consumer co
 of its rows from shared memory (and stores it for dk/dv), then per key step S = Q K^T and dP = dO V^T together,
 P = exp2(S * qk_scale - lse), dS = P (dP - delta), dQ += dS K. It runs before dk/dv, as in the lowering.
 
-    PYTHONPATH=. python benchmarks/gluon_bwd_experiment.py [--check-compile]
+    PYTHONPATH=. python benchmarks/experiments/gluon_bwd_experiment.py [--check-compile]
 
 --check-compile compiles the variants for sm_90a without a GPU (triton 3.6 with Gluon) and counts spills in
 their SASS. On the CPU machine (triton 3.6.0): 48 HGMMA; with 240 registers per consumer 0-1 spill instructions

@@ -3,7 +3,7 @@
 
 Why: the Gluon kernels' causal passes were bound by memory bandwidth because tile_table orders tiles heaviest
 first, and in a causal table tiles of equal work come from different segments, so tiles running at the same time
-read different segments' keys (benchmarks/gluon_order_experiment.py: persistent_order took the causal Gluon
+read different segments' keys (benchmarks/experiments/gluon_order_experiment.py: persistent_order took the causal Gluon
 forward from 0.851 to 0.525 ms). The tl kernels launch one program per table row, and the GPU starts programs
 about in row order, so the same should hold for them ("all causal" fwd+bwd ran at 0.41x cuDNN over pre-gathered
 segments).
@@ -22,7 +22,7 @@ Result (H100, best of 3 alternating rounds; benchmarks/results/H100-triton.md): 
 ms, fwd+bwd 21.083 -> 17.673; grouped causal on the tl kernels fwd 0.971 -> 0.765, fwd+bwd 3.970 -> 3.114. Outputs
 equal in grouped mode; in "all" mode within 3.1e-4 relative (the backward's fp32 atomics add in another order).
 
-    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/tl_order_experiment.py [--rounds 3]
+    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/tl_order_experiment.py [--rounds 3]
 """
 
 from __future__ import annotations

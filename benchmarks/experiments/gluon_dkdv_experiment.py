@@ -21,7 +21,7 @@ slower (2.9-4.4 ms against 1.94); SMEM_LD 1.650-1.735 ms, SMEM_LD + EPI_ONE with
 lowering's gluon_bwd_dkdv is now SMEM_LD + EPI_ONE with 3 stages. Numbers per run in
 benchmarks/results/H100-triton.md.
 
-    PYTHONPATH=. python benchmarks/gluon_dkdv_experiment.py [--check-compile]
+    PYTHONPATH=. python benchmarks/experiments/gluon_dkdv_experiment.py [--check-compile]
 
 --check-compile compiles the variants for sm_90a without a GPU (needs triton 3.6) and counts spill instructions.
 """

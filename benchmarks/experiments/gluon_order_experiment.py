@@ -22,7 +22,7 @@ causal passes were bound by memory bandwidth, and the lowering runs persistent_o
 compared nothing: it keyed its tables by device "cuda" while the launchers look them up by "cuda:0"; set_order
 now checks that the launchers see its table.)
 
-    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/gluon_order_experiment.py [--rounds 4]
+    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/gluon_order_experiment.py [--rounds 4]
 """
 
 from __future__ import annotations
