@@ -18,6 +18,8 @@ Four-branch "all" mode N = 64K, bf16, 16 heads, D = 128, causal and not: the low
 forward + backward, the forms alternating over --rounds rounds.
 
     DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/gluon_red_experiment.py [--rounds 3]
+
+``--check-compile`` compiles each form's "all"-mode dq and dk/dv kernels for sm_90a without a GPU (triton 3.6).
 """
 
 from __future__ import annotations
@@ -71,11 +73,31 @@ def variant(low, form: str):
     return low
 
 
+def check_compile():
+    from dilated_compiler.lowering.triton.gluon_compile import compile_sm90, summarize
+    g = gluon_hopper
+    plan = build_plan(AttentionSpec(FOUR, head_assignment="all"), 65536, H, D)
+    for form in ("load+store", "red", "red.v2"):
+        kernels = variant(tl_lowering.TritonLowering(plan, torch.device("cpu"), torch.bfloat16), form).gluon_kernels
+        common = dict(HEAD_DIM=D, ZFILL=False, CAUSAL=False, num_warps=4, ACC=1, PHASED=True)
+        dq = compile_sm90(kernels.gluon_bwd_dq, dict(common, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP,
+                                                     STAGES=g.DQ_STAGES[D], HAS_DLSE=False,
+                                                     CONSUMER_REGS=g.DQ_CONSUMER_REGS), "bf16", {"DQ": "*fp32"})
+        dkdv = compile_sm90(kernels.gluon_bwd_dkdv, dict(common, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP,
+                                                         STAGES=g.DKDV_STAGES[D], CONSUMER_REGS=g.DKDV_CONSUMER_REGS),
+                            "bf16", {"DK": "*fp32", "DV": "*fp32"})
+        for name, k in (("gluon_bwd_dq", dq), ("gluon_bwd_dkdv", dkdv)):
+            print(f"{form}, {name}: {summarize(k)}, red.global in PTX: {k.asm['ptx'].count('red.global.add')}")
+
+
 def main():
-    from triton.testing import do_bench
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--check-compile", action="store_true")
     args = ap.parse_args()
+    if args.check_compile:
+        return check_compile()
+    from triton.testing import do_bench
     dev = torch.device("cuda", torch.cuda.current_device())
     forms = ("load+store", "red", "red.v2")
     rows = []
