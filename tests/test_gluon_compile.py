@@ -101,7 +101,7 @@ def _check(compiled):
 
 
 EXPERIMENTS = ["gluon_bwd_experiment", "gluon_causal_experiment", "gluon_dkdv_experiment", "gluon_dq_experiment",
-               "gluon_fwd_experiment", "gluon_red_experiment"]
+               "gluon_ds_experiment", "gluon_fwd_experiment", "gluon_red_experiment"]
 
 
 @pytest.mark.parametrize("script", EXPERIMENTS)
@@ -119,3 +119,15 @@ def test_experiment_kernels_compile(script):
     failed = [line for line in out.splitlines() if "Error" in line]
     assert not failed, "\n".join(failed)
     assert "HGMMA" in out or "wgmma" in out, out[-3000:]
+
+
+def test_ds_experiment_tl_kernels_on_cpu():
+    """gluon_ds_experiment.py's tl kernels (dQ from a stored dS, and delta) agree with torch under the
+    interpreter (``--check-cpu``); its Gluon kernels are compiled by test_experiment_kernels_compile."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "experiments" / "gluon_ds_experiment.py"),
+                          "--check-cpu"], cwd=root, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    assert out.count("max abs error") == 3, out[-3000:]
