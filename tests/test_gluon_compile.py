@@ -73,11 +73,14 @@ def test_gluon_fwd_all_mode_compiles_without_spills(head_dim, causal):
 @pytest.mark.parametrize("kernel,head_dim,causal,acc", [
     ("gluon_bwd_dq", 128, False, 1), ("gluon_bwd_dq", 128, True, 1), ("gluon_bwd_dq", 64, True, 1),
     ("gluon_bwd_dkdv", 128, False, 1), ("gluon_bwd_dkdv", 128, True, 1), ("gluon_bwd_dkdv", 64, True, 1),
-    ("gluon_bwd_dq", 128, False, 2), ("gluon_bwd_dkdv", 128, False, 2), ("gluon_bwd_dkdv", 64, True, 2)])
+    ("gluon_bwd_dq", 128, False, 2), ("gluon_bwd_dkdv", 128, False, 2), ("gluon_bwd_dkdv", 64, True, 2),
+    ("gluon_bwd_dq", 128, False, 3), ("gluon_bwd_dq", 128, True, 3), ("gluon_bwd_dkdv", 128, False, 3),
+    ("gluon_bwd_dkdv", 128, True, 3), ("gluon_bwd_dkdv", 64, True, 3), ("gluon_bwd_dq", 64, False, 4),
+    ("gluon_bwd_dkdv", 128, False, 4)])
 def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal, acc):
     """"all" mode's backward form (ACC, PHASED: one launch over the branches in phases, adding into float32 dq, dk,
-    dv, or in the first phase storing: ACC 2; no zero fill), which the lowering runs where
-    gluon_hopper.ALL_MODE_BACKWARD is set."""
+    dv, or in the first phase storing: ACC 2; with a last phase writing the results in the inputs' dtype: ACC 3
+    and 4; no zero fill), which the lowering runs where gluon_hopper.ALL_MODE_BACKWARD is set."""
     consts = {**_constexprs(kernel, head_dim, causal, True), "ACC": acc, "ZFILL": False, "PHASED": True}
     fp32 = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
     _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, "bf16", fp32))

@@ -211,9 +211,11 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert (a["stride_b"], a["stride_lb"], a["stride_lh"]) == (N * H * D, H * N, N)
     assert torch.isinf(aux).all()  # nothing ran: the kernel fills each branch's selected rows
     # "all" mode's backward (ALL_MODE_BACKWARD, the default): one dq and one dk/dv launch, each over every branch's
-    # tiles in phases (PHASED; a branch after another, the dilation-1 branch first and storing: ACC 2), adding into
-    # float32 buffers; cooperative (the phases' waits need every program resident), the batch folded into the walk
-    assert gluon_hopper.ALL_MODE_BACKWARD is True
+    # tiles in phases (PHASED), into float32 buffers; cooperative (the phases' waits need every program resident),
+    # the batch folded into the walk. ALL_MODE_FINAL_PHASE (the default): branch 1 (r = 2, whose rows include
+    # branch 2's) first, storing; branch 2 adding; the dilation-1 branch 0 last, writing the bf16 gradients (ACC 3)
+    # and reading the float32 buffers only at the rows SEL marks: those of branches 1 and 2 (n % 2 == h % 2)
+    assert gluon_hopper.ALL_MODE_BACKWARD is True and gluon_hopper.ALL_MODE_FINAL_PHASE is True
     for name in ("gluon_bwd_dq", "gluon_bwd_dkdv"):
         monkeypatch.setattr(low.gluon_kernels, name, Recorder(name))
     launches.clear()
@@ -221,26 +223,65 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert [n for n, _, _ in launches] == ["gluon_bwd_dq", "gluon_bwd_dkdv"]
     assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
     full = {kind: tile_table(low.plan, kind, gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP) for kind in "qk"}
+    order = [1, 2, 0]
+    sel = (torch.arange(N)[None, :] % 2 == torch.arange(H)[:, None] % 2).to(torch.uint8)
     for name, grid, bound in launches:
         a = bound.arguments
         kind_table = full["q" if name == "gluon_bwd_dq" else "k"]
-        parts = [kind_table[kind_table[:, 1] == branch] for branch in range(G)]
+        parts = [kind_table[kind_table[:, 1] == branch] for branch in order]
         assert grid == (5, 1) and a["launch options"] == {"launch_cooperative_grid": True}
         table = torch.cat([persistent_order(part, 5, gluon_hopper.BWD_STEP) for part in parts])
         assert torch.equal(a["TABLE"].cpu(), table) and a["T"] == table.shape[0] and a["B"] == B
         assert a["PHASES"].tolist() == [0, *torch.tensor([p.shape[0] for p in parts]).cumsum(0).tolist()]
         assert a["NPH"] == G and a["BAR"].tolist() == [0] * G and a["PHASED"] is True
-        assert a["ACC"] == 2 and a["ZFILL"] is False and a["CAUSAL"] is False
-        for t in ((a["DQ"],) if name == "gluon_bwd_dq" else (a["DK"], a["DV"])):
+        assert a["ACC"] == 3 and a["ZFILL"] is False and a["CAUSAL"] is False
+        assert a["SEL"].dtype == torch.uint8 and torch.equal(a["SEL"].cpu(), sel)
+        buffers = (a["DQ"],) if name == "gluon_bwd_dq" else (a["DK"], a["DV"])
+        finals = (a["DQF"],) if name == "gluon_bwd_dq" else (a["DKF"], a["DVF"])
+        assert finals == ((dq,) if name == "gluon_bwd_dq" else (dk, dv))  # returned as they are: no casts
+        for t in buffers:
             assert t.dtype == torch.float32 and t.shape == (B, N, H, D)
-    # the order: a dilation-1 branch first (storing), then the others in spec order; none: all add into zeros
-    orders = {}
-    for dils in ((2, 1, 4), (2, 4), (1, 1, 2)):
-        branches = tuple(Branch(256 * r, r) for r in dils)
-        plan = build_plan(AttentionSpec(branches, head_assignment="all"), 4096, 4, D)
-        orders[dils] = triton_lowering.TritonLowering(plan, torch.device("cpu"), torch.bfloat16)._all_mode_order()
-    assert orders == {(2, 1, 4): [(1, True), (0, False), (2, False)], (2, 4): [(0, False), (1, False)],
-                      (1, 1, 2): [(0, True), (1, False), (2, False)]}
+    # without the final phase: the dilation-1 branch first, storing (ACC 2), the float32 buffers cast afterwards
+    monkeypatch.setattr(gluon_hopper, "ALL_MODE_FINAL_PHASE", False)
+    low._tables.clear()
+    launches.clear()
+    low.backward(dout, dlse, q, k, v, out, lse_all, aux)
+    for name, grid, bound in launches:
+        assert bound.arguments["ACC"] == 2 and "DQF" not in bound.arguments and "SEL" not in bound.arguments
+    monkeypatch.setattr(gluon_hopper, "ALL_MODE_FINAL_PHASE", True)
+
+
+@pytest.mark.parametrize("dils,n,phases", [
+    # a dilation-1 branch last (ACC 3: a branch whose rows include the other earlier branches' stores first)
+    ((2, 1, 4), 4096, ([(0, True), (2, False), (1, False)], 3)),
+    ((1, 1, 2), 4096, ([(1, True), (2, False), (0, False)], 3)),
+    ((4, 8, 1, 2), 4096, ([(3, True), (0, False), (1, False), (2, False)], 3)),
+    # r = 2 and r = 3 select rows neither of which includes the other's: all add into zeros (ACC 4)
+    ((2, 3, 1), 4608, ([(0, False), (1, False), (2, False)], 4)),
+    # no dilation-1 branch: all add into zeros, casts afterwards (ACC 1); one branch of dilation 1 stores (ACC 2)
+    ((2, 4), 4096, ([(0, False), (1, False)], 1)),
+    ((1,), 4096, ([(0, True)], 2)),
+])
+def test_all_mode_backward_phases(dils, n, phases):
+    """"all" mode's backward phases (order, ACC) and SEL, the rows the final phase reads, from the tables."""
+    from dilated_compiler import build_plan
+    from dilated_compiler.lowering.triton import lowering as triton_lowering
+    branches = tuple(Branch(256 * r if r != 3 else 1152, r) for r in dils)
+    plan = build_plan(AttentionSpec(branches, head_assignment="all"), n, 4, 64)
+    low = triton_lowering.TritonLowering(plan, torch.device("cpu"), torch.bfloat16)
+    order, acc, sel = low._all_mode_phases(torch.device("cpu"))
+    assert (order, acc) == phases
+    if acc < 3:
+        assert sel is None
+        return
+    # SEL: the rows any phase before the last selects, per head
+    rows = torch.zeros(4, n, dtype=torch.bool)
+    h = torch.arange(4)[:, None]
+    pos = torch.arange(n)[None, :]
+    for branch, _ in order[:-1]:
+        r = dils[branch]
+        rows |= pos % r == h % r
+    assert sel.dtype == torch.uint8 and torch.equal(sel.bool(), rows)
 
 
 def test_unsupported_dtype_and_head_dim():
@@ -563,24 +604,31 @@ def test_gpu_gluon_all_mode_forward(dtype, batch, causal, head_dim, poisoned, mo
     (torch.bfloat16, 2, False, 128, (1, 2, 4, 8)), (torch.float16, 1, True, 128, (1, 2, 4, 8)),
     (torch.bfloat16, 1, True, 64, (1, 2, 4, 8)), (torch.bfloat16, 1, False, 128, (2, 1, 8, 4)),
     (torch.float16, 2, True, 64, (2, 4, 8)), (torch.bfloat16, 1, False, 64, (1,)), (torch.float16, 2, True, 128, (1,)),
-    (torch.bfloat16, 1, False, 128, (4,))])
+    (torch.bfloat16, 1, False, 128, (4,)), (torch.bfloat16, 2, False, 128, (2, 3, 1)),
+    (torch.float16, 1, True, 64, (3, 1, 2))])
 def test_gpu_gluon_all_mode_backward(dtype, batch, causal, head_dim, dilations, poisoned, monkeypatch):
     """gluon_hopper.ALL_MODE_BACKWARD (the default): "all" mode's backward as one dq and one dk/dv launch, each
-    walking the branches in phases into float32 buffers: the dilation-1 branch first, storing (the buffers start
-    as NaN here), the others adding once the phase before is done; without such a branch all add into zeros.
-    Batch 2 folds the batch into the walk. One branch: a single phase (whose count triton must not make a
-    constant: it failed to compile the storing phase). Same results as the reference."""
+    walking the branches in phases into float32 buffers (uninitialised ones start as NaN here). With a dilation-1
+    branch among others (ALL_MODE_FINAL_PHASE) that branch goes last and writes the gradients in the inputs' dtype,
+    reading the buffers only where an earlier phase wrote; before it, a branch whose rows include the others'
+    stores first (r = 2 before 4 and 8: ACC 3), or, where none does (r = 2 and 3), all add into zeros (ACC 4).
+    Without a dilation-1 branch all add into zeros. Batch 2 folds the batch into the walk. One branch: a single
+    phase (whose count triton must not make a constant: it failed to compile the storing phase). Same results as
+    the reference."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
         pytest.skip("the Gluon kernels run on compute capability 9.0 with the checked triton only")
     monkeypatch.setattr(gluon_hopper, "ALL_MODE_BACKWARD", True)
     calls = record_gluon_calls(poisoned, monkeypatch)
-    spec = AttentionSpec(tuple(Branch(256 * r, r) for r in dilations), head_assignment="all", causal=causal)
+    # r = 3: 1152 positions, 384 selected rows (whole 128-row tiles), over N = 4608
+    spec = AttentionSpec(tuple(Branch(1152 if r == 3 else 256 * r, r) for r in dilations), head_assignment="all",
+                         causal=causal)
+    n = 4608 if 3 in dilations else 4096
     attn = compile_attention(spec, backend="triton")
-    q, k, v = make_qkv(batch, 4096, 6, head_dim, dtype=dtype, device="cuda", requires_grad=True)
+    q, k, v = make_qkv(batch, n, 6, head_dim, dtype=dtype, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
-    shape = (batch, 4096, 6, head_dim)
+    shape = (batch, n, 6, head_dim)
     assert calls == {"fwd": [shape], "dq": [shape], "dkdv": [shape]}  # one launch per pass
 
 

@@ -59,6 +59,10 @@ DKDV_STAGES = {128: 3, 64: 3}    # Q/dO/lse/delta ring: 1.659 ms against 1.735 w
 # N = 64K, bf16, H = 16, D = 128; benchmarks/experiments/gluon_all_backward_experiment.py), as one launch per
 # branch, the lowering's fwd+bwd 23.41 -> 18.31 ms, causal 16.98 -> 11.98
 ALL_MODE_BACKWARD = True
+# ... with a dilation-1 branch (it selects every row) as the last phase, writing the gradients in the inputs' dtype
+# (ACC 3, 4): no float32 -> bf16 casts after the launches (benchmarks/results/H200-triton.md, stop 17). Off: that
+# branch goes first and stores (ACC 2), and the lowering casts the float32 buffers
+ALL_MODE_FINAL_PHASE = True
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -263,6 +267,24 @@ def _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexp
 
 
 @gluon.jit
+def _final_rows(X, XF, SEL, N, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr,
+                HALF: gl.constexpr):
+    # ACC 3, 4, the last phase: XF (B, N, H, D, the inputs' dtype) = X (float32) + val at the tile's rows, as
+    # _add_rows, with X read only at the rows an earlier phase wrote (SEL[head, pos] != 0; elsewhere XF = val)
+    lo, hi = gl.split(gl.permute(gl.reshape(val, [HALF, 2, HEAD_DIM // 2]), [0, 2, 1]))
+    rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, lo.type.layout))
+    cols = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, lo.type.layout))
+    pos = pos0 + rows * r
+    earlier = gl.expand_dims(gl.load(SEL + head * N + pos) != 0, 1) & gl.expand_dims(cols < HEAD_DIM // 2, 0)
+    at = b.to(gl.int64) * stride_b + head * HEAD_DIM
+    offs = gl.expand_dims(pos.to(gl.int64) * (H * HEAD_DIM), 1) + gl.expand_dims(cols, 0)
+    dt: gl.constexpr = XF.dtype.element_ty
+    gl.store(XF + at + offs, (gl.load(X + at + offs, mask=earlier, other=0.0) + lo).to(dt))
+    gl.store(XF + at + HEAD_DIM // 2 + offs,
+             (gl.load(X + at + HEAD_DIM // 2 + offs, mask=earlier, other=0.0) + hi).to(dt))
+
+
+@gluon.jit
 def _phase(PHASES, p, T, B, pid, G, PHASED: gl.constexpr):
     # [Note: phases] phase p's table rows [start, start + count) and how many of its tiles this program runs.
     # PHASED: the batch is folded into the walk (tile idx of the phase: batch idx // count, row idx % count);
@@ -316,12 +338,15 @@ def _phase_wait(BAR, ph, i, G, PHASED: gl.constexpr):
 
 
 @gluon.jit
-def _acc_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
-              ACC: gl.constexpr, PHASED: gl.constexpr, ph):
-    # ACC's write of a tile's rows: ACC == 2 stores, in the first phase only where PHASED; otherwise adds
+def _acc_rows(X, XF, SEL, N, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
+              ACC: gl.constexpr, PHASED: gl.constexpr, ph, NPH):
+    # ACC's write of a tile's rows: ACC 2 and 3 store in the first phase (only where PHASED), ACC 3 and 4 write
+    # the results in the last phase (_final_rows); otherwise adds
     if PHASED:
         if ph == 0:
-            _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+            _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2 or ACC == 3)
+        elif ACC >= 3 and ph == NPH - 1:
+            _final_rows(X, XF, SEL, N, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
         else:
             _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, False)
     else:
@@ -544,8 +569,11 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #   ZFILL             as in the forward: the producer writes zeros to the rows of the tile's span that its branch
 #                     does not select, so dq, dk and dv need no memset
 #   ACC               "all" mode: DQ (or DK, DV) are float32 and each tile adds its rows into them by pointer
-#                     loads and stores (_add_rows). ACC == 2: the first phase stores instead (a branch that selects
-#                     every row of every head: the buffers need no zeroing)
+#                     loads and stores (_add_rows). ACC 2: the first phase stores instead (its branch selects every
+#                     row that a later phase adds to: the buffers need no zeroing). ACC 3 (the first phase stores)
+#                     and 4 (it adds): the last phase, a branch that selects every row, writes the results in the
+#                     inputs' dtype to DQF (DKF, DVF), reading DQ only at the rows an earlier phase wrote (SEL (H, N)
+#                     nonzero; _final_rows), so no float32 buffer needs a cast afterwards
 #   PHASED            [Note: phases] "all" mode's one launch per pass: TABLE holds the branches' tiles one branch
 #                     after another, phase ph in rows [PHASES[ph], PHASES[ph + 1]), the batch folded into the walk.
 #                     A row is in one tile of a branch, so no two tiles of a phase touch it; across phases, a
@@ -591,7 +619,8 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2,
 
 
 @gluon.jit
-def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH, BAR, qk_scale,
+def _dq_consumer(dq0, dq1, dq2, dq3, DQ, DQF, SEL, N, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH, BAR,
+                 qk_scale,
                  sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty,
                  kv_ready, kv_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
@@ -670,7 +699,8 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B,
             it += 1
             if ACC:
                 _phase_wait(BAR, ph, i, G, PHASED)
-                _acc_rows(DQ, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC, PHASED, ph)
+                _acc_rows(DQ, DQF, SEL, N, dq * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC,
+                          PHASED, ph, NPH)
             else:
                 _store_out(dq0, dq1, dq2, dq3, br, b, combo, rbase + row0, dq_out, (dq * sm_scale).to(dtype))
         if PHASED:
@@ -684,7 +714,9 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B,
 def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, PHASES, NPH, BAR, qk_scale, sm_scale,
                  stride_b, stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
-                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr, PHASED: gl.constexpr):
+                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr, PHASED: gl.constexpr,
+                 DQF=None, SEL=None):
+    # DQF, SEL: ACC 3 and 4 only (_final_rows)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -714,14 +746,14 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
         mbarrier.init(kv_ready.index(st), count=2)
         mbarrier.init(kv_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH, BAR,
-                        qk_scale, sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem,
-                        t_ready, t_empty, kv_ready, kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL,
-                        ACC, PHASED)),
-        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH, BAR,
-                        qk_scale, sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem,
-                        t_ready, t_empty, kv_ready, kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE, CAUSAL,
-                        ACC, PHASED)),
+        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, DQF, SEL, N, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH,
+                        BAR, qk_scale, sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem,
+                        dq_smem, t_ready, t_empty, kv_ready, kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE,
+                        CAUSAL, ACC, PHASED)),
+        (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, DQF, SEL, N, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH,
+                        BAR, qk_scale, sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem,
+                        dq_smem, t_ready, t_empty, kv_ready, kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE,
+                        CAUSAL, ACC, PHASED)),
         (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE,
                         RB, T, B, H, PHASES, NPH, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready,
                         kv_empty, BLOCK_N, STAGES, ZFILL, CAUSAL, PHASED)),
@@ -786,7 +818,8 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
 
 
 @gluon.jit
-def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, B, H, PHASES, NPH, BAR,
+def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL, N, stride_b, TABLE, RB, T, B, H,
+                   PHASES, NPH, BAR,
                    qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty,
                    qd_ready, qd_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr,
@@ -860,8 +893,13 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TAB
                 # both writes under one branch (two _acc_rows calls spill more in the causal form)
                 if PHASED:
                     if ph == 0:
-                        _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
-                        _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+                        _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF,
+                                  ACC == 2 or ACC == 3)
+                        _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2 or ACC == 3)
+                    elif ACC >= 3 and ph == NPH - 1:
+                        _final_rows(DK, DKF, SEL, N, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM,
+                                    HALF)
+                        _final_rows(DV, DVF, SEL, N, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
                     else:
                         _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, False)
                         _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, False)
@@ -883,8 +921,10 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TAB
 def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, PHASES, NPH, BAR, qk_scale, sm_scale, stride_b,
                    stride_ld, stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr, PHASED: gl.constexpr):
-    # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer)
+                   CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr, PHASED: gl.constexpr,
+                   DKF=None, DVF=None, SEL=None):
+    # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer). DKF, DVF, SEL: ACC 3
+    # and 4 only (_final_rows)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -918,12 +958,14 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, PHASES, NPH, 
         mbarrier.init(qd_ready.index(st), count=2 + 4 * 32)
         mbarrier.init(qd_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, B, H, PHASES, NPH,
-                          BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready,
-                          kv_empty, qd_ready, qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC, PHASED)),
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, stride_b, TABLE, RB, T, B, H, PHASES, NPH,
-                          BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready,
-                          kv_empty, qd_ready, qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES, CAUSAL, ACC, PHASED)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL, N, stride_b, TABLE, RB, T,
+                          B, H, PHASES, NPH, BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem,
+                          out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES,
+                          CAUSAL, ACC, PHASED)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL, N, stride_b, TABLE, RB, T,
+                          B, H, PHASES, NPH, BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem,
+                          out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES,
+                          CAUSAL, ACC, PHASED)),
         (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0,
                           dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, B, H, PHASES, NPH, k_smem,
                           v_smem, q_smem, do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M,

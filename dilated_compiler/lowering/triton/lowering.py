@@ -11,7 +11,8 @@ Per pass, one launch covers every branch, segment, head and tile of the plan, dr
   ``dilated_bwd_dkdv``. Recomputes the probabilities; nothing of size N*w is ever stored. Grouped calls that run
   ``gluon_fwd`` run ``gluon_bwd_dq`` and ``gluon_bwd_dkdv`` instead (same structure, same results); in "all" mode
   each runs once over all branches in phases, a branch after another adding into fp32 buffers
-  (``gluon_hopper.ALL_MODE_BACKWARD``), where the tl kernels add over the branches with atomics.
+  (``gluon_hopper.ALL_MODE_BACKWARD``), where the tl kernels add over the branches with atomics; a dilation-1
+  branch among others goes last and writes the gradients in the inputs' dtype (``ALL_MODE_FINAL_PHASE``).
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported; for tests). Producing the source (``source()``) needs neither.
@@ -40,7 +41,7 @@ from . import autotune, gluon_hopper
 from .autotune import TileConfig, candidates, interpreting
 from .diskcache import load_module
 from .generator import generate_source, generator_fingerprint
-from .tables import persistent_order, spans_cover, tile_table
+from .tables import persistent_order, selected_rows, spans_cover, tile_table
 
 __all__ = ["TritonLowering"]
 
@@ -208,6 +209,38 @@ class TritonLowering:
         _ensure_allocator()
         return self._tables[key]
 
+    def _all_mode_phases(self, device: torch.device):
+        """"all" mode's backward phases: (order, ACC, SEL). With gluon_hopper.ALL_MODE_FINAL_PHASE and a branch of
+        dilation 1 among two or more, that branch goes last and writes the gradients in the inputs' dtype (ACC 3 or
+        4), reading the float32 buffers where an earlier phase wrote (SEL, (H, N) uint8). The earlier phases: first
+        a branch whose rows include every other earlier branch's, storing (ACC 3; then the buffers need no
+        zeroing), else all adding into zeros (ACC 4); the rest in spec order. Otherwise :meth:`_all_mode_order`
+        (ACC 2 where its first phase stores, else 1) and SEL None."""
+        key = ("all mode phases", device)
+        if key not in self._tables:
+            dil = [int(b.dilation) for b in self.spec.branches]
+            if self._final_phase():
+                rows = selected_rows(self.plan)
+                last = dil.index(1)
+                assert bool(rows[last].all()), "a dilation-1 branch selects every row"
+                earlier = [i for i in range(len(dil)) if i != last]
+                union = rows[earlier].any(dim=0)
+                first = next((i for i in earlier if not bool((union & ~rows[i]).any())), None)
+                if first is None:
+                    order, acc = [(i, False) for i in earlier], 4
+                else:
+                    order, acc = [(first, True)] + [(i, False) for i in earlier if i != first], 3
+                self._tables[key] = (order + [(last, False)], acc, union.to(torch.uint8).contiguous().to(device))
+            else:
+                order = self._all_mode_order()
+                self._tables[key] = (order, 2 if order[0][1] else 1, None)
+        return self._tables[key]
+
+    def _final_phase(self) -> bool:
+        """Whether "all" mode's Gluon backward ends with a dilation-1 branch writing the gradients (ACC 3, 4)."""
+        dil = [int(b.dilation) for b in self.spec.branches]
+        return gluon_hopper.ALL_MODE_FINAL_PHASE and 1 in dil and len(dil) > 1
+
     def _all_mode_order(self) -> list[tuple[int, bool]]:
         """"all" mode's backward phases: (branch, store), a branch of dilation 1 first (in "all" mode it selects
         every row of every head, so its phase stores into the fp32 buffers, which then need no zeroing; the Gluon
@@ -232,23 +265,27 @@ class TritonLowering:
             self._tables[key] = torch.cat(parts).to(q.device), bounds.to(q.device), programs
         return self._tables[key]
 
-    def _backward_launch(self, kind: str, q: torch.Tensor, order):
-        """(table, grid, dilations, phases, phase count, phase counters, ACC, launch options) of a Gluon backward
-        launch: grouped (``order`` None) or "all" mode's phased one (see _gluon_phased_args)."""
-        if order is None:
+    def _backward_launch(self, kind: str, q: torch.Tensor, phased):
+        """(table, grid, dilations, phases, phase count, phase counters, ACC, SEL, launch options) of a Gluon
+        backward launch: grouped (``phased`` None) or "all" mode's phased one (``phased`` from
+        :meth:`_all_mode_phases`; tables from :meth:`_gluon_phased_args`)."""
+        if phased is None:
             table, grid, dilations = self._gluon_launch_args(kind, _GLUON_BWD_TILES, q)
-            return table, grid, dilations, table, 1, table, 0, {}  # phases and counters: unread placeholders
+            return table, grid, dilations, table, 1, table, 0, None, {}  # phases, counters: unread placeholders
+        order, acc, sel = phased
         table, phases, programs = self._gluon_phased_args(kind, _GLUON_BWD_TILES, q, order)
         counters = torch.zeros(len(order), dtype=torch.int32, device=q.device)
-        return (table, (programs, 1), self._gluon_dilations(q.device), phases, len(order), counters,
-                2 if order[0][1] else 1, {"launch_cooperative_grid": True})
+        return (table, (programs, 1), self._gluon_dilations(q.device), phases, len(order), counters, acc, sel,
+                {"launch_cooperative_grid": True})
 
     def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
-                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, order=None):
-        """``order`` given ("all" mode, :meth:`_all_mode_order`): one launch over every branch's tiles, a phase per
-        branch in that order, adding into ``dq`` (float32; ACC 1; the first phase storing where ``order`` says so:
-        ACC 2)."""
-        table, grid, dilations, phases, nph, bar, acc, options = self._backward_launch("q", q, order)
+                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, phased=None, dq_final=None):
+        """``phased`` given ("all" mode, :meth:`_all_mode_phases`): one launch over every branch's tiles, a phase
+        per branch in its order, into ``dq`` (float32) as its ACC says; ACC 3 and 4 write the results to
+        ``dq_final``."""
+        table, grid, dilations, phases, nph, bar, acc, sel, options = self._backward_launch("q", q, phased)
+        if acc >= 3:
+            options = {**options, "DQF": dq_final, "SEL": sel}
         if table.shape[0] == 0:
             return
         B, N, H, D = q.shape
@@ -258,13 +295,15 @@ class TritonLowering:
             lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DQ_STAGES[D], ZFILL=zfill,
             HAS_DLSE=dlse is not None, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4,
-            ACC=acc, PHASED=order is not None, **options)
+            ACC=acc, PHASED=phased is not None, **options)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS,
-                           stages=None, order=None):
-        """``ld``: lse and delta in one (2, B, H, N) buffer. ``order``: as for :meth:`_launch_gluon_dq`, adding
-        into ``dk`` and ``dv``."""
-        table, grid, dilations, phases, nph, bar, acc, options = self._backward_launch("k", q, order)
+                           stages=None, phased=None, dk_final=None, dv_final=None):
+        """``ld``: lse and delta in one (2, B, H, N) buffer. ``phased``: as for :meth:`_launch_gluon_dq`, into
+        ``dk`` and ``dv`` (and ``dk_final``, ``dv_final``)."""
+        table, grid, dilations, phases, nph, bar, acc, sel, options = self._backward_launch("k", q, phased)
+        if acc >= 3:
+            options = {**options, "DKF": dk_final, "DVF": dv_final, "SEL": sel}
         if table.shape[0] == 0:
             return
         B, N, H, D = q.shape
@@ -273,7 +312,7 @@ class TritonLowering:
             self.scale * math.log2(math.e), self.scale, q.stride(0), ld.stride(0), ld.stride(1), ld.stride(2),
             HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DKDV_STAGES[D], ZFILL=zfill, CAUSAL=self.causal,
-            CONSUMER_REGS=consumer_regs, num_warps=4, ACC=acc, PHASED=order is not None, **options)
+            CONSUMER_REGS=consumer_regs, num_warps=4, ACC=acc, PHASED=phased is not None, **options)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
@@ -454,14 +493,22 @@ class TritonLowering:
             ld[0].copy_(lse)
             if self.merge:
                 # one launch per pass, a phase per branch, each phase adding into fp32 buffers once the one before
-                # has (a row is in one tile of a branch); dq's launch writes the delta that dk/dv's then reads. A
-                # branch that selects every row of every head (dilation 1) goes first and stores: the buffers need
-                # no zeroing
-                order = self._all_mode_order()
-                alloc = _uninitialized if order[0][1] else torch.zeros
+                # has (a row is in one tile of a branch); dq's launch writes the delta that dk/dv's then reads.
+                # Where a phase stores first, the buffers need no zeroing; where a dilation-1 branch ends the
+                # launch (ACC 3, 4), it writes the gradients in the inputs' dtype (see _all_mode_phases)
+                phased = self._all_mode_phases(q.device)
+                acc = phased[1]
+                alloc = _uninitialized if acc in (2, 3) else torch.zeros
                 dq, dk, dv = (alloc(t.shape, dtype=torch.float32, device=q.device) for t in (q, k, v))
-                self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, False, order=order)
-                self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, False, order=order)
+                if acc >= 3:
+                    dqf, dkf, dvf = (_uninitialized(t.shape, dtype=t.dtype, device=q.device) for t in (q, k, v))
+                    self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, False, phased=phased,
+                                          dq_final=dqf)
+                    self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, False, phased=phased, dk_final=dkf,
+                                            dv_final=dvf)
+                    return dqf, dkf, dvf
+                self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, False, phased=phased)
+                self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, False, phased=phased)
                 return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
             # written in full where the tiles' spans cover every row (zero fill), else into zeros
             zfill_q = self._zfill("q", _GLUON_BWD_TILES, q.device)
@@ -525,7 +572,10 @@ class TritonLowering:
                          f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
                          f"{gluon_hopper.BLOCK_N}, q, k and v start on 16 bytes and no key padding mask is given, "
                          + ("gluon_fwd (after the tl kernels) runs instead of dilated_fwd, and gluon_bwd_dq and "
-                            "gluon_bwd_dkdv (one launch each, a phase per branch adding into float32 buffers) "
+                            "gluon_bwd_dkdv (one launch each, a phase per branch adding into float32 buffers; "
+                            + ("a dilation-1 branch last, writing the gradients in the inputs' dtype) "
+                               if self._final_phase() else "then cast) ")
+                            + 
                             "instead of dilated_bwd_dq "
                             "and dilated_bwd_dkdv" + ("" if gluon_hopper.ALL_MODE_BACKWARD else " (off here)")
                             if self.merge else

@@ -21,7 +21,7 @@ import torch
 
 from ...planner import Plan
 
-__all__ = ["COLUMNS", "tile_table", "persistent_order", "describe_columns", "spans_cover"]
+__all__ = ["COLUMNS", "tile_table", "persistent_order", "describe_columns", "spans_cover", "selected_rows"]
 
 # Columns of a tile table, in order.
 COLUMNS = (
@@ -60,6 +60,21 @@ def spans_cover(plan: Plan, table: torch.Tensor) -> bool:
     t = table.to(torch.int64)
     per_head = torch.zeros(H, dtype=torch.int64).index_add_(0, t[:, 0], t[:, 10] - t[:, 9])
     return bool((per_head == N).all())
+
+
+def selected_rows(plan: Plan) -> torch.Tensor:
+    """(G, H, N) bool: whether branch g selects position n for head h (its query rows, which are also its key
+    rows). "All" mode's backward uses it to order its phases and to know which rows an earlier phase wrote."""
+    G, H, N = len(plan.spec.branches), int(plan.heads), int(plan.seq_len)
+    sel = torch.zeros(G, H, N, dtype=torch.bool)
+    for a in plan.attend_ops:
+        L, S = int(a.rows), int(a.num_segments)
+        if L <= 0 or S <= 0 or int(a.head_count) <= 0:
+            continue
+        pos = (int(a.start) + torch.arange(S, dtype=torch.int64)[:, None] * int(a.extent) + int(a.offset)
+               + torch.arange(L, dtype=torch.int64)[None, :] * int(a.dilation)).reshape(-1)
+        sel[a.branch, _heads(a)[:, None], pos[None, :]] = True
+    return sel
 
 
 def tile_table(plan: Plan, kind: str, block: int, partner_block: int) -> torch.Tensor:
