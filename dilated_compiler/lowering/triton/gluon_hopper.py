@@ -620,9 +620,8 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2,
 
 @gluon.jit
 def _dq_consumer(dq0, dq1, dq2, dq3, DQ, DQF, SEL, N, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH, BAR,
-                 qk_scale,
-                 sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem, t_ready, t_empty,
-                 kv_ready, kv_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
+                 qk_scale, sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem,
+                 t_ready, t_empty, kv_ready, kv_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
                  ACC: gl.constexpr, PHASED: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
@@ -819,9 +818,8 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
 
 @gluon.jit
 def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL, N, stride_b, TABLE, RB, T, B, H,
-                   PHASES, NPH, BAR,
-                   qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem, kv_ready, kv_empty,
-                   qd_ready, qd_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
+                   PHASES, NPH, BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem,
+                   kv_ready, kv_empty, qd_ready, qd_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr,
                    PHASED: gl.constexpr):
     dtype: gl.constexpr = k_smem.dtype
