@@ -247,15 +247,22 @@ def _zero_gaps(d0, d1, d2, d3, row, RB, H, b, branch, span0, z_smem):
 
 
 @gluon.jit
-def _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
-              STORE: gl.constexpr):
-    # ACC: X (B, N, H, D, float32) += val (HALF rows x HEAD_DIM, fp32, a matrix-product layout) at the selected
-    # rows pos0 + (row0 + i) * r of head `head` (STORE: X = val there, nothing read), by pointer loads and stores
-    # in two column halves: each thread holds columns of both halves, so the split moves no data, and only half of
-    # the addresses are live at a time
+def _row_halves(val, row0, HEAD_DIM: gl.constexpr, HALF: gl.constexpr):
+    # val (HALF rows x HEAD_DIM, fp32, a matrix-product layout) as two column halves lo, hi, with the tile's row
+    # numbers row0 + i and the half's column numbers: each thread holds columns of both halves, so the split moves
+    # no data, and only half of the addresses are live at a time
     lo, hi = gl.split(gl.permute(gl.reshape(val, [HALF, 2, HEAD_DIM // 2]), [0, 2, 1]))
     rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, lo.type.layout))
     cols = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, lo.type.layout))
+    return lo, hi, rows, cols
+
+
+@gluon.jit
+def _add_rows(X, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
+              STORE: gl.constexpr):
+    # ACC: X (B, N, H, D, float32) += val at the selected rows pos0 + (row0 + i) * r of head `head` (STORE: X = val
+    # there, nothing read), by pointer loads and stores in two column halves (_row_halves)
+    lo, hi, rows, cols = _row_halves(val, row0, HEAD_DIM, HALF)
     base = X + b.to(gl.int64) * stride_b + head * HEAD_DIM
     offs = gl.expand_dims((pos0 + rows * r).to(gl.int64) * (H * HEAD_DIM), 1) + gl.expand_dims(cols, 0)
     if STORE:
@@ -271,9 +278,7 @@ def _final_rows(X, XF, SEL, N, val, b, head, pos0, row0, r, H, stride_b, HEAD_DI
                 HALF: gl.constexpr):
     # ACC 3, 4, the last phase: XF (B, N, H, D, the inputs' dtype) = X (float32) + val at the tile's rows, as
     # _add_rows, with X read only at the rows an earlier phase wrote (SEL[head, pos] != 0; elsewhere XF = val)
-    lo, hi = gl.split(gl.permute(gl.reshape(val, [HALF, 2, HEAD_DIM // 2]), [0, 2, 1]))
-    rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, lo.type.layout))
-    cols = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, lo.type.layout))
+    lo, hi, rows, cols = _row_halves(val, row0, HEAD_DIM, HALF)
     pos = pos0 + rows * r
     earlier = gl.expand_dims(gl.load(SEL + head * N + pos) != 0, 1) & gl.expand_dims(cols < HEAD_DIM // 2, 0)
     at = b.to(gl.int64) * stride_b + head * HEAD_DIM
