@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from dilated_compiler import AttentionSpec, Branch, compile_attention, reference
 from dilated_compiler.lowering import BackendError, triton_available, triton_unavailable_reason
@@ -777,16 +777,26 @@ def test_gpu_autotune_on(mode, tmp_path, poisoned, monkeypatch):
     assert timed == [] and again._configs == low._configs
 
 
+_LARGE_GRADIENTS = dict(
+    spec=AttentionSpec((Branch(315, 8), Branch(538, 3), Branch(18, 4)), head_assignment="grouped", causal=True,
+                       scale=0.9315238901281939),
+    batch=2, seq=736, heads=4, kv_heads=2, head_dim=128, mask=False, lse_grad=True, seed=1946)
+
+
 @pytest.mark.gpu
 @cuda
 @given(case=attention_cases(max_dilation=9, max_kv_heads=3, max_seq=2000, head_dims=(16, 64, 96, 128),
                             max_segment=1024),
        dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+@example(case=_LARGE_GRADIENTS, dtype=torch.float16)
+@example(case=_LARGE_GRADIENTS, dtype=torch.bfloat16)
 @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_gpu_random_specs_and_shapes(case, dtype):
     """Random specs and shapes on the GPU (segments up to 1024, N up to 2000, ragged N, offsets, odd head counts,
-    GQA, key padding, padded head_dim): out, lse and gradients against the reference. derandomize: the same
-    examples on every run."""
+    GQA, key padding, padded head_dim): out, lse and gradients against the reference. derandomize: the examples
+    depend on the test and on hypothesis, not on a fresh seed (a different caller drew different late examples on
+    one machine). The explicit example: a large scale makes gradients tens of units large (the case that showed
+    fp16 rounding failing an unscaled absolute tolerance; see conftest.TOLERANCES)."""
     run_case(case, "triton", dtype=dtype, device="cuda")
 
 
