@@ -10,15 +10,16 @@ import torch
 from hypothesis import strategies as st
 
 from dilated_compiler import AttentionSpec, Branch, compile_attention, reference
+from dilated_compiler.spec import load_spec
 
-# Tolerances per dtype for |x - ref| <= atol * m + rtol * |ref|, compared in float64, where m is the reference
-# tensor's root mean square, at least 1. Rounding in a low-precision product grows with its terms, and an entry of
-# a gradient can be a small difference of large terms: with a large softmax scale, dq and dk reach tens while some
-# of their entries are near zero, and an absolute error fixed at the unit scale failed there for rounding alone
-# (fp16: 0.026 against 0.02 at entries of a dk whose largest was 45; in float32 the same case used a fifth of
-# float32's bound). This does not cover every sharp softmax: there dq's rounding error follows the terms
-# (scale * |P| (|dP| + |delta|) |K|), not the result, and a bf16 case with scale 0.72 at D = 128 still used 1.03 of
-# the bound (benchmarks/results/H200-triton.md, stop 18). A bound from the terms' magnitudes is not built yet.
+# Tolerances per dtype for |x - ref| <= atol + rtol * |ref|, compared in float64. Gradients add a rounding
+# term: ROUNDING_FACTOR * unit roundoff * E, where E (rounding_terms) is the size of the terms each entry sums,
+# e.g. scale * sum_j P_ij (|dP_ij| + |delta_i| + |dlse_i|) |k_j| for dq. With a sharp softmax (a scale several
+# times 1/sqrt(D)), dS = P (dP - delta) is a difference of nearly equal numbers, and delta comes from the rounded
+# output, so rounding reaches entries of dq and dk near zero whatever their size: a bf16 case with scale 0.72 at
+# D = 128 erred 0.164 at an entry of 0.056 of a dq whose entries in that row were all below 1, where roundoff
+# times E is 0.19 (benchmarks/results/H200-triton.md, stop 18). At the default scale the term mostly stays below
+# atol.
 # float64 inputs still go through a float32 lse (the op's lse is float32 by contract), hence 1e-5.
 TOLERANCES = {
     torch.float64: dict(atol=1e-5, rtol=1e-5),
@@ -28,6 +29,9 @@ TOLERANCES = {
 }
 # Gradients accumulate more rounding than outputs.
 GRAD_TOLERANCES = {dt: dict(atol=t["atol"] * 5, rtol=t["rtol"] * 5) for dt, t in TOLERANCES.items()}
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
+                 torch.bfloat16: 2.0 ** -8}
+ROUNDING_FACTOR = 2.0  # the stop-18 cases' errors reached 0.9 (bf16) and 0.4 (fp16) of one E times the roundoff
 
 
 @st.composite
@@ -116,9 +120,9 @@ def make_qkv(batch, seq, heads, head_dim, dtype=torch.float32, device="cpu", kv_
     return [t.to(dtype=dtype, device=device).requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-def assert_close(actual, expected, dtype, what="out", grad=False):
-    """Compare in float64 with the tolerance of ``dtype`` (atol in units of the reference's root mean square, at
-    least 1; see TOLERANCES); -inf must match -inf exactly; no NaN anywhere."""
+def assert_close(actual, expected, dtype, what="out", grad=False, terms=None):
+    """Compare in float64 with the tolerance of ``dtype``, plus ROUNDING_FACTOR * roundoff * ``terms`` where given
+    (the size of the terms each entry sums; see rounding_terms); -inf must match -inf exactly; no NaN anywhere."""
     tol = (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
@@ -130,11 +134,46 @@ def assert_close(actual, expected, dtype, what="out", grad=False):
         assert torch.equal(a[inf_e], e[inf_e]), f"{what}: sign of infinities differs"
     a, e = torch.where(inf_e, 0.0, a), torch.where(inf_e, 0.0, e)
     err = (a - e).abs()
-    m = max(1.0, e.pow(2).mean().sqrt().item()) if e.numel() else 1.0
-    bound = tol["atol"] * m + tol["rtol"] * e.abs()
+    bound = tol["atol"] + tol["rtol"] * e.abs()
+    if terms is not None:
+        bound = bound + ROUNDING_FACTOR * UNIT_ROUNDOFF[dtype] * terms.detach().double().cpu()
     worst = (err - bound).max().item() if err.numel() else -1.0
     assert worst <= 0, (f"{what} ({dtype}): max abs error {err.max().item():.3g} exceeds atol={tol['atol']} "
-                        f"(times the reference's root mean square, {m:.3g}) rtol={tol['rtol']}")
+                        f"rtol={tol['rtol']}" + (" plus the rounding term" if terms is not None else ""))
+
+
+def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=None):
+    """The size of the terms that each entry of dq, dk and dv sums, in float64 from the reference's inputs and
+    results (q, k, v (B, N, H or Hkv, D); out, lse, dout, dlse (or None) as the reference's). With P the attention
+    weights (a pair that several branches of a head select counts that many times, as "all" mode's merge does) and
+    dP = dO V^T, delta = rowsum(dO O):
+    E_q = scale sum_j P_ij (|dP_ij| + |delta_i| + |dlse_i|) |k_j|, E_k the same summed over i with |q_i| (and over
+    the query heads sharing a key head), E_v = sum_i P_ij |dO_i|. |exact gradient| <= E entry by entry."""
+    spec = load_spec(spec)
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
+    key_ok = (torch.ones(B, 1, N, dtype=torch.bool) if key_padding_mask is None
+              else ~key_padding_mask.cpu().to(torch.bool).reshape(B, 1, N))
+    q, k, v, out, lse, dout = (t.detach().double().cpu() for t in (q, k, v, out, lse, dout))
+    terms = [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)]
+    for h, branches in enumerate(reference.head_branches(spec, H)):
+        kv = h // (H // Hkv)
+        times = sum((reference.allowed_pairs(N, w, r, off, spec.causal)[None] & key_ok).double()
+                    for w, r, off in branches)
+        has_keys = torch.isfinite(lse[:, h])
+        scores = torch.einsum("bid,bjd->bij", q[:, :, h], k[:, :, kv]) * scale
+        p = torch.where(has_keys[..., None],
+                        times * torch.exp(scores - torch.where(has_keys, lse[:, h], 0.0)[..., None]), 0.0)
+        dp = torch.einsum("bid,bjd->bij", dout[:, :, h], v[:, :, kv])
+        row = (dout[:, :, h] * out[:, :, h]).sum(-1).abs()
+        if dlse is not None:
+            row = row + torch.where(has_keys, dlse.detach().double().cpu()[:, h], 0.0).abs()
+        t = p * (dp.abs() + row[..., None])
+        terms[0][:, :, h] = scale * t @ k[:, :, kv].abs()
+        terms[1][:, :, kv] += scale * t.transpose(1, 2) @ q[:, :, h].abs()
+        terms[2][:, :, kv] += p.transpose(1, 2) @ dout[:, :, h].abs()
+    return terms
 
 
 def check_against_reference(attn, spec, q, k, v, key_padding_mask=None, check_grad=True, lse_grad=True, seed=1):
@@ -162,8 +201,9 @@ def check_against_reference(attn, spec, q, k, v, key_padding_mask=None, check_gr
 
     grads = torch.autograd.grad(loss(out, lse), (q, k, v))
     ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), (qr, kr, vr))
-    for name, a, e in zip("qkv", grads, ref_grads):
-        assert_close(a, e, dtype, f"grad {name}", grad=True)
+    terms = rounding_terms(spec, qr, kr, vr, ref_out, ref_lse, dout, dlse, mask_cpu)
+    for name, a, e, t in zip("qkv", grads, ref_grads, terms):
+        assert_close(a, e, dtype, f"grad {name}", grad=True, terms=t)
 
 
 @pytest.fixture(autouse=True)
