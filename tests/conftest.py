@@ -14,12 +14,12 @@ from dilated_compiler.spec import load_spec
 
 # Tolerances per dtype for |x - ref| <= atol + rtol * |ref|, compared in float64. Gradients add a rounding
 # term: ROUNDING_FACTOR * unit roundoff * E, where E (rounding_terms) is the size of the terms each entry sums,
-# e.g. scale * sum_j P_ij (|dP_ij| + |delta_i| + |dlse_i|) |k_j| for dq. With a sharp softmax (a scale several
-# times 1/sqrt(D)), dS = P (dP - delta) is a difference of nearly equal numbers, and delta comes from the rounded
-# output, so rounding reaches entries of dq and dk near zero whatever their size: a bf16 case with scale 0.72 at
-# D = 128 erred 0.164 at an entry of 0.056 of a dq whose entries in that row were all below 1, where roundoff
-# times E is 0.19 (benchmarks/results/H200-triton.md, stop 18). At the default scale the term mostly stays below
-# atol.
+# e.g. scale * sum_j P_ij (|dP|_ij + |delta|_i + |dlse_i|) |k_j| for dq. The term is in units of the roundoff, so
+# an error of the size of the terms themselves (a wrong or missing term) still fails. With a sharp softmax (a
+# scale several times 1/sqrt(D)), dS = P (dP - delta) is a difference of nearly equal numbers, and delta comes
+# from the rounded output, so rounding reaches entries of dq and dk near zero whatever their size: a bf16 case
+# with scale 0.72 at D = 128 erred 0.164 at an entry of 0.056 of a dq whose entries in that row were all below 1
+# (benchmarks/results/H200-triton.md, stop 18).
 # float64 inputs still go through a float32 lse (the op's lse is float32 by contract), hence 1e-5.
 TOLERANCES = {
     torch.float64: dict(atol=1e-5, rtol=1e-5),
@@ -31,7 +31,7 @@ TOLERANCES = {
 GRAD_TOLERANCES = {dt: dict(atol=t["atol"] * 5, rtol=t["rtol"] * 5) for dt, t in TOLERANCES.items()}
 UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
                  torch.bfloat16: 2.0 ** -8}
-ROUNDING_FACTOR = 2.0  # the stop-18 cases' errors reached 0.9 (bf16) and 0.4 (fp16) of one E times the roundoff
+ROUNDING_FACTOR = 2.0  # with it the stop-18 cases use at most 0.26 of the bound (bf16 and fp16)
 
 
 @st.composite
@@ -142,13 +142,23 @@ def assert_close(actual, expected, dtype, what="out", grad=False, terms=None):
                         f"rtol={tol['rtol']}" + (" plus the rounding term" if terms is not None else ""))
 
 
+def _size(x, y, subscripts):
+    """max(|sum_d x_d y_d|, sqrt(sum_d (x_d y_d)^2)) by einsum ``subscripts``: at least the inner product's size,
+    and the typical size of its rounding error in units of the roundoff when x or y is rounded entry by entry,
+    which a cancelling sum would hide."""
+    return torch.maximum(torch.einsum(subscripts, x, y).abs(), torch.einsum(subscripts, x * x, y * y).sqrt())
+
+
 def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=None):
     """The size of the terms that each entry of dq, dk and dv sums, in float64 from the reference's inputs and
     results (q, k, v (B, N, H or Hkv, D); out, lse, dout, dlse (or None) as the reference's). With P the attention
-    weights (a pair that several branches of a head select counts that many times, as "all" mode's merge does) and
-    dP = dO V^T, delta = rowsum(dO O):
-    E_q = scale sum_j P_ij (|dP_ij| + |delta_i| + |dlse_i|) |k_j|, E_k the same summed over i with |q_i| (and over
-    the query heads sharing a key head), E_v = sum_i P_ij |dO_i|. |exact gradient| <= E entry by entry."""
+    weights exp(s - lse) on each branch's pairs, and |dP|_ij, |delta|_i the sizes of dO_i . v_j and dO_i . O_i as
+    _size gives them (rounding in O and V grows with the products' terms, not with their sums):
+    E_q = scale sum_j P_ij (|dP|_ij + |delta|_i + |dlse_i| + m_i) |k_j|, E_k the same summed over i with |q_i| (and
+    over the query heads sharing a key head), E_v = sum_i P_ij |dO_i|. Where a head has several branches, m_i =
+    2 |dO_i . O_g,i| (sized so) on branch g's pairs (O_g that branch's own output): a backward that merges per branch computes
+    delta and the merge's lse gradient from O_g, and they cancel only in exact arithmetic; else m = 0.
+    |exact gradient| <= E entry by entry."""
     spec = load_spec(spec)
     B, N, H, D = q.shape
     Hkv = k.shape[2]
@@ -159,20 +169,28 @@ def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=No
     terms = [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)]
     for h, branches in enumerate(reference.head_branches(spec, H)):
         kv = h // (H // Hkv)
-        times = sum((reference.allowed_pairs(N, w, r, off, spec.causal)[None] & key_ok).double()
-                    for w, r, off in branches)
+        qh, kh, vh, doh = q[:, :, h], k[:, :, kv], v[:, :, kv], dout[:, :, h]
         has_keys = torch.isfinite(lse[:, h])
-        scores = torch.einsum("bid,bjd->bij", q[:, :, h], k[:, :, kv]) * scale
-        p = torch.where(has_keys[..., None],
-                        times * torch.exp(scores - torch.where(has_keys, lse[:, h], 0.0)[..., None]), 0.0)
-        dp = torch.einsum("bid,bjd->bij", dout[:, :, h], v[:, :, kv])
-        row = (dout[:, :, h] * out[:, :, h]).sum(-1).abs()
+        scores = torch.einsum("bid,bjd->bij", qh, kh) * scale
+        weights = torch.exp(scores - torch.where(has_keys, lse[:, h], 0.0)[..., None])
+        dp = _size(doh, vh, "bid,bjd->bij")
+        row = _size(doh, out[:, :, h], "bid,bid->bi")
         if dlse is not None:
             row = row + torch.where(has_keys, dlse.detach().double().cpu()[:, h], 0.0).abs()
-        t = p * (dp.abs() + row[..., None])
-        terms[0][:, :, h] = scale * t @ k[:, :, kv].abs()
-        terms[1][:, :, kv] += scale * t.transpose(1, 2) @ q[:, :, h].abs()
-        terms[2][:, :, kv] += p.transpose(1, 2) @ dout[:, :, h].abs()
+        t = torch.zeros_like(scores)
+        p = torch.zeros_like(scores)
+        for w, r, off in branches:
+            allowed = reference.allowed_pairs(N, w, r, off, spec.causal)[None] & key_ok
+            p_g = torch.where(allowed & has_keys[..., None], weights, 0.0)
+            extra = row
+            if len(branches) > 1:
+                out_g, _ = reference._masked_softmax_attention(qh, kh, vh, allowed, scale)
+                extra = row + 2 * _size(doh, out_g, "bid,bid->bi")
+            t += p_g * (dp + extra[..., None])
+            p += p_g
+        terms[0][:, :, h] = scale * t @ kh.abs()
+        terms[1][:, :, kv] += scale * t.transpose(1, 2) @ qh.abs()
+        terms[2][:, :, kv] += p.transpose(1, 2) @ doh.abs()
     return terms
 
 
