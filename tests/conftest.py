@@ -156,9 +156,9 @@ def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=No
     _size gives them (rounding in O and V grows with the products' terms, not with their sums):
     E_q = scale sum_j P_ij (|dP|_ij + |delta|_i + |dlse_i| + m_i) |k_j|, E_k the same summed over i with |q_i| (and
     over the query heads sharing a key head), E_v = sum_i P_ij |dO_i|. Where a head has several branches, m_i =
-    2 |dO_i . O_g,i| (sized so) on branch g's pairs (O_g that branch's own output): a backward that merges per branch computes
-    delta and the merge's lse gradient from O_g, and they cancel only in exact arithmetic; else m = 0.
-    |exact gradient| <= E entry by entry."""
+    2 |dO_i . O_g,i| (sized so) on branch g's pairs, O_g that branch's own output: a backward that merges per
+    branch computes delta and the merge's lse gradient from O_g, and they cancel only in exact arithmetic; else
+    m = 0. |exact gradient| <= E entry by entry."""
     spec = load_spec(spec)
     B, N, H, D = q.shape
     Hkv = k.shape[2]
