@@ -76,16 +76,22 @@ def gluon_cases(draw, modes=("grouped",)):
                 lse_grad=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
 
-def run_case(case, backend, dtype=torch.float32, device="cpu"):
-    """Compile ``case["spec"]`` for ``backend`` and check it against the reference on the case's inputs."""
-    spec = case["spec"]
-    attn = compile_attention(spec, backend=backend)
+def case_inputs(case, dtype=torch.float32, device="cpu"):
+    """q, k, v (requiring grad) and the key padding mask (or None) of a case from the strategies."""
     q, k, v = make_qkv(case["batch"], case["seq"], case["heads"], case["head_dim"], dtype=dtype, device=device,
                        kv_heads=case["kv_heads"], seed=case["seed"], requires_grad=True)
     mask = None
     if case["mask"]:
         g = torch.Generator().manual_seed(case["seed"])
         mask = (torch.rand(case["batch"], case["seq"], generator=g) < 0.3).to(device)
+    return q, k, v, mask
+
+
+def run_case(case, backend, dtype=torch.float32, device="cpu"):
+    """Compile ``case["spec"]`` for ``backend`` and check it against the reference on the case's inputs."""
+    spec = case["spec"]
+    attn = compile_attention(spec, backend=backend)
+    q, k, v, mask = case_inputs(case, dtype, device)
     check_against_reference(attn, spec, q, k, v, key_padding_mask=mask, lse_grad=case["lse_grad"])
 
 
@@ -194,6 +200,22 @@ def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=No
     return terms
 
 
+def upstream_gradients(out, lse, lse_grad=True, seed=1):
+    """The gradients the tests send back (float64, CPU): dout, and dlse (None unless ``lse_grad``)."""
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64) if lse_grad else None
+    return dout, dlse
+
+
+def backward_loss(out, lse, dout, dlse):
+    """sum(out * dout) + sum(lse * dlse), rows without keys (lse -inf) left out of the second sum."""
+    total = (out * dout.to(out.device, out.dtype)).sum()
+    if dlse is not None:
+        total = total + (torch.where(torch.isinf(lse), 0.0, lse) * dlse.to(lse.device, lse.dtype)).sum()
+    return total
+
+
 def check_against_reference(attn, spec, q, k, v, key_padding_mask=None, check_grad=True, lse_grad=True, seed=1):
     """Run ``attn`` and the reference; compare out, lse and (optionally) gradients of q, k, v."""
     dtype = q.dtype
@@ -207,18 +229,9 @@ def check_against_reference(attn, spec, q, k, v, key_padding_mask=None, check_gr
     assert_close(lse, ref_lse, dtype, "lse")
     if not check_grad:
         return
-    g = torch.Generator().manual_seed(seed)
-    dout = torch.randn(ref_out.shape, generator=g, dtype=torch.float64)
-    dlse = torch.randn(ref_lse.shape, generator=g, dtype=torch.float64) if lse_grad else None
-
-    def loss(o, l):
-        total = (o * dout.to(o.device, o.dtype)).sum()
-        if dlse is not None:
-            total = total + (torch.where(torch.isinf(l), 0.0, l) * dlse.to(l.device, l.dtype)).sum()
-        return total
-
-    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
-    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), (qr, kr, vr))
+    dout, dlse = upstream_gradients(ref_out, ref_lse, lse_grad, seed)
+    grads = torch.autograd.grad(backward_loss(out, lse, dout, dlse), (q, k, v))
+    ref_grads = torch.autograd.grad(backward_loss(ref_out, ref_lse, dout, dlse), (qr, kr, vr))
     terms = rounding_terms(spec, qr, kr, vr, ref_out, ref_lse, dout, dlse, mask_cpu)
     for name, a, e, t in zip("qkv", grads, ref_grads, terms):
         assert_close(a, e, dtype, f"grad {name}", grad=True, terms=t)

@@ -5,26 +5,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from conftest import (GRAD_TOLERANCES, ROUNDING_FACTOR, UNIT_ROUNDOFF, assert_close, attention_cases, make_qkv,
-                      rounding_terms)
+from conftest import (GRAD_TOLERANCES, ROUNDING_FACTOR, UNIT_ROUNDOFF, assert_close, attention_cases,
+                      backward_loss, case_inputs, rounding_terms, upstream_gradients)
 from dilated_compiler import AttentionSpec, Branch, reference
 
 
 def _reference_gradients(case):
-    q, k, v = make_qkv(case["batch"], case["seq"], case["heads"], case["head_dim"], dtype=torch.float64,
-                       kv_heads=case["kv_heads"], seed=case["seed"], requires_grad=True)
-    mask = None
-    if case["mask"]:
-        g = torch.Generator().manual_seed(case["seed"])
-        mask = torch.rand(case["batch"], case["seq"], generator=g) < 0.3
+    q, k, v, mask = case_inputs(case, torch.float64)
     out, lse = reference.attention(q, k, v, case["spec"], key_padding_mask=mask, return_lse=True)
-    g = torch.Generator().manual_seed(1)
-    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    dlse = torch.randn(lse.shape, generator=g, dtype=torch.float64) if case["lse_grad"] else None
-    total = (out * dout).sum()
-    if dlse is not None:
-        total = total + (torch.where(torch.isinf(lse), 0.0, lse) * dlse).sum()
-    grads = torch.autograd.grad(total, (q, k, v))
+    dout, dlse = upstream_gradients(out, lse, case["lse_grad"])
+    grads = torch.autograd.grad(backward_loss(out, lse, dout, dlse), (q, k, v))
     return grads, rounding_terms(case["spec"], q, k, v, out, lse, dout, dlse, mask)
 
 
