@@ -25,7 +25,7 @@ import torch
 
 from .spec import AttentionSpec, load_spec
 
-__all__ = ["attention", "allowed_pairs", "head_branches"]
+__all__ = ["attention", "allowed_pairs", "head_branches", "head_masks", "masked_softmax_attention"]
 
 
 def head_branches(spec: AttentionSpec, num_heads: int) -> list[list[tuple[int, int, int]]]:
@@ -55,7 +55,20 @@ def allowed_pairs(n: int, w: int, r: int, offset: int, causal: bool) -> torch.Te
     return allowed
 
 
-def _masked_softmax_attention(q, k, v, allowed, scale):
+def head_masks(spec: AttentionSpec, batch: int, seq_len: int, num_heads: int, num_kv_heads: int,
+               key_padding_mask=None, device=None):
+    """For each head h, yields (h, the kv head it reads, [allowed (batch or 1, N, N) bool per branch]): the pairs
+    of each of its branches, less the keys ``key_padding_mask`` (batch, N) ignores."""
+    key_ok = torch.ones(1, 1, seq_len, dtype=torch.bool, device=device)
+    if key_padding_mask is not None:
+        key_ok = ~key_padding_mask.to(device=device, dtype=torch.bool).reshape(batch, 1, seq_len)
+    for h, branches in enumerate(head_branches(spec, num_heads)):
+        masks = [allowed_pairs(seq_len, w, r, offset, spec.causal).to(device)[None] & key_ok
+                 for (w, r, offset) in branches]
+        yield h, h // (num_heads // num_kv_heads), masks
+
+
+def masked_softmax_attention(q, k, v, allowed, scale):
     """q, k, v: (B, N, D) float64; allowed: (B or 1, N, N). Returns out (B, N, D), lse (B, N)."""
     scores = torch.einsum("bid,bjd->bij", q, k) * scale
     scores = torch.where(allowed, scores, -math.inf)
@@ -96,18 +109,12 @@ def attention(q, k, v, spec, *, key_padding_mask=None, return_lse=False):
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != D or H % Hkv != 0:
         raise ValueError(f"incompatible shapes q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)}")
     q, k, v = q.double(), k.double(), v.double()
-    scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
-    key_ok = torch.ones(B, 1, N, dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        key_ok = ~key_padding_mask.to(torch.bool).reshape(B, 1, N)
+    scale = spec.softmax_scale(D)
 
     outs, lses = [], []
-    for h, branches in enumerate(head_branches(spec, H)):
-        kv = h // (H // Hkv)
-        results = []
-        for (w, r, offset) in branches:
-            allowed = allowed_pairs(N, w, r, offset, spec.causal).to(q.device)[None] & key_ok
-            results.append(_masked_softmax_attention(q[:, :, h], k[:, :, kv], v[:, :, kv], allowed, scale))
+    for h, kv, masks in head_masks(spec, B, N, H, Hkv, key_padding_mask, q.device):
+        results = [masked_softmax_attention(q[:, :, h], k[:, :, kv], v[:, :, kv], allowed, scale)
+                   for allowed in masks]
         if len(results) == 1:
             out_h, lse_h = results[0]
         else:

@@ -155,6 +155,10 @@ class AttentionSpec:
     def num_branches(self) -> int:
         return len(self.branches)
 
+    def softmax_scale(self, head_dim: int) -> float:
+        """The factor applied to q k^T: ``scale``, or 1/sqrt(head_dim) where it is null."""
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)
+
     def to_dict(self) -> dict:
         d: dict[str, Any] = {}
         if self.name is not None:

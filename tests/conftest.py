@@ -167,14 +167,10 @@ def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=No
     m = 0. |exact gradient| <= E entry by entry."""
     spec = load_spec(spec)
     B, N, H, D = q.shape
-    Hkv = k.shape[2]
-    scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D)
-    key_ok = (torch.ones(B, 1, N, dtype=torch.bool) if key_padding_mask is None
-              else ~key_padding_mask.cpu().to(torch.bool).reshape(B, 1, N))
+    scale = spec.softmax_scale(D)
     q, k, v, out, lse, dout = (t.detach().double().cpu() for t in (q, k, v, out, lse, dout))
     terms = [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)]
-    for h, branches in enumerate(reference.head_branches(spec, H)):
-        kv = h // (H // Hkv)
+    for h, kv, masks in reference.head_masks(spec, B, N, H, k.shape[2], key_padding_mask, "cpu"):
         qh, kh, vh, doh = q[:, :, h], k[:, :, kv], v[:, :, kv], dout[:, :, h]
         has_keys = torch.isfinite(lse[:, h])
         scores = torch.einsum("bid,bjd->bij", qh, kh) * scale
@@ -185,12 +181,11 @@ def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=No
             row = row + torch.where(has_keys, dlse.detach().double().cpu()[:, h], 0.0).abs()
         t = torch.zeros_like(scores)
         p = torch.zeros_like(scores)
-        for w, r, off in branches:
-            allowed = reference.allowed_pairs(N, w, r, off, spec.causal)[None] & key_ok
+        for allowed in masks:
             p_g = torch.where(allowed & has_keys[..., None], weights, 0.0)
             extra = row
-            if len(branches) > 1:
-                out_g, _ = reference._masked_softmax_attention(qh, kh, vh, allowed, scale)
+            if len(masks) > 1:
+                out_g, _ = reference.masked_softmax_attention(qh, kh, vh, allowed, scale)
                 extra = row + 2 * _size(doh, out_g, "bid,bid->bi")
             t += p_g * (dp + extra[..., None])
             p += p_g

@@ -133,6 +133,22 @@ def test_fully_padded_rows_are_zero_not_nan_and_gradients_finite():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+def test_head_masks_map_heads_to_kv_heads_and_drop_padded_keys():
+    spec = AttentionSpec((Branch(4, 1), Branch(8, 2)), head_assignment="all")
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[1, 3] = True
+    rows = list(reference.head_masks(spec, 2, 8, 4, 2, key_padding_mask=mask))
+    assert [(h, kv) for h, kv, _ in rows] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    for h, _, masks in rows:
+        assert len(masks) == 2
+        for allowed, (w, r, off) in zip(masks, reference.head_branches(spec, 4)[h]):
+            want = reference.allowed_pairs(8, w, r, off, spec.causal)
+            assert allowed.shape == (2, 8, 8)
+            assert torch.equal(allowed[0], want)
+            want[:, 3] = False
+            assert torch.equal(allowed[1], want)
+
+
 def test_grouped_requires_enough_heads():
     q, k, v = make_qkv(1, 8, 1, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="heads >= branches"):

@@ -38,6 +38,8 @@ def test_python_construction_and_defaults():
     spec = AttentionSpec([Branch(8, 2, offset=1)], causal=True, scale=2)
     assert isinstance(spec.branches, tuple) and spec.scale == 2.0 and isinstance(spec.scale, float)
     assert Branch(4).dilation == 1 and Branch(4).offset is None
+    assert spec.softmax_scale(64) == 2.0
+    assert AttentionSpec([Branch(8)]).softmax_scale(64) == 0.125
 
 
 def test_to_yaml_round_trip():

@@ -14,7 +14,6 @@ invokes:
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Protocol
 
 import torch
@@ -66,4 +65,4 @@ def aux_shape(plan_spec, batch: int, heads: int, seq_len: int) -> tuple[int, ...
 
 
 def softmax_scale(plan: Plan) -> float:
-    return plan.spec.scale if plan.spec.scale is not None else 1.0 / math.sqrt(int(plan.head_dim))
+    return plan.spec.softmax_scale(int(plan.head_dim))
