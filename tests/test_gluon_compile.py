@@ -9,6 +9,7 @@ GPU (``test_triton_lowering.py``, tests marked gpu).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -27,27 +28,14 @@ if not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
                 f"(this is {triton.__version__}; scripts/gluon_compile_check.sh makes such an environment)",
                 allow_module_level=True)
 
-from dilated_compiler.lowering.triton.gluon_compile import MAX_SHARED, compile_sm90, summarize  # noqa: E402
+from dilated_compiler.lowering.triton.gluon_compile import (  # noqa: E402
+    MAX_SHARED, compile_sm90, launch_constexprs, summarize)
 from dilated_compiler.lowering.triton.lowering import TritonLowering  # noqa: E402
 
 
 def _kernels(head_dim: int, causal: bool):
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=causal)
     return TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), torch.bfloat16).gluon_kernels
-
-
-def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool) -> dict:
-    """The lowering's launch constexprs."""
-    g = gluon_hopper
-    if kernel == "gluon_fwd":
-        return dict(HEAD_DIM=head_dim, BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, STAGES=g.FWD_STAGES[head_dim],
-                    ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.CONSUMER_REGS, num_warps=4, MERGE=False)
-    if kernel == "gluon_bwd_dq":
-        return dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
-                    ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4,
-                    ACC=0, PHASED=False)
-    return dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
-                ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, ACC=0, PHASED=False)
 
 
 @pytest.mark.parametrize("kernel,head_dim,causal,has_dlse,dtype", [
@@ -60,13 +48,13 @@ def _constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool) -> dic
 ])
 def test_gluon_kernel_compiles_without_spills(kernel, head_dim, causal, has_dlse, dtype):
     kernels = _kernels(head_dim, causal)
-    _check(compile_sm90(getattr(kernels, kernel), _constexprs(kernel, head_dim, causal, has_dlse), dtype))
+    _check(compile_sm90(getattr(kernels, kernel), launch_constexprs(kernel, head_dim, causal, has_dlse), dtype))
 
 
 @pytest.mark.parametrize("head_dim,causal", [(128, False), (128, True), (64, False)])
 def test_gluon_fwd_all_mode_compiles_without_spills(head_dim, causal):
     """"all" mode's forward (MERGE: per-branch out and lse, no zero fill)."""
-    consts = {**_constexprs("gluon_fwd", head_dim, causal, False), "MERGE": True, "ZFILL": False}
+    consts = {**launch_constexprs("gluon_fwd", head_dim, causal, False), "MERGE": True, "ZFILL": False}
     _check(compile_sm90(_kernels(head_dim, causal).gluon_fwd, consts))
 
 
@@ -81,7 +69,7 @@ def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal, ac
     """"all" mode's backward form (ACC, PHASED: one launch over the branches in phases, adding into float32 dq, dk,
     dv, or in the first phase storing: ACC 2; with a last phase writing the results in the inputs' dtype: ACC 3
     and 4; no zero fill), which the lowering runs where gluon_hopper.ALL_MODE_BACKWARD is set."""
-    consts = {**_constexprs(kernel, head_dim, causal, True), "ACC": acc, "ZFILL": False, "PHASED": True}
+    consts = {**launch_constexprs(kernel, head_dim, causal, True), "ACC": acc, "ZFILL": False, "PHASED": True}
     fp32 = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
     _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, "bf16", fp32))
 
@@ -91,7 +79,7 @@ def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal, ac
 def test_gluon_backward_one_phase_compiles(kernel, acc):
     """"all" mode with one branch: a phased backward of one phase (NPH = 1), one tile (T = 1), B = H = 1, with the
     runtime's specialisation of arguments equal to 1 (triton 3.6 fails to compile ACC 2 with NPH the constant 1)."""
-    consts = {**_constexprs(kernel, 64, False, False), "ACC": acc, "ZFILL": False, "PHASED": True}
+    consts = {**launch_constexprs(kernel, 64, False, False), "ACC": acc, "ZFILL": False, "PHASED": True}
     fp32 = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
     _check(compile_sm90(getattr(_kernels(64, False), kernel), consts, "bf16", fp32, ints=dict(NPH=1, T=1, B=1, H=1)))
 
@@ -134,3 +122,50 @@ def test_ds_experiment_tl_kernels_on_cpu():
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-3000:]
     assert out.count("max abs error") == 3, out[-3000:]
+
+
+def _fingerprints_script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sass_fingerprints.py"
+    spec = importlib.util.spec_from_file_location("sass_fingerprints", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module
+
+
+def test_instruction_multiset_ignores_register_numbers_addresses_and_order():
+    _, fp = _fingerprints_script()
+    a = ("        /*0010*/                   FMUL R26, R26, UR4 ;\n"
+         "        /*0020*/               @P0 BRA `(.L_x_12) ;\n"
+         "        /*0030*/                   IMAD.SHL.U32 R14, R12, 0x10, RZ ;\n.L_x_12:\n")
+    b = ("        /*0040*/                   IMAD.SHL.U32 R16, R12, 0x10, RZ ;\n"
+         "        /*0050*/                   FMUL R15, R58, UR5 ;\n"
+         "        /*0060*/               @P1 BRA `(.L_x_3) ;\n.L_x_3:\n")
+    assert fp.instruction_multiset(a) == fp.instruction_multiset(b)
+    assert fp.instruction_multiset(a) != fp.instruction_multiset(b.replace("FMUL", "FADD"))
+    assert fp.instruction_multiset(a) != fp.instruction_multiset(b.replace("0x10", "0x8"))
+
+
+def test_sass_fingerprints_save_and_compare(tmp_path):
+    """scripts/sass_fingerprints.py on one variant: compared with itself it is unchanged (exit 0); against a saved
+    line whose code hash differs it is rescheduled (exit 0), and changed where the instructions' hash differs too
+    (exit 1)."""
+    path, _ = _fingerprints_script()
+    saved = tmp_path / "fp.txt"
+
+    def run(*args):
+        done = subprocess.run([sys.executable, str(path), "--only", "tl", "--match", "dilated_merge D64", *args],
+                              capture_output=True, text=True, timeout=600)
+        return done.returncode, done.stdout + done.stderr
+
+    rc, out = run("--save", str(saved))
+    assert rc == 0, out[-3000:]
+    name, code, instructions = saved.read_text().strip().rsplit(" ", 2)
+    assert name == "dilated_merge D64" and len(code) == len(instructions) == 16
+    rc, out = run("--compare", str(saved))
+    assert rc == 0 and "1 unchanged, 0 rescheduled, 0 changed" in out, out[-3000:]
+    saved.write_text(f"{name} {'0' * 16} {instructions}\n")
+    rc, out = run("--compare", str(saved))
+    assert rc == 0 and "rescheduled: dilated_merge D64" in out, out[-3000:]
+    saved.write_text(f"{name} {'0' * 16} {'0' * 16}\n")
+    rc, out = run("--compare", str(saved))
+    assert rc == 1 and "changed: dilated_merge D64" in out, out[-3000:]

@@ -80,6 +80,22 @@ $DILATION_CHAIN
 
 
 @triton.jit
+def tile_of_program(TABLE):
+    # this program's row of the tile table, its columns 0-8 (see the table above) and the branch's dilation
+    row = TABLE + tl.program_id(0) * $NCOLS
+    head = tl.load(row + 0)
+    branch = tl.load(row + 1)
+    pos0 = tl.load(row + 2)
+    L = tl.load(row + 3)
+    row0 = tl.load(row + 4)
+    lo = tl.load(row + 5)
+    mid = tl.load(row + 6)
+    full_end = tl.load(row + 7)
+    hi = tl.load(row + 8)
+    return row, head, branch, pos0, L, row0, lo, mid, full_end, hi, dilation_of(branch)
+
+
+@triton.jit
 def _load_pair(a_ptrs, b_ptrs, rows, L, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr):
     # two (rows, BLOCK_D) tiles at the same offsets (k and v, or q and dO); rows >= L and the padded feature
@@ -183,18 +199,8 @@ def dilated_fwd(Q, K, V, KPM, OUT, LSE, TABLE, qk_scale,
                 GQA: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MERGE: tl.constexpr,
                 TMA: tl.constexpr, ZFILL: tl.constexpr):
     # -- which tile: one row of the tile table
-    row = TABLE + tl.program_id(0) * $NCOLS
+    row, head, branch, pos0, L, row0, lo, mid, full_end, hi, r = tile_of_program(TABLE)
     b = tl.program_id(1).to(tl.int64)
-    head = tl.load(row + 0)
-    branch = tl.load(row + 1)
-    pos0 = tl.load(row + 2)
-    L = tl.load(row + 3)
-    row0 = tl.load(row + 4)
-    lo = tl.load(row + 5)
-    mid = tl.load(row + 6)
-    full_end = tl.load(row + 7)
-    hi = tl.load(row + 8)
-    r = dilation_of(branch)
     # -- load the query tile: selected rows row0 .. row0+BLOCK_M of the segment, by strided addressing
     rows_m = row0 + tl.arange(0, BLOCK_M)
     pos_m = (pos0 + rows_m * r).to(tl.int64)
@@ -330,18 +336,9 @@ def dilated_bwd_dq(Q, K, V, KPM, DO, OUT, DLSE, LSE, DELTA, DQ, TABLE, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    GQA: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC: tl.constexpr,
                    TMA: tl.constexpr, ZFILL: tl.constexpr, HAS_DLSE: tl.constexpr):
-    row = TABLE + tl.program_id(0) * $NCOLS
+    # -- which tile: one row of the tile table
+    row, head, branch, pos0, L, row0, lo, mid, full_end, hi, r = tile_of_program(TABLE)
     b = tl.program_id(1).to(tl.int64)
-    head = tl.load(row + 0)
-    branch = tl.load(row + 1)
-    pos0 = tl.load(row + 2)
-    L = tl.load(row + 3)
-    row0 = tl.load(row + 4)
-    lo = tl.load(row + 5)
-    mid = tl.load(row + 6)
-    full_end = tl.load(row + 7)
-    hi = tl.load(row + 8)
-    r = dilation_of(branch)
     # -- the query tile, its dO, lse and delta (q, dO, dq share one layout)
     rows_m = row0 + tl.arange(0, BLOCK_M)
     pos_m = (pos0 + rows_m * r).to(tl.int64)
@@ -456,18 +453,9 @@ def dilated_bwd_dkdv(Q, K, V, KPM, DO, LSE, DELTA, DK, DV, TABLE, qk_scale, sm_s
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      GQA: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC: tl.constexpr,
                      TMA: tl.constexpr, ZFILL: tl.constexpr):
-    row = TABLE + tl.program_id(0) * $NCOLS
+    # -- which tile: one row of the tile table
+    row, head, branch, pos0, L, row0, lo, mid, full_end, hi, r = tile_of_program(TABLE)
     b = tl.program_id(1).to(tl.int64)
-    head = tl.load(row + 0)
-    branch = tl.load(row + 1)
-    pos0 = tl.load(row + 2)
-    L = tl.load(row + 3)
-    row0 = tl.load(row + 4)
-    lo = tl.load(row + 5)
-    mid = tl.load(row + 6)
-    full_end = tl.load(row + 7)
-    hi = tl.load(row + 8)
-    r = dilation_of(branch)
     # -- the key tile (kv head head // GQA) and which of its keys are not padding
     rows_n = row0 + tl.arange(0, BLOCK_N)
     pos_n = (pos0 + rows_n * r).to(tl.int64)

@@ -1,7 +1,10 @@
-"""Compile the Gluon kernels (:mod:`.gluon_hopper`) for sm_90a without a GPU and summarise their SASS: shared
-memory, warpgroup matrix instructions, and local-memory spills inside and outside a step's matrix instructions.
+"""Compile the Gluon kernels (:mod:`.gluon_hopper`) and the generated tl kernels for sm_90a without a GPU and
+summarise their SASS: shared memory, warpgroup matrix instructions, and local-memory spills inside and outside a
+step's matrix instructions; or give the SASS itself, to show that a change to a kernel's source leaves the machine
+code as it was (``scripts/sass_fingerprints.py``).
 
-For checks, not for running: ``tests/test_gluon_compile.py`` and the experiment scripts' ``--check-compile``.
+For checks, not for running: ``tests/test_gluon_compile.py``, the experiment scripts' ``--check-compile`` and
+``scripts/sass_fingerprints.py``.
 Needs the Triton release the kernels are checked on (``gluon_hopper.CHECKED_TRITON``); Gluon's API changes
 between releases.
 """
@@ -15,14 +18,17 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["MAX_SHARED", "SassSummary", "compile_sm90", "summarize"]
+__all__ = ["MAX_SHARED", "SassSummary", "compile_sm90", "launch_constexprs", "sass", "summarize"]
 
 MAX_SHARED = 232448  # bytes of shared memory a block may use on compute capability 9.0
 # the kernels' non-tensor parameters by name; every other non-constexpr parameter is a pointer to the data dtype
 _SCALARS = {"T": "i32", "B": "i32", "N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
             "stride_b": "i64", "stride_og": "i64", "stride_lg": "i64", "stride_lb": "i32", "stride_lh": "i32",
             "stride_ld": "i32", "TABLE": "*i32", "RB": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32",
-            "LD": "*fp32", "PHASES": "*i32", "NPH": "i32", "BAR": "*i32", "SEL": "*u8"}
+            "LD": "*fp32", "PHASES": "*i32", "NPH": "i32", "BAR": "*i32", "SEL": "*u8",
+            # the tl kernels' (generator.py), besides those above
+            "KPM": "*u8", "AUX": "*fp32", "R": "i32"}
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # compiler options among the launch arguments
 
 
 @dataclass(frozen=True)
@@ -38,13 +44,19 @@ class SassSummary:
 
 
 def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | None = None, ints: dict | None = None):
-    """``fn`` (a ``gluon.jit`` kernel) compiled for sm_90a with these constexprs; tensors of ``dtype`` but those
-    named in ``pointers`` (name: Triton type, e.g. ``{"DQ": "*fp32"}``). ``ints``: integer arguments' values at a
+    """``fn`` (a ``gluon.jit`` or ``triton.jit`` kernel) compiled for sm_90a with these constexprs; those among them
+    named in ``_OPTIONS`` (num_warps, num_stages, maxnreg) also go to the compiler, as a launch passes them. Tensors
+    are of ``dtype`` but those named in ``pointers`` (name: Triton type, e.g. ``{"DQ": "*fp32"}``); other
+    arguments are typed by ``_SCALARS``, strides not named there as int64. ``ints``: integer arguments' values at a
     launch; as at run time, one equal to 1 becomes a constant unless the kernel's ``do_not_specialize`` names it."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
     params = inspect.signature(fn.fn).parameters
+    options = {"num_warps": constexprs.get("num_warps", 4)}
+    options.update({k: v for k, v in constexprs.items() if k in _OPTIONS and k != "num_warps"})
+    constexprs = {k: v for k, v in constexprs.items() if k in params or k not in _OPTIONS}
     constexprs = {**constexprs, **{p.name: 1 for p in fn.params
                                    if (ints or {}).get(p.name) == 1 and not p.do_not_specialize}}
     unknown = set(constexprs) - set(params)
@@ -54,23 +66,47 @@ def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | Non
     if unset:
         raise ValueError(f"{fn.fn.__name__}: no value for the constexprs {unset}")
     types = {**_SCALARS, **(pointers or {})}
-    sig = {p: "constexpr" if p in constexprs else types.get(p, f"*{dtype}") for p in params}
-    src = GluonASTSource(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": constexprs.get("num_warps", 4)})
+    sig = {p: "constexpr" if p in constexprs else types.get(p, "i64" if p.startswith("stride") else f"*{dtype}")
+           for p in params}
+    source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+    src = source(fn, sig, constexprs={(list(sig).index(k), ): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def summarize(compiled) -> SassSummary:
-    """Shared memory, matrix instructions and spills of a compiled kernel (nvdisasm from Triton's wheel)."""
+def sass(compiled) -> str:
+    """The kernel's SASS as nvdisasm (from Triton's wheel) prints it, without line information."""
     import triton
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.TemporaryDirectory() as d:
         cubin = os.path.join(d, "k.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+
+
+def summarize(compiled) -> SassSummary:
+    """Shared memory, matrix instructions and spills of a compiled kernel."""
+    text = sass(compiled)
     # one letter per instruction of interest: M a matrix instruction, S a local load or store (a spill), B a
     # branch; a spill between two matrix instructions with no branch between them sits inside a step
     marks = "".join("M" if "HGMMA" in ln else "S" if ("STL" in ln or "LDL" in ln) else "B"
-                    for ln in sass.splitlines() if "HGMMA" in ln or "STL" in ln or "LDL" in ln or "BRA" in ln)
+                    for ln in text.splitlines() if "HGMMA" in ln or "STL" in ln or "LDL" in ln or "BRA" in ln)
     in_steps = sum(run.count("S") for run in re.findall(r"M[MS]*M", marks))
     return SassSummary(compiled.metadata.shared, marks.count("M"), in_steps, marks.count("S") - in_steps)
+
+
+def launch_constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool = False) -> dict:
+    """The constexprs the lowering launches Gluon ``kernel`` (gluon_fwd, gluon_bwd_dq, gluon_bwd_dkdv) with, in
+    grouped mode (zero fill on; "all" mode changes MERGE, ACC, ZFILL and PHASED)."""
+    from . import gluon_hopper as g
+    if kernel == "gluon_fwd":
+        return dict(HEAD_DIM=head_dim, BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, STAGES=g.FWD_STAGES[head_dim],
+                    ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.CONSUMER_REGS, num_warps=4, MERGE=False)
+    if kernel == "gluon_bwd_dq":
+        return dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
+                    ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4,
+                    ACC=0, PHASED=False)
+    if kernel == "gluon_bwd_dkdv":
+        return dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
+                    ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, ACC=0, PHASED=False)
+    raise ValueError(f"unknown Gluon kernel {kernel!r}; allowed: gluon_fwd, gluon_bwd_dq, gluon_bwd_dkdv")
