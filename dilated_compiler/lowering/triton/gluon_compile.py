@@ -21,7 +21,8 @@ from dataclasses import dataclass
 __all__ = ["MAX_SHARED", "SassSummary", "compile_sm90", "launch_constexprs", "sass", "summarize"]
 
 MAX_SHARED = 232448  # bytes of shared memory a block may use on compute capability 9.0
-# the kernels' non-tensor parameters by name; every other non-constexpr parameter is a pointer to the data dtype
+# the kernels' non-tensor parameters by name; other non-constexpr parameters are strides (int64) where named
+# stride_*, else pointers to the data dtype
 _SCALARS = {"T": "i32", "B": "i32", "N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
             "stride_b": "i64", "stride_og": "i64", "stride_lg": "i64", "stride_lb": "i32", "stride_lh": "i32",
             "stride_ld": "i32", "TABLE": "*i32", "RB": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32",
