@@ -114,6 +114,19 @@ def _load_pair(a_ptrs, b_ptrs, rows, L, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D:
 
 
 @triton.jit
+def _keys_allowed(rows_m, rows_n, L, kpm_base, pos0, r, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+    # (BLOCK_M, BLOCK_N) or (1, BLOCK_N): which of the key rows rows_n the query rows rows_m may attend to: keys
+    # inside the segment (< L), at or before the query (CAUSAL), not padding (HAS_KPM)
+    valid = (rows_n < L)[None, :]
+    if CAUSAL:
+        valid = valid & (rows_n[None, :] <= rows_m[:, None])
+    if HAS_KPM:
+        pad = tl.load(kpm_base + pos0 + rows_n * r, mask=rows_n < L, other=1)
+        valid = valid & (pad == 0)[None, :]
+    return valid
+
+
+@triton.jit
 def _desc(base, pos0, r, stride_n, L, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     # a tensor descriptor over the L selected rows of one segment: row j at base + (pos0 + j*r) * stride_n
     return tl.make_tensor_descriptor(base + pos0.to(tl.int64) * stride_n, shape=[L, HEAD_DIM],
@@ -170,12 +183,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, kpm_base, strid
             v_ptrs += step
         s = tl.dot(q, tl.trans(k)$DOT_KW)
         if MASKED:
-            valid = (rows_n < L)[None, :]
-            if CAUSAL:
-                valid = valid & (rows_n[None, :] <= rows_m[:, None])
-            if HAS_KPM:
-                pad = tl.load(kpm_base + pos0 + rows_n * r, mask=rows_n < L, other=1)
-                valid = valid & (pad == 0)[None, :]
+            valid = _keys_allowed(rows_m, rows_n, L, kpm_base, pos0, r, CAUSAL, HAS_KPM)
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         if HAS_KPM:
@@ -317,12 +325,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kpm_base, 
         s = tl.dot(q, tl.trans(k)$DOT_KW)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
-            valid = (rows_n < L)[None, :]
-            if CAUSAL:
-                valid = valid & (rows_n[None, :] <= rows_m[:, None])
-            if HAS_KPM:
-                pad = tl.load(kpm_base + pos0 + rows_n * r, mask=rows_n < L, other=1)
-                valid = valid & (pad == 0)[None, :]
+            valid = _keys_allowed(rows_m, rows_n, L, kpm_base, pos0, r, CAUSAL, HAS_KPM)
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v)$DOT_KW)
         ds = p * (dp - delta[:, None])
