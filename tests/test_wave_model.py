@@ -1,0 +1,32 @@
+"""benchmarks/wave_model.py: the busy fraction it reports for the persistent tile walk."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+from dilated_compiler import AttentionSpec, Branch
+
+_path = Path(__file__).resolve().parents[1] / "benchmarks" / "wave_model.py"
+_spec = importlib.util.spec_from_file_location("wave_model", _path)
+wave_model = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(wave_model)
+
+
+def test_equal_tiles_leave_the_last_wave_idle():
+    # both branches have 1024 selected rows per segment and no causal mask: every tile walks the same keys, so
+    # the busy fraction is tiles / (SMs x ceil(tiles / SMs))
+    spec = AttentionSpec((Branch(1024, 1), Branch(2048, 2)))
+    for sms in (7, 16, 132):
+        tiles, busy = wave_model.busy_fraction(spec, 8192, 6, 64, "q", 128, 64, sms)
+        assert tiles == 3 * 8192 // 128 + 3 * 4096 // 128  # heads 0-2 select every row, heads 3-5 every other
+        assert math.isclose(busy, tiles / (sms * math.ceil(tiles / sms)))
+
+
+def test_causal_busy_fraction_is_one_for_one_program_and_falls_with_a_short_last_wave():
+    # 96 key tiles of unequal work (causal): 12 waves on 8 SMs, 1.5 on 64
+    spec = AttentionSpec((Branch(512, 1), Branch(1024, 2)), causal=True)
+    results = [wave_model.busy_fraction(spec, 4096, 4, 64, "k", 128, 64, sms) for sms in (1, 8, 64)]
+    assert [tiles for tiles, _ in results] == [96] * 3
+    assert results[0][1] == 1.0  # one program does all the work
+    assert all(0 < busy <= 1 for _, busy in results)
+    assert results[1][1] > 0.9 > 0.75 > results[2][1]
