@@ -367,7 +367,7 @@ def test_tile_table_order(case):
 def test_persistent_order(case, assignment, programs):
     """persistent_order: the same rows; each band of G rows is the next G tiles in the plan's order (branch,
     segment, head, tile); and the programs' work stays level (at most one tile's work apart before the last band,
-    two after it, which only programs 0..k-1 share)."""
+    two after it). A last band of k < G tiles has rows for programs 0..k-1 only: they are the least loaded."""
     import dataclasses
     from dilated_compiler.lowering.triton.tables import persistent_order, tile_table
     from dilated_compiler.planner import build_plan
@@ -387,6 +387,8 @@ def test_persistent_order(case, assignment, programs):
     load = [0] * programs
     for start in range(0, len(rows), programs):
         band = work[start:start + programs]
+        if len(band) < programs:
+            assert max(load[:len(band)]) <= min(load[len(band):])
         for p, w in enumerate(band):
             load[p] += w
         if len(band) == programs:

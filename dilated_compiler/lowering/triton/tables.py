@@ -164,7 +164,9 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
     (keys for a query tile, queries for a key tile) are read from memory once and then from L2. Within a band the
     heaviest tile goes to the program with the least work so far (longest processing time first), which keeps
     the programs' totals, and with them their progress through the bands, level. Work: the partner rows walked,
-    ``hi - lo``, plus one partner block for the tile's set-up.
+    ``hi - lo``, plus one partner block for the tile's set-up. A last band of k < G tiles goes to the k least
+    loaded programs, which are then numbered 0..k-1 (the only programs with a row there). With tiles of equal
+    work every program is as loaded as every other before the last band, and the numbering does not move.
 
     Single tiles heaviest first (tile_table's order until it kept segments together) balances too, but in a causal
     table the tiles of equal work come from different segments, so a band of them read G segments' partners, each
@@ -172,7 +174,10 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
     every group it meets). On an H100 (four-branch causal, N = 64K, bf16, 16 heads, D = 128;
     benchmarks/experiments/gluon_order_experiment.py) this order took the Gluon forward from 0.851 to 0.525 ms,
     dq from 0.959 to 0.702, dk/dv from 1.139 to 0.967 and the lowering's fwd+bwd from 2.971 to 2.316, outputs
-    bitwise equal; non-causal times did not move (the orders nearly agree there).
+    bitwise equal; non-causal times did not move (the orders nearly agree there). The last band's rule came later
+    and is not yet timed: benchmarks/wave_model.py models it (four-branch causal, 132 SMs) as raising the busy
+    fraction of the SMs' time from 0.850-0.864 to 0.897 at N = 16K and from 0.956-0.963 to 0.963-0.977 at 64K; the
+    non-causal tables are the same as before.
     """
     T = table.shape[0]
     if programs <= 0:
@@ -185,14 +190,19 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
     for col in (4, 0, 2, 1):
         order = order[torch.sort(t[order, col], stable=True).indices]
     work = t[:, 8] - t[:, 5] + partner_block
-    out = torch.empty(T, dtype=torch.int64)
+    bands = (T + programs - 1) // programs
+    runs = torch.full((bands, programs), -1, dtype=torch.int64)  # band i, program p: the row p runs in band i
     load = torch.zeros(programs, dtype=torch.int64)
-    for start in range(0, T, programs):
-        band = order[start:start + programs]
-        k = band.shape[0]
+    for i in range(bands):
+        band = order[i * programs:(i + 1) * programs]
         w = work[band]
         heavy = torch.sort(w, descending=True, stable=True).indices
-        idle = torch.sort(load[:k], stable=True).indices  # the last band: programs 0..k-1 have a row there
-        out[start + idle] = band[heavy]
+        idle = torch.sort(load, stable=True).indices[:band.shape[0]]
+        runs[i, idle] = band[heavy]
         load[idle] += w[heavy]
-    return table[out].contiguous()
+    # a last band of k < G tiles has rows for programs 0..k-1 only: the programs that took its tiles (the least
+    # loaded) are numbered first
+    last = runs[-1]
+    numbering = torch.cat([torch.nonzero(last >= 0).flatten(), torch.nonzero(last < 0).flatten()])
+    rows = runs[:, numbering].flatten()
+    return table[rows[rows >= 0]].contiguous()
