@@ -4,7 +4,8 @@ The Gluon kernels run G programs (one per SM) over a tile table in :func:`persis
 p, p + G, p + 2G, ... A pass lasts as long as its busiest program, so with tiles of equal work and a tile count
 that is not a multiple of G, the last wave leaves SMs idle. This script builds the tables the lowering builds and
 prints, per pass, the tile count and the busy fraction: total work / (SMs x the busiest program's work), with a
-tile's work counted as ``persistent_order`` counts it (the partner rows it walks, plus one partner block).
+tile's work counted as ``persistent_order`` counts it (``tables.tile_work``: the partner rows it walks, plus one
+partner block).
 
 It runs on any machine (no GPU, no triton kernels):
 
@@ -20,7 +21,7 @@ import torch
 
 from dilated_compiler import AttentionSpec, Branch, build_plan
 from dilated_compiler.lowering.triton import gluon_hopper
-from dilated_compiler.lowering.triton.tables import persistent_order, tile_table
+from dilated_compiler.lowering.triton.tables import persistent_order, tile_table, tile_work
 
 FOUR_BRANCH = (Branch(2048, 1), Branch(4096, 2), Branch(8192, 4), Branch(16384, 8))
 # (pass, table kind, own block, partner block) as the Gluon kernels walk them
@@ -34,10 +35,9 @@ def busy_fraction(spec: AttentionSpec, seq_len: int, heads: int, head_dim: int, 
     """(tiles, busy fraction of ``sms`` SMs) of one pass in persistent order."""
     table = tile_table(build_plan(spec, seq_len, heads, head_dim), kind, block, partner)
     programs = min(table.shape[0], sms)
-    t = persistent_order(table, programs, partner).to(torch.int64)
-    work = (t[:, 8] - t[:, 5] + partner).double()
-    load = torch.zeros(programs, dtype=torch.float64).index_add_(0, torch.arange(t.shape[0]) % programs, work)
-    return t.shape[0], (work.sum() / (sms * load.max())).item()
+    work = tile_work(persistent_order(table, programs, partner), partner).double()
+    load = torch.zeros(programs, dtype=torch.float64).index_add_(0, torch.arange(work.shape[0]) % programs, work)
+    return work.shape[0], (work.sum() / (sms * load.max())).item()
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,8 @@ import torch
 
 from ...planner import Plan
 
-__all__ = ["COLUMNS", "tile_table", "persistent_order", "describe_columns", "spans_cover", "selected_rows"]
+__all__ = ["COLUMNS", "tile_table", "persistent_order", "tile_work", "describe_columns", "spans_cover",
+           "selected_rows"]
 
 # Columns of a tile table, in order.
 COLUMNS = (
@@ -155,6 +156,13 @@ def tile_table(plan: Plan, kind: str, block: int, partner_block: int) -> torch.T
     return table.to(torch.int32).contiguous()
 
 
+def tile_work(table: torch.Tensor, partner_block: int) -> torch.Tensor:
+    """Each tile's work as :func:`persistent_order` balances it (int64): the partner rows its inner loop walks,
+    ``hi - lo``, plus one partner block for the tile's set-up."""
+    t = table.to(torch.int64)
+    return t[:, 8] - t[:, 5] + partner_block
+
+
 def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> torch.Tensor:
     """``table``'s rows arranged for a persistent launch of ``programs`` programs (G), where program p runs rows
     p, p + G, p + 2G, ... in turn.
@@ -189,7 +197,7 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
     order = torch.arange(T)
     for col in (4, 0, 2, 1):
         order = order[torch.sort(t[order, col], stable=True).indices]
-    work = t[:, 8] - t[:, 5] + partner_block
+    work = tile_work(t, partner_block)
     bands = (T + programs - 1) // programs
     runs = torch.full((bands, programs), -1, dtype=torch.int64)  # band i, program p: the row p runs in band i
     load = torch.zeros(programs, dtype=torch.int64)
