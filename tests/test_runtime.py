@@ -158,6 +158,10 @@ def test_opcheck(mode):
     mask[0, 3] = True
     for m in (None, mask):
         torch.library.opcheck(ops.attention, (q, k, v, m, attn.spec_key, "torch"))
+    # inputs that are views of a (B, H, N, D) layout: the fake results must have the real results' strides
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    assert not qt.is_contiguous()
+    torch.library.opcheck(ops.attention, (qt, kt, vt, mask, attn.spec_key, "torch"))
 
 
 @pytest.mark.parametrize("mode", ["grouped", "all"])
@@ -194,6 +198,14 @@ def test_torch_compile_inductor_fullgraph():
     torch.testing.assert_close(fn(q, k, v), attn(q, k, v) * 2)
     fn(q, k, v).sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+    # q, k, v as views of a (B, H, N, D) layout: inductor checks the op's results against the fake's strides
+    x = torch.randn(1, 2, 16, 8, requires_grad=True)
+    fn = torch.compile(lambda x: attn(x.transpose(1, 2), x.transpose(1, 2), x.transpose(1, 2)), fullgraph=True)
+    got = fn(x)
+    torch.testing.assert_close(got, attn(*(x.transpose(1, 2),) * 3))
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    (want,) = torch.autograd.grad(attn(*(x.transpose(1, 2),) * 3).sum(), x)
+    torch.testing.assert_close(grad, want)
 
 
 def test_kernel_source_and_plan_are_readable():

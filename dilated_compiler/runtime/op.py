@@ -28,7 +28,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
 @attention.register_fake
 def _attention_fake(q, k, v, key_padding_mask, spec_key, backend):
     B, N, H, D = q.shape
-    return (torch.empty_like(q), q.new_empty((B, H, N), dtype=torch.float32),
+    # every lowering returns contiguous results, whatever the inputs' strides: so do the fakes (not empty_like)
+    return (q.new_empty(q.shape), q.new_empty((B, H, N), dtype=torch.float32),
             q.new_empty(aux_shape(spec_for(spec_key), B, H, N), dtype=torch.float32))
 
 
@@ -44,7 +45,7 @@ def attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torc
 
 @attention_backward.register_fake
 def _attention_backward_fake(dout, dlse, q, k, v, out, lse, aux, key_padding_mask, spec_key, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
