@@ -5,18 +5,19 @@
 * Writes are atomic (temporary file in the same folder, then ``os.replace``), so processes compiling the same
   plan at once each see either no file or a whole one; all write the same text.
 * The last line is a checksum of the text above it; a file whose checksum fails (truncated, corrupt, edited)
-  is regenerated, never imported.
+  or whose text differs from the generator's is rewritten. The module runs from the generator's text, compiled
+  in process: no bytecode is written or read beside the file.
 * Autotuning results live beside it in ``autotune-<device>.json`` (see :mod:`.autotune`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import sys
 import tempfile
 import threading
+import types
 from pathlib import Path
 
 __all__ = ["cache_dir", "module_path", "load_module", "read_verified", "write_atomic", "CHECKSUM_PREFIX"]
@@ -84,13 +85,19 @@ def load_module(key: str, text: str):
         if mod is not None:
             return mod
         path = module_path(key)
-        body = read_verified(path)
-        if body is None or body != (text if text.endswith("\n") else text + "\n"):
-            write_atomic(path, with_checksum(text))
+        text = with_checksum(text)
+        try:
+            on_disk = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            on_disk = None
+        if on_disk != text:
+            write_atomic(path, text)
+        # the text itself runs, compiled here: an import would read and write bytecode beside the file
+        # (__pycache__), which no checksum covers. The file is what @triton.jit reads its kernels' source from.
         name = f"dilated_compiler_generated.dc_{key}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
+        mod = types.ModuleType(name)
+        mod.__file__ = str(path)
         sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+        exec(compile(text, str(path), "exec"), mod.__dict__)
         _modules[key] = mod
         return mod
