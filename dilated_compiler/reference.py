@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from .inputs import check_inputs
 from .spec import AttentionSpec, load_spec
 
 __all__ = ["attention", "allowed_pairs", "head_branches", "head_masks", "masked_softmax_attention"]
@@ -102,12 +103,9 @@ def _merge(outs, lses):
 def attention(q, k, v, spec, *, key_padding_mask=None, return_lse=False):
     """Reference dilated attention in float64. Returns float64 out (and lse (B, H, N) float64)."""
     spec = load_spec(spec)
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("reference.attention expects q, k, v of shape (batch, seq, heads, head_dim)")
+    check_inputs(spec, q, k, v, key_padding_mask)
     B, N, H, D = q.shape
     Hkv = k.shape[2]
-    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != D or H % Hkv != 0:
-        raise ValueError(f"incompatible shapes q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)}")
     q, k, v = q.double(), k.double(), v.double()
     scale = spec.softmax_scale(D)
 

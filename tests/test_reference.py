@@ -151,5 +151,22 @@ def test_head_masks_map_heads_to_kv_heads_and_drop_padded_keys():
 
 def test_grouped_requires_enough_heads():
     q, k, v = make_qkv(1, 8, 1, 4, dtype=torch.float64)
-    with pytest.raises(ValueError, match="heads >= branches"):
+    with pytest.raises(ValueError, match="heads >= number of branches"):
         reference.attention(q, k, v, AttentionSpec((Branch(4), Branch(8))))
+
+
+def test_reference_checks_its_inputs_as_the_module_does():
+    spec = AttentionSpec((Branch(4), Branch(8, 2)), head_assignment="all")
+    q, k, v = make_qkv(1, 16, 2, 4, dtype=torch.float64)
+    bad = [
+        (dict(key_padding_mask=torch.ones(1, 16)), ValueError, "bool tensor of shape"),  # float: 1 = keep?
+        (dict(key_padding_mask=torch.zeros(16, dtype=torch.bool)), ValueError, r"\(batch, seq\) = \(1, 16\)"),
+        (dict(key_padding_mask=torch.zeros(1, 17, dtype=torch.bool)), ValueError, r"got torch.bool \(1, 17\)"),
+    ]
+    for kwargs, error, match in bad:
+        with pytest.raises(error, match=match):
+            reference.attention(q, k, v, spec, **kwargs)
+    with pytest.raises(ValueError, match="every dimension must be >= 1"):
+        reference.attention(q, k[:, :, :0], v[:, :, :0], spec)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor; got list"):
+        reference.attention(q.tolist(), k, v, spec)

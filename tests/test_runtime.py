@@ -8,6 +8,7 @@ import torch
 import dilated_compiler as dc
 from dilated_compiler import AttentionSpec, Branch, compile_attention, runtime
 from dilated_compiler.lowering import BackendError
+from dilated_compiler.planner import PlanError
 from dilated_compiler.runtime import op as ops
 from conftest import make_qkv
 
@@ -123,6 +124,16 @@ def test_cache_is_bounded_lru():
         runtime.set_cache_size(0)
 
 
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "2.5", ""])
+def test_cache_size_variable_is_checked(monkeypatch, text):
+    from dilated_compiler.runtime import cache
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_SIZE", text)
+    with pytest.raises(ValueError, match=f"DILATED_COMPILER_CACHE_SIZE .* integer >= 1; got '{text}'"):
+        cache._size_from_env()
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_SIZE", "5")
+    assert cache._size_from_env() == 5
+
+
 def test_cache_is_thread_safe():
     attn = compile_attention(SPEC, backend="torch")
     inputs = [make_qkv(1, n, 2, 8, seed=n) for n in range(8, 16)]
@@ -214,4 +225,9 @@ def test_kernel_source_and_plan_are_readable():
     assert "attend_b0_w8_r1_o0_full" in text and "unflatten" in text and "useful FLOPs" in text
     plan = attn.plan(40, 4, 16)
     assert plan.flops > 0
+    assert "H=4 D=16 Hkv=2;" in attn.kernel_source(40, 4, 16, kv_heads=2)
+    assert "H=4 D=16 Hkv=4;" in attn.kernel_source(40, 4, 16)
+    for kv_heads in (0, 3):  # kv heads must divide the heads; 0 is not taken for "as many as the heads"
+        with pytest.raises(PlanError, match="Hkv: got 0|kv heads"):
+            attn.kernel_source(40, 4, 16, kv_heads=kv_heads)
     assert "compile_attention" in dc.__all__

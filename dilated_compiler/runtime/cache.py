@@ -27,7 +27,24 @@ _SPECS: dict[str, AttentionSpec] = {}  # spec key -> spec; tiny, never evicted
 _lock = threading.Lock()
 _cache: "OrderedDict[tuple, object]" = OrderedDict()
 _stats = {"hits": 0, "misses": 0}
-_maxsize = int(os.environ.get("DILATED_COMPILER_CACHE_SIZE", "128"))
+
+
+def _checked_size(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} (the number of compiled plans kept) must be an integer >= 1; got {value!r}")
+    return value
+
+
+def _size_from_env(variable: str = "DILATED_COMPILER_CACHE_SIZE") -> int:
+    text = os.environ.get(variable, "128")
+    try:
+        return _checked_size(int(text), variable)
+    except ValueError:
+        raise ValueError(f"{variable} (the number of compiled plans kept) must be an integer >= 1; got {text!r}"
+                         ) from None
+
+
+_maxsize = _size_from_env()
 
 
 def register_spec(spec: AttentionSpec) -> str:
@@ -80,8 +97,7 @@ def clear_cache() -> None:
 
 def set_cache_size(maxsize: int) -> None:
     global _maxsize
-    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-        raise ValueError(f"cache size must be an integer >= 1; got {maxsize!r}")
+    maxsize = _checked_size(maxsize, "cache size")
     with _lock:
         _maxsize = maxsize
         while len(_cache) > _maxsize:
