@@ -49,6 +49,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"expected an integer with 0 <= seed < 2**64, got {text!r}")
+    return value
+
+
 def _dtype(text: str):
     import torch
     name = _DTYPES.get(text.lower())
@@ -60,9 +70,12 @@ def _dtype(text: str):
 def _device(text: str):
     import torch
     try:
-        return torch.device(text)
+        device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"not a device this tool runs on: {text!r} (allowed: cpu, cuda, cuda:N)")
+    return device
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -320,8 +333,8 @@ def cmd_draw(args, parser) -> int:
 # parser
 
 
-def _shape_args(p, required_help: bool = True, seq_help: str = "sequence length N") -> None:
-    p.add_argument("--seq-len", "-n", type=_positive_int, metavar="N", help=seq_help)
+def _shape_args(p) -> None:
+    p.add_argument("--seq-len", "-n", type=_positive_int, metavar="N", help="sequence length N")
     p.add_argument("--heads", type=_positive_int, metavar="H", help="number of query heads")
     p.add_argument("--head-dim", type=_positive_int, metavar="D", help="head dimension")
     p.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="batch size (default 1)")
@@ -378,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="auto, torch or triton (default auto)")
     p.add_argument("--device", type=_device, help="default cuda if available, else cpu")
     p.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per measurement (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for the random inputs (default 0)")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with the float64 reference")
 
     p = sub.add_parser("draw", help="picture of which keys each query attends to (PNG, SVG, PDF)",

@@ -24,6 +24,9 @@ import yaml
 __all__ = ["AttentionSpec", "Branch", "SpecError", "load_spec", "HEAD_ASSIGNMENTS"]
 
 HEAD_ASSIGNMENTS = ("grouped", "all")
+# The longest segment a spec may declare: positions and their products with dilations and head counts stay far
+# inside int64 (a segment longer than the sequence is one segment covering all of it).
+MAX_SEGMENT_LENGTH = 2 ** 40
 
 _SPEC_KEYS = ("name", "branches", "head_assignment", "causal", "scale")
 _BRANCH_KEYS = ("segment_length", "dilation", "offset")
@@ -64,11 +67,19 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _branch_problems(w: Any, r: Any, offset: Any, path: str, head_assignment: Any = "grouped") -> list[str]:
     problems = []
-    w_ok = _is_int(w) and w >= 1
+    w_ok = _is_int(w) and 1 <= w <= MAX_SEGMENT_LENGTH
     if not w_ok:
-        problems.append(f"{path}.segment_length: got {_describe(w)}; allowed: an integer >= 1")
+        problems.append(f"{path}.segment_length: got {_describe(w)}; allowed: an integer with 1 <= segment_length "
+                        f"<= 2**40")
     r_ok = _is_int(r) and r >= 1 and (not w_ok or r <= w)
     if not r_ok:
         bound = f"segment_length ({w})" if w_ok else "segment_length"
@@ -95,7 +106,7 @@ def _spec_problems(branches: Any, head_assignment: Any, causal: Any, scale: Any,
         problems.append(f"causal: got {_describe(causal)}; allowed: true or false")
     if scale is not None:
         is_num = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-        if not (is_num and math.isfinite(scale) and scale > 0):
+        if not (is_num and _finite(scale) and scale > 0):
             problems.append(f"scale: got {_describe(scale)}; allowed: a finite number > 0, or null for 1/sqrt(head_dim)")
     if not isinstance(branches, (list, tuple)) or len(branches) == 0:
         problems.append(f"branches: got {_describe(branches)}; allowed: a non-empty list of branches")
@@ -179,6 +190,9 @@ class AttentionSpec:
         compiled plans, in this process and across processes."""
         semantic = self.to_dict()
         semantic.pop("name", None)
+        if self.head_assignment == "grouped":  # a default offset and the same offset written out are one pattern
+            for i, (b, d) in enumerate(zip(self.branches, semantic["branches"])):
+                d["offset"] = b.offset if b.offset is not None else i % b.dilation
         text = json.dumps(semantic, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -200,9 +214,10 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader, node, deep=False):
-    loader.flatten_mapping(node)
+    own = [key_node for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge"]
+    loader.flatten_mapping(node)  # merged keys ("<<: *anchor") come first, and keys of the node's own override them
     seen = {}
-    for key_node, _ in node.value:
+    for key_node in own:
         key = loader.construct_object(key_node, deep=deep)
         try:
             hash(key)
@@ -231,6 +246,8 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise SpecError(f"YAML syntax error at {where}: {what}", source) from None
     except yaml.YAMLError as e:  # pragma: no cover - non-marked YAML errors are rare
         raise SpecError(f"YAML error: {e}", source) from None
+    except (ValueError, OverflowError) as e:  # a value YAML's own types refuse, e.g. the date 2024-02-30
+        raise SpecError(f"YAML value error: {e}", source) from None
 
 
 def _unknown_key_problems(mapping: Mapping, allowed: tuple[str, ...], path: str) -> list[str]:

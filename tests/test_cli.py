@@ -97,6 +97,11 @@ def test_validate_missing_file_yaml_error_and_any_suffix(capsys, tmp_path):
     assert out.splitlines() == [f"ok: {txt}"]
     assert f"{missing}: error: spec file" in err and "does not exist" in err
     assert re.search(rf"{re.escape(str(broken))}: error: YAML syntax error at line \d+", err)
+    date = tmp_path / "date.yaml"  # a value YAML itself refuses: reported like any problem, the rest still checked
+    date.write_text(SMALL.replace("name: small", "name: 2024-02-30"))
+    code, out, err = run_cli(capsys, "validate", str(date), str(txt))
+    assert code == 1 and out.splitlines() == [f"ok: {txt}"]
+    assert f"{date}: error: " in err and "YAML value error" in err and "Traceback" not in err
 
 
 def test_validate_needs_a_file(capsys):
@@ -156,6 +161,16 @@ def test_bad_flags_are_usage_errors(capsys, small, flags):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert "usage: dilated-compiler plan" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", str(2 ** 64)], "0 <= seed < 2**64"), (["--seed", "-1"], "0 <= seed < 2**64"),
+    (["--device", "meta"], "allowed: cpu, cuda, cuda:N"), (["--device", "nodevice"], "allowed: cpu, cuda, cuda:N"),
+])
+def test_run_flags_out_of_range_are_usage_errors(capsys, small, flags, message):
+    code, out, err = run_cli(capsys, "run", small, "-n", "64", *flags)
+    assert code == 2 and out == ""
+    assert "usage: dilated-compiler run" in err and message in err and "Traceback" not in err
 
 
 def test_unknown_command_and_no_command(capsys):

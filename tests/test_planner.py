@@ -103,6 +103,14 @@ def test_plan_errors():
         build_plan(FOUR, 1024, 8, 64, kv_heads=3)
     with pytest.raises(PlanError, match="N: got 0"):
         build_plan(FOUR, 0, 8, 64)
+    # sympy numbers are checked as ints are
+    with pytest.raises(PlanError, match="N: got -5"):
+        build_plan(FOUR, sympy.Integer(-5), 8, 64)
+    with pytest.raises(PlanError, match="Hkv: got 0"):
+        build_plan(FOUR, 1024, 8, 64, kv_heads=sympy.Integer(0))
+    with pytest.raises(PlanError, match="N: got 2.5"):
+        build_plan(FOUR, sympy.Float(2.5), 8, 64)
+    assert build_plan(FOUR, sympy.Integer(1024), 8, 64).flops == build_plan(FOUR, 1024, 8, 64).flops
 
 
 def test_explain_lists_nodes_and_costs():

@@ -65,12 +65,18 @@ def test_key_distinguishes_semantics_not_name():
     assert load_spec({**BASE, "head_assignment": "all"}).key != a.key
     assert load_spec({**BASE, "scale": 0.1}).key != a.key
     assert load_spec({"branches": [{"segment_length": 2048}, {"segment_length": 4096, "dilation": 4}]}).key != a.key
+    # grouped mode: branch i's default offset is i % dilation, so writing it out is the same pattern
+    default = AttentionSpec((Branch(2048, 1), Branch(4096, 2), Branch(8192, 4)))
+    assert AttentionSpec((Branch(2048, 1), Branch(4096, 2, 1), Branch(8192, 4, 2))).key == default.key
+    assert AttentionSpec((Branch(2048, 1), Branch(4096, 2, 0), Branch(8192, 4, 2))).key != default.key
+    assert AttentionSpec(default.branches, head_assignment="all").key != default.key
 
 
 @pytest.mark.parametrize(
     "data, fragments",
     [
-        ({"branches": [{"segment_length": 0}]}, ["branches[0].segment_length", "0", ">= 1"]),
+        ({"branches": [{"segment_length": 0}]}, ["branches[0].segment_length", "0", "1 <= segment_length <= 2**40"]),
+        ({"branches": [{"segment_length": 2 ** 63}]}, ["branches[0].segment_length", "<= 2**40"]),
         ({"branches": [{"segment_length": 8, "dilation": 9}]}, ["branches[0].dilation", "9", "<= segment_length (8)"]),
         ({"branches": [{"segment_length": 8, "dilation": 2, "offset": 2}]}, ["branches[0].offset", "0 <= offset < dilation (2)"]),
         ({"branches": [{"segment_length": "8"}]}, ["branches[0].segment_length", "'8' (str)"]),
@@ -87,6 +93,7 @@ def test_key_distinguishes_semantics_not_name():
         ({**BASE, "causal": 1}, ["causal", "1 (int)"]),
         ({**BASE, "scale": -1.0}, ["scale", "> 0"]),
         ({**BASE, "scale": float("nan")}, ["scale", "finite"]),
+        ({**BASE, "scale": 10 ** 400}, ["scale", "finite"]),
         ({**BASE, "scale": "0.1"}, ["scale", "'0.1' (str)"]),
         ({**BASE, "name": 3}, ["name", "3 (int)"]),
         ({**BASE, "segment_lenght": 3}, ["segment_lenght", "unknown key"]),
@@ -146,6 +153,18 @@ def test_yaml_syntax_error_reports_line_and_column():
 def test_duplicate_yaml_keys_are_errors():
     with pytest.raises(SpecError, match="duplicate key 'causal'"):
         load_spec("branches: [{segment_length: 8}]\ncausal: true\ncausal: false\n")
+    # a key of the mapping's own overriding one merged in from an anchor is no duplicate
+    spec = load_spec("branches:\n  - &b {segment_length: 8, dilation: 1}\n  - {<<: *b, dilation: 2}\n")
+    assert spec.branches == (Branch(8, 1), Branch(8, 2))
+    with pytest.raises(SpecError, match="duplicate key 'dilation'"):
+        load_spec("branches:\n  - &b {segment_length: 8}\n  - {<<: *b, dilation: 2, dilation: 4}\n")
+
+
+@pytest.mark.parametrize("text", ["name: 2024-02-30\nbranches: [{segment_length: 8}]\n",
+                                  "branches: [{segment_length: 0x_}]\n"])
+def test_values_yaml_refuses_are_spec_errors(text):
+    with pytest.raises(SpecError, match="YAML value error"):
+        load_spec(text)
 
 
 @pytest.mark.parametrize("text", ["", "   \n", "# only a comment\n", "null"])

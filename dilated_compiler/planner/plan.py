@@ -77,11 +77,6 @@ class AttendOp:
     def replace(self, **kw) -> "AttendOp":
         return dataclasses.replace(self, **kw)
 
-    @property
-    def is_concrete(self) -> bool:
-        return all(_as_int(x) is not None for x in (self.head_start, self.head_count, self.start,
-                                                      self.num_segments, self.extent, self.rows))
-
 
 class Plan:
     """A spec planned at shapes (B, N, H, D, Hkv): a DAG of operations with costs."""
@@ -316,7 +311,9 @@ def _dim(value, symbol: str) -> Expr:
     if isinstance(value, str):
         return sympy.Symbol(value, integer=True, positive=True)
     if isinstance(value, sympy.Basic):
-        return _simplify(value)
+        value = _simplify(value)  # an int where the expression is an integer
+        if isinstance(value, sympy.Basic) and not value.is_number:
+            return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise PlanError(f"{symbol}: got {value!r}; allowed: an integer >= 1, a sympy expression, or None for a symbol")
     return value
