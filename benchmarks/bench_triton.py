@@ -8,11 +8,14 @@ Per case: time (median, triton.testing.do_bench) and useful TFLOP/s (plan.flops,
               F.scaled_dot_product_attention per branch (cuDNN / flash as torch picks), scatter into the output
 * torch       this project's backend="torch" (strided views + memory-efficient SDPA with lse per attend op +
               scatter or log-sum-exp merge; the only baseline here that also computes "all" mode)
-* pregathered SDPA over segments gathered beforehand into contiguous tensors (the gather is not timed)
-* flex        FlexAttention with the pattern as mask_mod (compiled; "OOM" when it does not fit)
+* pregathered SDPA over segments gathered beforehand into contiguous tensors (the gather is not timed); in
+              "all" mode "pregathered-unmerged": the branches' SDPAs without the log-sum-exp merge
+* flex        FlexAttention with the pattern as mask_mod (block mask and kernel compiled; "OOM" when it does
+              not fit)
 * dense       dense SDPA over the whole sequence (cuDNN and the default SDPA backend), same heads
 
-and the ratios between them. Also: peak memory of fwd+bwd against the tensors that must exist (q, k, v, out,
+and the ratios between them. Each fwd+bwd step drops the last step's gradients first (no form adds into old
+ones, and none holds two sets). Also: peak memory of fwd+bwd against the tensors that must exist (q, k, v, out,
 their gradients, lse), and fwd+bwd at N = 1M tokens.
 
     PYTHONPATH=. python benchmarks/bench_triton.py --out DIR [--quick]
@@ -45,8 +48,18 @@ def emit(line: str = "") -> None:
         RESULT_FILE[0].write_text("\n".join(LINES) + "\n")
 
 
-def bench(fn, grad_to_none=None) -> float:
-    return do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none, return_mode="median")
+def bench(fn) -> float:
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def fwd_bwd(fn, leaves, dout):
+    """One fwd+bwd step that first drops the leaves' gradients, so that no call (timed, warm-up or the first)
+    adds into the last one's: every form does the same work and holds one set of gradients."""
+    def step():
+        for t in leaves:
+            t.grad = None
+        torch.autograd.backward(fn(), dout)
+    return step
 
 
 def attempt(fn):
@@ -94,11 +107,9 @@ def time_module(attn, N, D, dtype):
     dout = torch.randn_like(q)
     with torch.no_grad():
         fwd = bench(lambda: attn(q, k, v))
-
-    def fb():
-        attn(q, k, v).backward(dout)
+    fb = fwd_bwd(lambda: attn(q, k, v), (q, k, v), dout)
     fb()  # compile/tune the backward outside the timing
-    return fwd, bench(fb, grad_to_none=[q, k, v])
+    return fwd, bench(fb)
 
 
 def naive_attention(q, k, v, spec):
@@ -127,11 +138,9 @@ def time_naive(spec, N, D, dtype):
     dout = torch.randn_like(q)
     with torch.no_grad():
         f = bench(lambda: naive_attention(q, k, v, spec))
-
-    def fb():
-        naive_attention(q, k, v, spec).backward(dout)
+    fb = fwd_bwd(lambda: naive_attention(q, k, v, spec), (q, k, v), dout)
     fb()
-    return f, bench(fb, grad_to_none=[q, k, v])
+    return f, bench(fb)
 
 
 def pregathered_inputs(spec, N, D, dtype):
@@ -155,12 +164,9 @@ def time_pregathered(spec, N, D, dtype):
     def fwd():
         return [F.scaled_dot_product_attention(*t, is_causal=spec.causal) for t in tensors]
 
-    def fb():
-        outs = fwd()
-        torch.autograd.backward(outs, douts)
     with torch.no_grad():
         f = bench(fwd)
-    return f, bench(fb, grad_to_none=[x for t in tensors for x in t])
+    return f, bench(fwd_bwd(fwd, [x for t in tensors for x in t], douts))
 
 
 def time_flex(spec, N, D, dtype):
@@ -182,30 +188,33 @@ def time_flex(spec, N, D, dtype):
             ok = ok & (kv <= qi)
         return ok
 
-    bm = create_block_mask(mask_mod, 1, H, N, N, device="cuda")
+    # compiled: uncompiled, create_block_mask evaluates the mask_mod into a dense (H, N, N) bool tensor first
+    # (64 GiB at N = 64K), so the run would measure the mask's construction running out of memory, not flex
+    try:
+        bm = create_block_mask(mask_mod, 1, H, N, N, device="cuda", _compile=True)
+    except torch.OutOfMemoryError:
+        raise RuntimeError("building the block mask ran out of memory") from None
     flex = torch.compile(flex_attention)
-    q, k, v = [t.transpose(1, 2) for t in inputs(N, D, dtype)]
+    leaves = inputs(N, D, dtype)
+    q, k, v = [t.transpose(1, 2) for t in leaves]
     dout = torch.randn_like(q)
     with torch.no_grad():
         f = bench(lambda: flex(q, k, v, block_mask=bm))
-
-    def fb():
-        flex(q, k, v, block_mask=bm).backward(dout)
+    fb = fwd_bwd(lambda: flex(q, k, v, block_mask=bm), leaves, dout)
     fb()
     return f, bench(fb)
 
 
 def time_dense(N, D, dtype, causal, backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    q, k, v = [t.transpose(1, 2) for t in inputs(N, D, dtype)]
+    leaves = inputs(N, D, dtype)
+    q, k, v = [t.transpose(1, 2) for t in leaves]
     dout = torch.randn_like(q)
     be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
     with sdpa_kernel(be):
         with torch.no_grad():
             f = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-
-        def fb():
-            F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(dout)
+        fb = fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), leaves, dout)
         fb()
         return f, bench(fb)
 
@@ -240,7 +249,10 @@ def run_case(label, pairs, mode, causal, N, D, dtype, others=("naive", "torch", 
     if "torch" in others:
         res["torch"] = attempt(lambda: time_module(compile_attention(spec, backend="torch"), N, D, dtype))
     if "pregathered" in others:
-        res["pregathered"] = attempt(lambda: time_pregathered(spec, N, D, dtype))
+        # in "all" mode it runs each branch's SDPA over all heads but does not merge them (public SDPA returns
+        # no lse): less work than this project's op, which merges
+        res["pregathered" if mode == "grouped" else "pregathered-unmerged"] = attempt(
+            lambda: time_pregathered(spec, N, D, dtype))
     if flex:
         res["flex"] = attempt(lambda: time_flex(spec, N, D, dtype))
     dense_flops = 4 * N * N * H * D / (2 if causal else 1)
