@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from conftest import (GRAD_TOLERANCES, ROUNDING_FACTOR, UNIT_ROUNDOFF, assert_close, attention_cases,
+from conftest import (ROUNDING_FACTOR, TOLERANCES, UNIT_ROUNDOFF, assert_close, assert_lse_close, attention_cases,
                       backward_loss, case_inputs, rounding_terms, upstream_gradients)
 from dilated_compiler import AttentionSpec, Branch, reference
 
@@ -48,20 +48,22 @@ def _near_zero_entry_of_large_terms(term: float):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rounding_of_large_terms_passes_with_its_term_and_fails_without(dtype):
     # the stop-18 case: an error of about one roundoff of large terms, at an entry near zero
-    e, terms = _near_zero_entry_of_large_terms(2.0 * GRAD_TOLERANCES[dtype]["atol"] / UNIT_ROUNDOFF[dtype])
+    e, terms = _near_zero_entry_of_large_terms(2.0 * TOLERANCES[dtype]["atol"] / UNIT_ROUNDOFF[dtype])
     a = e.clone()
-    a[0] += 1.5 * GRAD_TOLERANCES[dtype]["atol"]
+    a[0] += 1.5 * TOLERANCES[dtype]["atol"]
     assert_close(a, e, dtype, "grad q", grad=True, terms=terms)
     with pytest.raises(AssertionError, match="grad q"):
+        assert_close(a, e, dtype, "grad q")
+    with pytest.raises(TypeError, match="rounding term"):  # a half-precision gradient is never compared without it
         assert_close(a, e, dtype, "grad q", grad=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_an_error_past_the_rounding_term_fails(dtype):
-    term = 10.0 * GRAD_TOLERANCES[dtype]["atol"] / UNIT_ROUNDOFF[dtype]
+    term = 10.0 * TOLERANCES[dtype]["atol"] / UNIT_ROUNDOFF[dtype]
     e, terms = _near_zero_entry_of_large_terms(term)
     a = e.clone()
-    a[0] += GRAD_TOLERANCES[dtype]["atol"] + 1.01 * ROUNDING_FACTOR * UNIT_ROUNDOFF[dtype] * term
+    a[0] += TOLERANCES[dtype]["atol"] + 1.01 * ROUNDING_FACTOR * UNIT_ROUNDOFF[dtype] * term
     with pytest.raises(AssertionError, match="plus the rounding term"):
         assert_close(a, e, dtype, "grad q", grad=True, terms=terms)
 
@@ -72,3 +74,13 @@ def test_nan_and_misplaced_infinities_fail():
         assert_close(torch.tensor([0.0, float("nan"), float("-inf")]), e, torch.float32, "lse")
     with pytest.raises(AssertionError, match="infinities"):
         assert_close(torch.tensor([float("-inf"), 1.0, float("-inf")]), e, torch.float32, "lse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lse_is_compared_at_float32_level_whatever_the_inputs(dtype):
+    # lse is float32; from half inputs it carries float32 rounding only, so a shift of 1e-3 (0.1% of the softmax
+    # mass) fails, while rounding to float32 passes
+    e = torch.linspace(-2.0, 12.0, 64, dtype=torch.float64)
+    assert_lse_close(e.float(), e, dtype)
+    with pytest.raises(AssertionError, match="lse"):
+        assert_lse_close(e.float() + 1e-3, e, dtype)
