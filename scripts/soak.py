@@ -10,6 +10,7 @@ unless --no-shrink); the exit status is then 1.
     TRITON_INTERPRET=1 python scripts/soak.py --backend triton --seconds 600  # the kernels, interpreted on CPU
     python scripts/soak.py --backend triton --device cuda --dtype bfloat16 --seconds 300 --verbose --no-shrink
     python scripts/soak.py --backend triton --device cuda --cases gluon --seconds 300   # Hopper kernels
+    python scripts/soak.py --backend torch --dtype bfloat16 --gpu-bounds --seconds 600  # GPU-sized, on CPU
 
 ``--cases gluon`` draws specs of whole 128-row tiles (grouped and "all"), which the Hopper (Gluon) kernels take,
 and fails an example that those kernels did not run.
@@ -47,6 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float64", "float32", "float16", "bfloat16"], default=None,
                     help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--cases", choices=["any", "gluon"], default="any")
+    ap.add_argument("--gpu-bounds", action="store_true",
+                    help="draw at the GPU's bounds (longer sequences and segments, head_dim up to 128) on any "
+                         "device: e.g. the torch lowering in bfloat16 on CPU, to see the tolerances on GPU-sized cases")
     ap.add_argument("--seconds", type=float, default=60.0, help="stop drawing new examples after this long")
     ap.add_argument("--no-shrink", action="store_true",
                     help="report the first failing example as drawn (shrinking recompiles kernels per example)")
@@ -66,7 +70,7 @@ def main(argv=None) -> int:
             calls = record_gluon_calls(lowering_module, monkeypatch)
 
     strategy = (gluon_cases(modes=("grouped", "all")) if args.cases == "gluon"
-                else attention_cases(**CASES[(args.backend, args.device)]))
+                else attention_cases(**(_GPU if args.gpu_bounds else CASES[(args.backend, args.device)])))
     ran = []
 
     phases = [Phase.explicit, Phase.generate] if args.no_shrink else list(Phase)

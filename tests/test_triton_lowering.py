@@ -491,6 +491,12 @@ def test_autotune_choose_caches_per_device_and_key(tmp_path, monkeypatch):
     timed.clear()
     assert autotune.choose("GPU X", "dq|k1", [c, a], time_one) == c and timed == [c, a]
     assert set(json.loads(diskcache.read_verified(path))) == {"fwd|k1", "dq|k1"}
+    # a choice another process wrote since this one read the file is kept when this one writes
+    other = {**json.loads(diskcache.read_verified(path)), "fwd|other-process": list(b)}
+    diskcache.write_atomic(path, diskcache.with_checksum(json.dumps(other)))
+    timed.clear()
+    assert autotune.choose("GPU X", "dq|k2", [c, a], time_one) == c and timed == [c, a]
+    assert set(json.loads(diskcache.read_verified(path))) == {"fwd|k1", "dq|k1", "fwd|other-process", "dq|k2"}
     # a remembered choice that is no longer a candidate: timed again
     timed.clear()
     assert autotune.choose("GPU X", "fwd|k1", [a, b], time_one) == a and timed == [a, b]
@@ -883,6 +889,20 @@ def test_gpu_torch_compile_fullgraph():
     compiled = torch.compile(lambda q, k, v: attn(q, k, v, return_lse=True), fullgraph=True)
     check_against_reference(lambda q, k, v, key_padding_mask=None, return_lse=True: compiled(q, k, v),
                             spec, q, k, v)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("N", [4096, 1000])  # whole tiles (on Hopper the Gluon kernels) and a ragged N (tl)
+def test_gpu_inputs_on_a_device_that_is_not_current(N, poisoned):
+    """q, k, v on cuda:1 while cuda:0 is current: the kernels launch on the inputs' device (Triton launches on the
+    current one), forward and backward against the reference."""
+    spec = _graph_spec(causal=True)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(1, N, 4, 128, dtype=torch.bfloat16, device="cuda:1", requires_grad=True)
+    with torch.cuda.device(0):
+        check_against_reference(attn, spec, q, k, v)
 
 
 def _graph_spec(causal, mode="grouped"):

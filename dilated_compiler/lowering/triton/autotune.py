@@ -87,16 +87,19 @@ def _file(device_name: str):
     return cache_dir() / f"autotune-{re.sub(r'[^A-Za-z0-9_.-]+', '_', device_name)}.json"
 
 
+def _read(device_name: str) -> dict[str, list[int]]:
+    """The device's file as written last (any process), or {} where it is missing or fails its checksum."""
+    body = read_verified(_file(device_name))
+    try:
+        data = json.loads(body) if body is not None else {}
+    except ValueError:
+        data = {}
+    return data if isinstance(data, dict) else {}
+
+
 def _load(device_name: str) -> dict[str, list[int]]:
     if device_name not in _memory:
-        body = read_verified(_file(device_name))
-        data = {}
-        if body is not None:
-            try:
-                data = json.loads(body)
-            except ValueError:
-                data = {}
-        _memory[device_name] = data
+        _memory[device_name] = _read(device_name)
     return _memory[device_name]
 
 
@@ -123,8 +126,10 @@ def choose(device_name: str, key: str, configs: list[TileConfig], time_one: Call
     if best is None:
         raise RuntimeError(f"no tile configuration fits {device_name} for {key}: " + "; ".join(skipped))
     with _lock:
-        data = _load(device_name)
-        data[key] = list(best)
+        # what other processes wrote since this one read the file, then this choice (a process that writes
+        # between this read and this write still loses its entry, and then only costs re-tuning)
+        data = {**_read(device_name), **_load(device_name), key: list(best)}
+        _memory[device_name] = data
         try:
             write_atomic(_file(device_name), with_checksum(json.dumps(data, indent=1, sort_keys=True)))
         except OSError:

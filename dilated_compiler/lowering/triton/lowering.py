@@ -27,6 +27,7 @@ Precision: fp16/bf16 use the tensor cores with fp32 accumulation; fp32 inputs us
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -52,6 +53,12 @@ _ROWS_PER_PROGRAM = 64  # rows of the elementwise merge kernel
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device and its current stream (and TMA scratch is allocated there): make
+    it the inputs' device for the call, as torch's own operators do."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _uninitialized(shape, dtype, device) -> torch.Tensor:
@@ -351,7 +358,8 @@ class TritonLowering:
         return True
 
     def _tune_key(self, pass_name: str, batch: int, has_kpm: bool) -> str:
-        return "|".join([pass_name, generator_fingerprint()[:8], self.spec.key, f"D{self.head_dim}",
+        return "|".join([pass_name, generator_fingerprint()[:8], f"triton{triton.__version__}", self.spec.key,
+                         f"D{self.head_dim}",
                          self.specialisation["dtype"],
                          f"gqa{self.gqa > 1}", f"kpm{has_kpm}",
                          autotune.shape_bucket(int(self.plan.seq_len), batch * self.heads)])
@@ -402,6 +410,10 @@ class TritonLowering:
 
     def forward(self, q, k, v, key_padding_mask=None):
         self._check_device(q)
+        with _on_device(q.device):
+            return self._forward(q, k, v, key_padding_mask)
+
+    def _forward(self, q, k, v, key_padding_mask):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, N, H, D = q.shape
         kpm, has_kpm = self._kpm(key_padding_mask, q)
@@ -479,6 +491,10 @@ class TritonLowering:
 
     def backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None):
         self._check_device(q)
+        with _on_device(q.device):
+            return self._backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask)
+
+    def _backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out, lse = out.contiguous(), lse.contiguous()
         dout = dout.to(q.dtype).contiguous()
