@@ -276,6 +276,26 @@ def test_layer_errors():
         DilatedTransformerEncoderLayer(16, 2, ALL, activation="tanhh")
     with pytest.raises(ValueError, match=r"dim_feedforward: got 0"):
         DilatedTransformerDecoderLayer(16, 2, ALL, dim_feedforward=0)
+    for scale in (-1.0, 0.0, float("inf"), "a", True):
+        with pytest.raises(ValueError, match="scale: got"):
+            MultiheadCrossAttention(16, 2, scale=scale)
+
+
+def test_decoder_layer_dropout_reaches_the_cross_attention():
+    layer = DilatedTransformerDecoderLayer(16, 2, ALL, dim_feedforward=8, dropout=0.25, backend="torch")
+    assert layer.cross_attn.dropout == 0.25 and layer.self_attn.dropout == 0.0
+
+
+def test_forward_takes_multihead_attentions_positional_order():
+    # nn.MultiheadAttention: (query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+    # is_causal): a 7th positional True is average_attn_weights, which changes nothing here
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 16, dtype=F64)
+    for m in (DilatedMultiheadAttention(16, 2, ALL, dtype=F64, backend="torch"),
+              MultiheadCrossAttention(16, 2, dtype=F64)):
+        torch.testing.assert_close(m(x, x, x, None, False, None, True)[0], m(x, x, x)[0])
+        torch.testing.assert_close(m(x, x, x, None, False, None, True, True)[0], m(x, x, x, is_causal=True)[0])
+        assert not torch.allclose(m(x, x, x, is_causal=True)[0], m(x, x, x)[0])
 
 
 def _complex_pairs(x):
@@ -315,6 +335,30 @@ def test_rotary_is_relative_and_xpos_decays():
     assert bool((size[1:] < size[:-1]).all())
     with pytest.raises(ValueError, match=r"head_dim: got 7; rotary embedding needs an even integer"):
         RotaryEmbedding(7)
+
+
+def test_rotary_positions_stay_float32_when_the_module_is_cast():
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 4096, 1, 64, generator=g) for _ in range(2))
+    rot = RotaryEmbedding(64)
+    want = rot(q, k)
+    rot.to(torch.bfloat16)  # a model cast for inference: the frequencies are not rounded with it
+    for a, b in zip(rot(q, k), want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not list(rot.buffers())
+
+
+def test_xpos_in_float16_refuses_lengths_past_its_range():
+    xpos = RotaryEmbedding(8, xpos_scale_base=512.0)
+    q = torch.randn(1, 4096, 1, 8, dtype=torch.float16)
+    xq, xk = xpos(q, q)  # scales up to 3.5 ** 4 = 150: within range
+    assert torch.isfinite(xq).all() and torch.isfinite(xk).all()
+    q = torch.randn(1, 8192, 1, 8)
+    with pytest.raises(ValueError, match=r"XPOS in float16: at N=8192 .* Use bfloat16 or float32"):
+        xpos(q.half(), q.half())
+    for dtype in (torch.bfloat16, torch.float32):  # same length, wider range: runs
+        xq, xk = xpos(q.to(dtype), q.to(dtype))
+        assert torch.isfinite(xq).all() and torch.isfinite(xk).all()
 
 
 def test_encoder_layer_inside_nn_transformer_encoder_with_float_padding_mask():

@@ -2,7 +2,8 @@
 :class:`MultiheadCrossAttention` (dense attention for encoder-decoder cross attention).
 
 Both follow ``nn.MultiheadAttention``'s calling convention (``forward(query, key, value, key_padding_mask=None,
-need_weights=False, attn_mask=None, is_causal=False)`` returning ``(out, None)``) and the MAGNETO layout
+need_weights=False, attn_mask=None, average_attn_weights=True, is_causal=False)`` returning ``(out, None)``) and
+the MAGNETO layout
 (arXiv 2210.06423): xavier_normal projections, gain ``gamma_init`` on the value and output projections and 1 on
 query and key, and a sub-LayerNorm on the attention output before the output projection.
 
@@ -171,9 +172,10 @@ class DilatedMultiheadAttention(_ProjectedAttention):
         device, dtype: of the parameters.
         backend: "auto" | "torch" | "triton", passed to :func:`dilated_compiler.compile_attention`.
 
-    ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, is_causal=False)``
-    returns ``(out, None)``. Dilated attention pairs query and key *positions*, so key and value must have the
-    query's sequence length (for attention between sequences of different lengths use
+    ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+    average_attn_weights=True, is_causal=False)`` (``nn.MultiheadAttention``'s order; ``average_attn_weights``
+    has nothing to act on, as no weights are returned) returns ``(out, None)``. Dilated attention pairs query
+    and key *positions*, so key and value must have the query's sequence length (for attention between sequences of different lengths use
     :class:`MultiheadCrossAttention`).
 
     * ``key_padding_mask`` (batch, seq) bool, True = ignore that key: honoured by every backend; padded keys get
@@ -216,7 +218,7 @@ class DilatedMultiheadAttention(_ProjectedAttention):
                 f"batch_first={self.batch_first}, dropout={self.dropout}, spec={self.spec}")
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
-                is_causal=False):
+                average_attn_weights=True, is_causal=False):
         self._check_common(query, key, value, need_weights)
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
@@ -253,8 +255,9 @@ class MultiheadCrossAttention(_ProjectedAttention):
     as :class:`DilatedMultiheadAttention`; query and key may have different lengths. Used for the decoder's
     cross attention over encoder memory.
 
-    ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, is_causal=False)``
-    returns ``(out, None)``. ``attn_mask``: (Nq, Nk) or (batch * num_heads, Nq, Nk), bool (True = not
+    ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+    average_attn_weights=True, is_causal=False)`` (``nn.MultiheadAttention``'s order; ``average_attn_weights``
+    has nothing to act on, as no weights are returned) returns ``(out, None)``. ``attn_mask``: (Nq, Nk) or (batch * num_heads, Nq, Nk), bool (True = not
     allowed) or float (added to the scores), as ``nn.MultiheadAttention``. ``key_padding_mask`` (batch, Nk)
     bool, True = ignore. A query with no allowed key outputs 0. ``dropout`` is applied to attention weights in
     training mode (SDPA supports it). ``is_causal``: query i attends keys j <= i (top-left aligned).
@@ -267,6 +270,9 @@ class MultiheadCrossAttention(_ProjectedAttention):
         super().__init__(embed_dim, num_heads, bias=bias, dropout=dropout, batch_first=batch_first, kdim=kdim,
                          vdim=vdim, num_kv_heads=num_kv_heads, sub_layernorm=sub_layernorm, gamma_init=gamma_init,
                          device=device, dtype=dtype)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale) or scale <= 0):
+            raise ValueError(f"scale: got {scale!r}; allowed: a finite number > 0, or None for 1/sqrt(head_dim)")
         self.scale = scale
 
     def extra_repr(self) -> str:
@@ -312,7 +318,7 @@ class MultiheadCrossAttention(_ProjectedAttention):
         return add, has_key
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
-                is_causal=False):
+                average_attn_weights=True, is_causal=False):
         self._check_common(query, key, value, need_weights)
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)

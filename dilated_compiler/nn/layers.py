@@ -122,6 +122,9 @@ class DilatedTransformerDecoderLayer(nn.Module):
     (``dataclasses.replace(spec, causal=True)``). Following torchscale's MAGNETO decoder, ``gamma_init``
     scales the self-attention and feed-forward but not the cross-attention (gain 1).
 
+    ``dropout`` applies to the residual branches, inside the feed-forward block and to the cross-attention's
+    weights (dense SDPA supports it), not to the dilated self-attention's weights (no backend fuses that).
+
     ``forward(tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
     memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False)`` like
     ``nn.TransformerDecoderLayer``. ``tgt_is_causal`` is accepted for that signature; the self-attention is
@@ -144,7 +147,7 @@ class DilatedTransformerDecoderLayer(nn.Module):
             gamma_init=gamma_init, backend=backend, **factory)
         self.self_attn.sub_ln.eps = layer_norm_eps
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
-        self.cross_attn = MultiheadCrossAttention(d_model, nhead, dropout=0.0, batch_first=True,
+        self.cross_attn = MultiheadCrossAttention(d_model, nhead, dropout=dropout, batch_first=True,
                                                   num_kv_heads=num_kv_heads, gamma_init=1.0, **factory)
         self.cross_attn.sub_ln.eps = layer_norm_eps
         self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)

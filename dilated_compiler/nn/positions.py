@@ -22,8 +22,10 @@ class RotaryEmbedding(nn.Module):
     xpos_scale_base: None for plain rotary; a number (torchscale uses 512) for XPOS, which additionally scales
     q by zeta^(n / base) and k by zeta^(-n / base) per frequency (zeta in (0, 1], decaying with frequency) so
     that scores decay with distance. XPOS is meant for causal attention (the decay is one-sided).
-    The cos/sin tables are computed per call in float32 (cheap next to attention; no size-dependent cache, so
-    torch.compile sees no mutable state).
+    The frequencies and cos/sin tables are computed per call in float32 (cheap next to attention; no buffers, so
+    casting the module to another dtype leaves positions as they were, and no size-dependent cache, so
+    torch.compile sees no mutable state). XPOS in float16 is refused where its scales pass 2**10 (a ValueError
+    naming the length): they grow as (7/2) ** (N / 2 / xpos_scale_base).
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, xpos_scale_base: float | None = None):
@@ -33,26 +35,39 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.base = float(base)
         self.xpos_scale_base = None if xpos_scale_base is None else float(xpos_scale_base)
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        zeta = (torch.arange(0, head_dim, 2, dtype=torch.float32) + 0.4 * head_dim) / (1.4 * head_dim)
-        self.register_buffer("zeta", zeta, persistent=False)
+
+    def _check_float16_range(self, N: int, offset: int) -> None:
+        """XPOS scales q and k by zeta ** (+-(n - N // 2) / scale_base), up to (7/2) ** that for the lowest
+        frequency: past float16's range at a few thousand positions."""
+        reach = max(N // 2 - offset, offset + N - 1 - N // 2) / self.xpos_scale_base
+        largest = 3.5 ** reach
+        if largest > 2.0 ** 10:
+            raise ValueError(
+                f"XPOS in float16: at N={N} (offset {offset}) with xpos_scale_base={self.xpos_scale_base:g} it "
+                f"scales q and k by up to {largest:.3g}, so an entry above {65504 / largest:.3g} overflows "
+                "float16 (the limit checked: scales up to 2**10). Use bfloat16 or float32, or a larger "
+                "xpos_scale_base")
 
     def extra_repr(self) -> str:
         kind = "rotary" if self.xpos_scale_base is None else f"xpos(scale_base={self.xpos_scale_base:g})"
         return f"head_dim={self.head_dim}, base={self.base:g}, {kind}"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
-        N = q.shape[1]
+        N, D = q.shape[1], self.head_dim
+        if self.xpos_scale_base is not None and torch.float16 in (q.dtype, k.dtype):
+            self._check_float16_range(N, offset)
         pos = torch.arange(offset, offset + N, device=q.device, dtype=torch.float32)
-        angles = pos[:, None] * self.inv_freq.to(q.device)[None, :]  # (N, D/2)
+        f = torch.arange(0, D, 2, device=q.device, dtype=torch.float32)  # float32 whatever the module's dtype
+        inv_freq = 1.0 / (self.base ** (f / D))
+        angles = pos[:, None] * inv_freq[None, :]  # (N, D/2)
         angles = torch.cat((angles, angles), dim=-1)[None, :, None, :]  # (1, N, 1, D)
         cos, sin = angles.cos(), angles.sin()
         if self.xpos_scale_base is None:
             q_scale = k_scale = 1.0
         else:
             power = ((pos - N // 2) / self.xpos_scale_base)[:, None]
-            scale = self.zeta.to(q.device)[None, :] ** power
+            zeta = (f + 0.4 * D) / (1.4 * D)
+            scale = zeta[None, :] ** power
             scale = torch.cat((scale, scale), dim=-1)[None, :, None, :]
             q_scale, k_scale = scale, 1.0 / scale
         qf, kf = q.float(), k.float()
