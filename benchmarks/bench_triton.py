@@ -18,7 +18,7 @@ and the ratios between them. Each fwd+bwd step drops the last step's gradients f
 ones, and none holds two sets). Also: peak memory of fwd+bwd against the tensors that must exist (q, k, v, out,
 their gradients, lse), and fwd+bwd at N = 1M tokens.
 
-    PYTHONPATH=. python benchmarks/bench_triton.py --out DIR [--quick]
+    PYTHONPATH=. python benchmarks/bench_triton.py [--out DIR] [--quick]   # writes DIR/<GPU>-triton-run-<time>.md
 """
 
 from __future__ import annotations
@@ -307,7 +307,9 @@ def main():
     short = "H100" if "H100" in name else "H200" if "H200" in name else name.replace(" ", "_")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    RESULT_FILE.append(out / f"{short}-triton.md")
+    # a file of its own per run: the GPU's curated results file (<GPU>-triton.md, the history of what was tried)
+    # is never overwritten
+    RESULT_FILE.append(out / f"{short}-triton-run-{time.strftime('%Y%m%d-%H%M%S')}.md")
     emit(f"# Triton lowering benchmark on {name}")
     emit(f"torch {torch.__version__}, triton {__import__('triton').__version__}; batch 1, {H} heads; "
          f"four-branch = w {[w for w, _ in FOUR]} r {[r for _, r in FOUR]}; median of do_bench; "
