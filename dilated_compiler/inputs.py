@@ -7,7 +7,7 @@ import torch
 
 from .spec import AttentionSpec
 
-__all__ = ["FLOAT_DTYPES", "check_inputs"]
+__all__ = ["FLOAT_DTYPES", "check_inputs", "check_key_padding_mask"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -42,10 +42,14 @@ def check_inputs(spec: AttentionSpec, q, k, v, key_padding_mask=None) -> None:
         raise ValueError(f"grouped mode needs heads >= number of branches; got heads={H}, branches={G}. "
                          "Use more heads, fewer branches, or head_assignment: all")
     if key_padding_mask is not None:
-        m = key_padding_mask
-        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (B, N):
-            got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, torch.Tensor) else type(m).__name__
-            raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch, seq) = {(B, N)}, "
-                             f"True = ignore that key; got {got}")
-        if m.device != q.device:
-            raise ValueError(f"key_padding_mask is on {m.device}, q on {q.device}")
+        check_key_padding_mask(key_padding_mask, B, N, q.device)
+
+
+def check_key_padding_mask(mask, batch: int, keys: int, device: torch.device, keys_name: str = "seq") -> None:
+    """A (batch, keys) bool tensor on ``device``, True = ignore that key."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, keys):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch, {keys_name}) = {(batch, keys)}, "
+                         f"True = ignore that key; got {got}")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask is on {mask.device}, the inputs on {device}")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..inputs import check_key_padding_mask
 from ..spec import AttentionSpec, load_spec
 
 __all__ = ["DilatedMultiheadAttention", "MultiheadCrossAttention", "is_causal_mask"]
@@ -286,12 +287,8 @@ class MultiheadCrossAttention(_ProjectedAttention):
         H = self.num_heads
         add = torch.zeros(B, 1, Nq, Nk, dtype=dtype, device=device)
         if key_padding_mask is not None:
-            m = key_padding_mask
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (B, Nk):
-                got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, torch.Tensor) else type(m).__name__
-                raise ValueError(f"key_padding_mask must be a bool tensor of shape (batch, key_seq) = {(B, Nk)}, "
-                                 f"True = ignore that key; got {got}")
-            add = add.masked_fill(m[:, None, None, :], float("-inf"))
+            check_key_padding_mask(key_padding_mask, B, Nk, device, "key_seq")
+            add = add.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         if attn_mask is not None:
             if not isinstance(attn_mask, torch.Tensor):
                 raise TypeError(f"attn_mask must be a tensor; got {type(attn_mask).__name__}")
