@@ -97,6 +97,20 @@ def test_gqa_single_kv_head_fp16_no_lse_grad():
     check_against_reference(attn, spec, q, k, v, lse_grad=False)
 
 
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_contiguous_inputs_with_other_strides_on_size_one_dims(mode):
+    # contiguous() keeps any stride of a size-1 dimension: batch 1 of a (seq, batch, heads, D) layout transposed,
+    # or one head of a (B, H, N, D) layout; the kernels pass one tensor's strides for several
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 2)), head_assignment=mode)
+    attn = compile_attention(spec, backend="triton")
+    dims = (1, 0, 2, 3) if mode == "grouped" else (0, 2, 1, 3)  # (N, 1, H, D) or (B, 1, N, D) in memory
+    shape = (1, 32, 2, 16) if mode == "grouped" else (2, 32, 1, 16)
+    q, k, v = (torch.empty(t.permute(dims).shape).copy_(t.detach().permute(dims)).permute(dims).requires_grad_()
+               for t in make_qkv(*shape))
+    assert q.shape == shape and q.is_contiguous() and q.stride() != torch.empty(shape).stride()
+    check_against_reference(attn, spec, q, k, v)
+
+
 @pytest.mark.parametrize("head_dim", [24, 32])
 def test_head_dims(head_dim):
     spec = AttentionSpec((Branch(32, 1), Branch(64, 2)), head_assignment="all")

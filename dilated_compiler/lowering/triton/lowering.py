@@ -61,6 +61,20 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the row-major strides the kernels assume (they pass one tensor's strides for several):
+    ``contiguous()`` leaves any stride on a dimension of size 1 (batch 1 of a (seq, batch, ...) layout
+    transposed, one head of a (B, H, N, D) one), which addresses the same elements as the row-major one, so
+    such a tensor is restrided without a copy."""
+    t = t.contiguous()
+    strides, step = [], 1
+    for n in reversed(t.shape):
+        strides.append(step)
+        step *= n
+    strides = tuple(reversed(strides))
+    return t if t.stride() == strides else t.as_strided(t.shape, strides)
+
+
 def _uninitialized(shape, dtype, device) -> torch.Tensor:
     """Outputs the kernels write in full (tests replace this to poison them)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -385,7 +399,7 @@ class TritonLowering:
             if key not in self._tables:
                 self._tables[key] = torch.zeros(1, dtype=torch.uint8, device=q.device)
             return self._tables[key], False
-        return key_padding_mask.contiguous().view(torch.uint8), True
+        return _dense(key_padding_mask).view(torch.uint8), True
 
     # ---- forward ------------------------------------------------------------------------------------------
     def _launch_fwd(self, cfg, q, k, v, kpm, has_kpm, out, lse, zfill=False):
@@ -414,7 +428,7 @@ class TritonLowering:
             return self._forward(q, k, v, key_padding_mask)
 
     def _forward(self, q, k, v, key_padding_mask):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = _dense(q), _dense(k), _dense(v)
         B, N, H, D = q.shape
         kpm, has_kpm = self._kpm(key_padding_mask, q)
         G = self.spec.num_branches
@@ -495,12 +509,11 @@ class TritonLowering:
             return self._backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask)
 
     def _backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = out.contiguous(), lse.contiguous()
-        dout = dout.to(q.dtype).contiguous()
+        q, k, v, out, lse = _dense(q), _dense(k), _dense(v), _dense(out), _dense(lse)
+        dout = _dense(dout.to(q.dtype))
         B, N, H, D = q.shape
         kpm, has_kpm = self._kpm(key_padding_mask, q)
-        dlse = dlse.to(torch.float32).contiguous() if dlse is not None else None
+        dlse = _dense(dlse.to(torch.float32)) if dlse is not None else None
         # delta = rowsum(dO * O) - dlse of every selected row: written by the dq kernel, read by the dk/dv kernel
         if ((not self.merge or gluon_hopper.ALL_MODE_BACKWARD)
                 and self.gluon_unsupported(q, k, v, has_kpm, out, dout) is None):
