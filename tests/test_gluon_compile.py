@@ -58,6 +58,29 @@ def test_gluon_fwd_all_mode_compiles_without_spills(head_dim, causal):
     _check(compile_sm90(_kernels(head_dim, causal).gluon_fwd, consts))
 
 
+def _int64_offsets(ir: str, name: str) -> bool:
+    """Whether the IR widens the int32 argument ``name`` to int64 before using it."""
+    import re
+    return re.search(rf"arith\.extsi %{name}\w* : i32 to i64", ir) is not None
+
+
+@pytest.mark.parametrize("kernel", ["dilated_merge", "gluon_fwd"])
+def test_all_mode_branch_offsets_are_64_bit_when_the_stride_is_int32(kernel):
+    """"all" mode's per-branch outputs lie g * stride_og elements apart (stride_og = B*N*H*D), which passes 2^31 for
+    g >= 2 from B*N*H*D = 2^30 (bf16, B = 8, N = 64K, H = 16, D = 128), while an int argument below 2^31 reaches the
+    kernel as int32: the offset must be widened before the multiply."""
+    lowering = TritonLowering(build_plan(AttentionSpec((Branch(256, 1), Branch(512, 2)), head_assignment="all"),
+                                         1024, 4, 128), torch.device("cpu"), torch.bfloat16)
+    if kernel == "dilated_merge":
+        consts = dict(G=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=32, num_warps=4)
+        compiled = compile_sm90(lowering.kernels.dilated_merge, consts,
+                                pointers={"AUX": "*fp32", "LSE": "*fp32", "stride_og": "i32"})
+    else:
+        consts = {**launch_constexprs("gluon_fwd", 128, False), "MERGE": True, "ZFILL": False}
+        compiled = compile_sm90(lowering.gluon_kernels.gluon_fwd, consts, pointers={"stride_og": "i32"})
+    assert _int64_offsets(compiled.asm["ttir" if kernel == "dilated_merge" else "ttgir"], "stride_og")
+
+
 @pytest.mark.parametrize("kernel,head_dim,causal,acc", [
     ("gluon_bwd_dq", 128, False, 1), ("gluon_bwd_dq", 128, True, 1), ("gluon_bwd_dq", 64, True, 1),
     ("gluon_bwd_dkdv", 128, False, 1), ("gluon_bwd_dkdv", 128, True, 1), ("gluon_bwd_dkdv", 64, True, 1),

@@ -510,10 +510,13 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
     k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
     v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
     if MERGE:
+        # branch g's out starts g * stride_og elements in: past 2^31 where B*N*H*D reaches 2^31 / g, so 64-bit
+        # (an int argument below 2^31 arrives as int32)
+        og = stride_og.to(gl.int64)
         o0 = _branch_desc(OUT, RB, 0, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
-        o1 = _branch_desc(OUT + stride_og, RB, 1, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
-        o2 = _branch_desc(OUT + 2 * stride_og, RB, 2, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
-        o3 = _branch_desc(OUT + 3 * stride_og, RB, 3, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+        o1 = _branch_desc(OUT + og, RB, 1, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+        o2 = _branch_desc(OUT + 2 * og, RB, 2, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
+        o3 = _branch_desc(OUT + 3 * og, RB, 3, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
     else:
         o0, o1, o2, o3 = _branch_descs(OUT, RB, B, N, H, stride_b, BLOCK_M // 2, HEAD_DIM)
     dtype: gl.constexpr = Q.dtype.element_ty
