@@ -18,6 +18,13 @@ the computation does not. That is a strong hint, not a proof (it would not see t
 SASS diff of such a variant (``--dump DIR`` writes every variant's SASS). Needs the Triton release the Gluon kernels are
 checked on (``gluon_hopper.CHECKED_TRITON``), as in ``scripts/gluon_compile_check.sh`` (.venv-gluon). A change
 that does alter the SASS needs the GPU tests and, where it may change the time, the benchmarks.
+
+Compiles are not always reproducible: ``gluon_bwd_dkdv`` at D = 128 has come out of fresh compiles of the same
+source (an empty Triton cache) in two instruction orders, once in three runs of ``--match "gluon_bwd_dkdv D128
+causal=False"`` and in whole runs for one or the other causal form (triton 3.6; "rescheduled" or "changed" by a
+handful of uniform-register instructions). So a verdict on those variants alone, after a change that does not touch
+them or what they call, is the compiler's and not the change's: compile them again (``--match``), and read the
+``--dump`` diff.
 """
 
 from __future__ import annotations
