@@ -3,9 +3,8 @@
 
 Both follow ``nn.MultiheadAttention``'s calling convention (``forward(query, key, value, key_padding_mask=None,
 need_weights=False, attn_mask=None, average_attn_weights=True, is_causal=False)`` returning ``(out, None)``) and
-the MAGNETO layout
-(arXiv 2210.06423): xavier_normal projections, gain ``gamma_init`` on the value and output projections and 1 on
-query and key, and a sub-LayerNorm on the attention output before the output projection.
+the MAGNETO layout (arXiv 2210.06423): xavier_normal projections, gain ``gamma_init`` on the value and output
+projections and 1 on query and key, and a sub-LayerNorm on the attention output before the output projection.
 
 Masks follow ``nn.MultiheadAttention``: ``key_padding_mask`` is (batch, seq) bool, True = ignore that key. A
 query left with no key to attend to outputs 0 (before the output projection), never NaN.
@@ -176,8 +175,8 @@ class DilatedMultiheadAttention(_ProjectedAttention):
     ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
     average_attn_weights=True, is_causal=False)`` (``nn.MultiheadAttention``'s order; ``average_attn_weights``
     has nothing to act on, as no weights are returned) returns ``(out, None)``. Dilated attention pairs query
-    and key *positions*, so key and value must have the query's sequence length (for attention between sequences of different lengths use
-    :class:`MultiheadCrossAttention`).
+    and key *positions*, so key and value must have the query's sequence length (for attention between
+    sequences of different lengths use :class:`MultiheadCrossAttention`).
 
     * ``key_padding_mask`` (batch, seq) bool, True = ignore that key: honoured by every backend; padded keys get
       no weight; a query left with no key outputs 0 (before the sub-LN and output projection). A float mask
@@ -258,8 +257,9 @@ class MultiheadCrossAttention(_ProjectedAttention):
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
     average_attn_weights=True, is_causal=False)`` (``nn.MultiheadAttention``'s order; ``average_attn_weights``
-    has nothing to act on, as no weights are returned) returns ``(out, None)``. ``attn_mask``: (Nq, Nk) or (batch * num_heads, Nq, Nk), bool (True = not
-    allowed) or float (added to the scores), as ``nn.MultiheadAttention``. ``key_padding_mask`` (batch, Nk)
+    has nothing to act on, as no weights are returned) returns ``(out, None)``. ``attn_mask``: (Nq, Nk) or
+    (batch * num_heads, Nq, Nk), bool (True = not allowed) or float (added to the scores), as
+    ``nn.MultiheadAttention``. ``key_padding_mask`` (batch, Nk)
     bool, True = ignore. A query with no allowed key outputs 0. ``dropout`` is applied to attention weights in
     training mode (SDPA supports it). ``is_causal``: query i attends keys j <= i (top-left aligned).
     """
