@@ -268,9 +268,9 @@ def dilated_merge(OUTB, AUX, OUT, LSE, R, N, H, stride_og, stride_ag,
                   G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     # a branch's offset, g * stride_og, passes 2^31 where B*N*H*D reaches 2^31 / g: 64-bit (an int argument
-    # below 2^31 arrives as int32)
-    stride_og = stride_og.to(tl.int64)
-    stride_ag = stride_ag.to(tl.int64)
+    # below 2^31 arrives as int32, one equal to 1 as a constant, which tl.cast takes too)
+    stride_og = tl.cast(stride_og, tl.int64)
+    stride_ag = tl.cast(stride_ag, tl.int64)
     ok = rows < R
     offs_d = tl.arange(0, BLOCK_D)
     io_mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
