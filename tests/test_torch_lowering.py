@@ -5,8 +5,10 @@ import dataclasses
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dilated_compiler import AttentionSpec, Branch, compile_attention
+from dilated_compiler import AttentionSpec, Branch, build_plan, compile_attention
+from dilated_compiler.lowering.torch_lowering import TorchLowering
 from conftest import attention_cases, check_against_reference, cuda, make_qkv, run_case
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])]
@@ -52,6 +54,73 @@ def test_gqa_and_key_padding(device, mode):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_specs_and_shapes_fp32(case):
     run_case(case, "torch")
+
+
+class _Storages(TorchDispatchMode):
+    """Records the storage (address, bytes) of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+        self.zeros = []  # (shape, dtype) of every tensor made by zeros or zeros_like
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default):
+            self.zeros.append((tuple(result.shape), result.dtype))
+        for t in torch.utils._pytree.tree_leaves(result):
+            if isinstance(t, torch.Tensor):
+                self.seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        return result
+
+    def made(self, nbytes, *inputs):
+        """Sizes of the storages of at least nbytes that the ops made (not the inputs' own)."""
+        given = {x.untyped_storage().data_ptr() for x in inputs}
+        return sorted(n for p, n in self.seen if n >= nbytes and p not in given)
+
+
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_gqa_makes_no_copy_of_k_or_v_for_all_query_heads(mode):
+    # With GQA, each attend op reads its rows of the kv head each of its query heads maps to; nothing of the size
+    # of k or v expanded to all H heads (B, N, H, D) exists besides out (forward) and dq (backward), and the
+    # gradients of k and v are summed per kv head as they are made. (Dilations of 2 and more keep each attend op's
+    # own temporaries below that size.)
+    B, N, H, D = 1, 48, 4, 8
+    spec = AttentionSpec((Branch(16, 2), Branch(48, 4)), head_assignment=mode)
+    lowering = TorchLowering(build_plan(spec, N, H, D, kv_heads=1), torch.device("cpu"), torch.float32)
+    q, k, v = make_qkv(B, N, H, D, kv_heads=1)
+    full = B * N * H * D * 4
+    with _Storages() as fwd:
+        out, lse, aux = lowering.forward(q, k, v)
+    dout = torch.ones_like(out)
+    with _Storages() as bwd:
+        dq, dk, dv = lowering.backward(dout, None, q, k, v, out, lse, aux)
+    assert fwd.made(full, q, k, v) == [full]  # out
+    assert bwd.made(full, q, k, v, out, dout) == [full]  # dq
+    assert dk.shape == dv.shape == k.shape
+    attn = compile_attention(spec, backend="torch")
+    check_against_reference(attn, spec, *(x.requires_grad_() for x in (q, k, v)))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_half_precision_gradients_are_summed_in_float32_only_where_rows_get_several_shares(mode, kv_heads):
+    # the gradient buffers, dq (B, N, H, D) and dk, dv (B, N, Hkv, D), are float32 only in "all" mode (every row
+    # gets one share per branch) and, for dk and dv, under GQA; grouped mode writes each row of dq once
+    B, N, H, D = 1, 48, 4, 8
+    spec = AttentionSpec((Branch(16, 2), Branch(48, 4)), head_assignment=mode)
+    lowering = TorchLowering(build_plan(spec, N, H, D, kv_heads=kv_heads), torch.device("cpu"), torch.bfloat16)
+    q, k, v = make_qkv(B, N, H, D, kv_heads=kv_heads, dtype=torch.bfloat16)
+    out, lse, aux = lowering.forward(q, k, v)
+    dout = torch.randn_like(out)
+    with _Storages() as bwd:
+        lowering.backward(dout, None, q, k, v, out, lse, aux)
+    f32, bf16 = torch.float32, torch.bfloat16
+    dq = ((B, N, H, D), f32 if mode == "all" else bf16)
+    dkv = ((B, N, kv_heads, D), f32 if mode == "all" or kv_heads != H else bf16)
+    assert sorted(bwd.zeros, key=str) == sorted([dq, dkv, dkv], key=str)
+    attn = compile_attention(spec, backend="torch")
+    check_against_reference(attn, spec, *(x.requires_grad_() for x in (q, k, v)))
 
 
 def test_sequence_shorter_than_every_segment():

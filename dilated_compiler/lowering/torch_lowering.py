@@ -158,18 +158,35 @@ class TorchLowering:
         ]
 
     # ---- helpers --------------------------------------------------------------------------------------------
-    def _expand_kv(self, x: torch.Tensor) -> torch.Tensor:
-        H = int(self.plan.heads)
-        return x if x.shape[2] == H else x.repeat_interleave(H // x.shape[2], dim=2)
+    def _kv_rows(self, x: torch.Tensor, t: _Task) -> torch.Tensor:
+        """x (B, N, Hkv, ...) at the task's rows, for its query heads: (B, S, L, Hg, ...). Query head h reads kv
+        head h // (H // Hkv). Without GQA a view; with it, a copy of the task's rows only (never all N rows of
+        all H heads)."""
+        H, kv_heads = int(self.plan.heads), x.shape[2]
+        if kv_heads == H:
+            return _rows(x, t)
+        idx = torch.arange(H, device=x.device)[t.heads] // (H // kv_heads)
+        return _positions(x, t).index_select(3, idx)
 
-    def _reduce_kv(self, dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
-        B, N, H, D = dx.shape
-        return dx if H == kv_heads else dx.view(B, N, kv_heads, H // kv_heads, D).sum(3)
+    def _add_kv_rows(self, dx: torch.Tensor, t: _Task, d5: torch.Tensor) -> None:
+        """Adds a task's gradient d5 (B, S, L, Hg, D) for its query heads into dx (B, N, Hkv, D): each query
+        head's share goes to the kv head it read (the sum over a kv head's query heads, in head order)."""
+        H, kv_heads = int(self.plan.heads), dx.shape[2]
+        if kv_heads == H:
+            _rows(dx, t).add_(d5)
+            return
+        group = H // kv_heads
+        kv_of = [h // group for h in range(H)[t.heads]]
+        rows = _positions(dx, t)
+        start = 0
+        for j in sorted(set(kv_of)):  # heads ascend, so each kv head's query heads are one run
+            n = kv_of.count(j)
+            rows[:, :, :, j].add_(d5[:, :, :, start : start + n].sum(3))
+            start += n
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, q, k, v, key_padding_mask=None):
         B, N, H, D = q.shape
-        k, v = self._expand_kv(k), self._expand_kv(v)
         lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
         aux = torch.full(aux_shape(self.plan.spec, B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
         acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) and self.merge else q.dtype
@@ -177,8 +194,8 @@ class TorchLowering:
         lse_rows = lse.transpose(1, 2)  # (B, N, H) view
         for t in self.tasks:
             mask, has_key = _key_mask(key_padding_mask, t, self.causal, q.dtype)
-            o, l = self._fwd(_to_kernel(_rows(q, t)), _to_kernel(_rows(k, t)), _to_kernel(_rows(v, t)), mask,
-                             self.causal, self.scale)
+            o, l = self._fwd(_to_kernel(_rows(q, t)), _to_kernel(self._kv_rows(k, t)),
+                             _to_kernel(self._kv_rows(v, t)), mask, self.causal, self.scale)
             o5 = _from_kernel(o, B)  # (B, S, L, Hg, D)
             l4 = _from_kernel(l, B)  # (B, S, L, Hg)
             if has_key is not None:  # rows whose keys are all padding: out 0, lse -inf
@@ -200,18 +217,20 @@ class TorchLowering:
     # ---- backward -------------------------------------------------------------------------------------------
     def backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None):
         B, N, H, D = q.shape
-        kv_heads = k.shape[2]
-        k, v = self._expand_kv(k), self._expand_kv(v)
-        acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        dq = torch.zeros((B, N, H, D), dtype=acc_dtype, device=q.device)
-        dk = torch.zeros_like(dq)
-        dv = torch.zeros_like(dq)
+        # half-precision gradients are summed in float32 where a row gets more than one share: every row in "all"
+        # mode (one per branch), and k and v's rows under GQA (one per query head of a kv head); in grouped mode
+        # each row of dq (and of dk, dv without GQA) is written once, so those buffers keep q's dtype
+        wide = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        dq = torch.zeros((B, N, H, D), dtype=wide if self.merge else q.dtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=wide if self.merge or k.shape[2] != H else q.dtype, device=q.device)
+        dv = torch.zeros_like(dk)
         dout = dout.to(q.dtype)
         lse_rows = lse.transpose(1, 2)
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # what the kernels expect
         dlse_rows = dlse.transpose(1, 2) if dlse is not None else None
         for t in self.tasks:
-            qk, kk, vk = _to_kernel(_rows(q, t)), _to_kernel(_rows(k, t)), _to_kernel(_rows(v, t))
+            k5, v5 = self._kv_rows(k, t), self._kv_rows(v, t)
+            qk, kk, vk = _to_kernel(_rows(q, t)), _to_kernel(k5), _to_kernel(v5)
             g5 = _rows(dout, t)
             if self.merge:
                 l_b = _rows(aux[t.branch].transpose(1, 2), t)
@@ -234,13 +253,12 @@ class TorchLowering:
                 o_aug[..., D] = -g_lse
                 g_aug = F.pad(g5, (0, _PAD))
                 g_aug[..., D] = 1.0 if weight is None else weight
-                pad = [_to_kernel(F.pad(_rows(x, t), (0, _PAD))) for x in (q, k, v)]
+                pad = [_to_kernel(F.pad(x5, (0, _PAD))) for x5 in (_rows(q, t), k5, v5)]
                 dqi, dki, dvi = (x[..., :D] for x in self._bwd(_to_kernel(g_aug), *pad, _to_kernel(o_aug), lk,
                                                                mask, self.causal, self.scale))
             _rows(dq, t).add_(_from_kernel(dqi, B))
-            _rows(dk, t).add_(_from_kernel(dki, B))
-            _rows(dv, t).add_(_from_kernel(dvi, B))
-        dk, dv = self._reduce_kv(dk, kv_heads), self._reduce_kv(dv, kv_heads)
+            self._add_kv_rows(dk, t, _from_kernel(dki, B))
+            self._add_kv_rows(dv, t, _from_kernel(dvi, B))
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
     # ---- for people --------------------------------------------------------------------------------------
