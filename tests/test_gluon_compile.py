@@ -33,6 +33,11 @@ from dilated_compiler.lowering.triton.gluon_compile import (  # noqa: E402
 from dilated_compiler.lowering.triton.lowering import TritonLowering  # noqa: E402
 
 
+# strides typed int64 (as past 2^31 elements, and as the SASS fingerprints type them) and int32 (as a launch types
+# them below 2^31: the variant that runs at all but the largest sizes)
+STRIDES = ["i64", "i32"]
+
+
 def _kernels(head_dim: int, causal: bool):
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=causal)
     return TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), torch.bfloat16).gluon_kernels
@@ -46,16 +51,19 @@ def _kernels(head_dim: int, causal: bool):
     ("gluon_bwd_dkdv", 128, False, False, "bf16"), ("gluon_bwd_dkdv", 128, True, False, "fp16"),
     ("gluon_bwd_dkdv", 64, False, False, "bf16"), ("gluon_bwd_dkdv", 64, True, False, "bf16"),
 ])
-def test_gluon_kernel_compiles_without_spills(kernel, head_dim, causal, has_dlse, dtype):
+@pytest.mark.parametrize("strides", STRIDES)
+def test_gluon_kernel_compiles_without_spills(kernel, head_dim, causal, has_dlse, dtype, strides):
     kernels = _kernels(head_dim, causal)
-    _check(compile_sm90(getattr(kernels, kernel), launch_constexprs(kernel, head_dim, causal, has_dlse), dtype))
+    _check(compile_sm90(getattr(kernels, kernel), launch_constexprs(kernel, head_dim, causal, has_dlse), dtype,
+                        strides=strides))
 
 
 @pytest.mark.parametrize("head_dim,causal", [(128, False), (128, True), (64, False)])
-def test_gluon_fwd_all_mode_compiles_without_spills(head_dim, causal):
+@pytest.mark.parametrize("strides", STRIDES)
+def test_gluon_fwd_all_mode_compiles_without_spills(head_dim, causal, strides):
     """"all" mode's forward (MERGE: per-branch out and lse, no zero fill)."""
     consts = {**launch_constexprs("gluon_fwd", head_dim, causal, False), "MERGE": True, "ZFILL": False}
-    _check(compile_sm90(_kernels(head_dim, causal).gluon_fwd, consts))
+    _check(compile_sm90(_kernels(head_dim, causal).gluon_fwd, consts, strides=strides))
 
 
 def _int64_offsets(ir: str, name: str) -> bool:
@@ -90,13 +98,14 @@ def test_all_mode_branch_offsets_are_64_bit_when_the_stride_is_int32(kernel):
     ("gluon_bwd_dq", 128, False, 3), ("gluon_bwd_dq", 128, True, 3), ("gluon_bwd_dkdv", 128, False, 3),
     ("gluon_bwd_dkdv", 128, True, 3), ("gluon_bwd_dkdv", 64, True, 3), ("gluon_bwd_dq", 64, False, 4),
     ("gluon_bwd_dkdv", 128, False, 4)])
-def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal, acc):
+@pytest.mark.parametrize("strides", STRIDES)
+def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal, acc, strides):
     """"all" mode's backward form (ACC, PHASED: one launch over the branches in phases, adding into float32 dq, dk,
     dv, or in the first phase storing: ACC 2; with a last phase writing the results in the inputs' dtype: ACC 3
     and 4; no zero fill), which the lowering runs where gluon_hopper.ALL_MODE_BACKWARD is set."""
     consts = {**launch_constexprs(kernel, head_dim, causal, True), "ACC": acc, "ZFILL": False, "PHASED": True}
     fp32 = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
-    _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, "bf16", fp32))
+    _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, "bf16", fp32, strides=strides))
 
 
 @pytest.mark.parametrize("kernel", ["gluon_bwd_dq", "gluon_bwd_dkdv"])

@@ -44,12 +44,15 @@ class SassSummary:
                 f"{self.spills_in_steps}, elsewhere {self.spills_elsewhere}")
 
 
-def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | None = None, ints: dict | None = None):
+def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | None = None, ints: dict | None = None,
+                 strides: str = "i64"):
     """``fn`` (a ``gluon.jit`` or ``triton.jit`` kernel) compiled for sm_90a with these constexprs; those among them
     named in ``_OPTIONS`` (num_warps, num_stages, maxnreg) also go to the compiler, as a launch passes them. Tensors
     are of ``dtype`` but those named in ``pointers`` (name: Triton type, e.g. ``{"DQ": "*fp32"}``); other
-    arguments are typed by ``_SCALARS``, strides not named there as int64. ``ints``: integer arguments' values at a
-    launch; as at run time, one equal to 1 becomes a constant unless the kernel's ``do_not_specialize`` names it."""
+    arguments are typed by ``_SCALARS``, strides not named there as int64; ``strides="i32"`` types every stride
+    not named in ``pointers`` int32, as a launch passes them while a stride is below 2^31 (the variant that runs at
+    all but the largest sizes). ``ints``: integer arguments' values at a launch; as at run time, one equal to 1
+    becomes a constant unless the kernel's ``do_not_specialize`` names it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -66,7 +69,10 @@ def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | Non
     unset = [p for p, v in params.items() if "constexpr" in str(v.annotation) and p not in constexprs]
     if unset:
         raise ValueError(f"{fn.fn.__name__}: no value for the constexprs {unset}")
-    types = {**_SCALARS, **(pointers or {})}
+    if strides not in ("i64", "i32"):
+        raise ValueError(f"strides must be 'i64' or 'i32'; got {strides!r}")
+    narrow = {p: "i32" for p in params if p.startswith("stride")} if strides == "i32" else {}
+    types = {**_SCALARS, **narrow, **(pointers or {})}
     sig = {p: "constexpr" if p in constexprs else types.get(p, "i64" if p.startswith("stride") else f"*{dtype}")
            for p in params}
     source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
