@@ -122,8 +122,9 @@ def instruction_multiset(sass_text: str) -> str:
     return "\n".join(sorted(lines))
 
 
-def fingerprints(which: str, match: str = ""):
-    """(name, SASS) of every variant of ``which`` (tl, gluon, all) whose name contains ``match``."""
+def fingerprints(which: str, match: str = "", strides: str = "i64"):
+    """(name, SASS) of every variant of ``which`` (tl, gluon, all) whose name contains ``match``, strides typed
+    ``strides``."""
     for head_dim in HEAD_DIMS:
         groups = ([_tl_variants(head_dim)] if which in ("tl", "all") else []) + \
                  ([_gluon_variants(head_dim)] if which in ("gluon", "all") else [])
@@ -131,7 +132,7 @@ def fingerprints(which: str, match: str = ""):
             for name, fn, consts, pointers in group:
                 if match not in name:
                     continue
-                text = sass(compile_sm90(fn, consts, "bf16", pointers))
+                text = sass(compile_sm90(fn, consts, "bf16", pointers, strides=strides))
                 yield name, text
 
 
@@ -143,6 +144,9 @@ def main(argv=None) -> int:
     group.add_argument("--compare", metavar="FILE", help="compare with fingerprints saved earlier; exit 1 on a change")
     ap.add_argument("--match", metavar="TEXT", default="", help="only the variants whose name contains TEXT")
     ap.add_argument("--dump", metavar="DIR", help="also write each variant's SASS to DIR")
+    ap.add_argument("--strides", choices=("i64", "i32"), default="i64",
+                    help="type the strides int64 (default; the form of earlier records) or int32, as a launch types "
+                         "them below 2^31 elements (the form that runs at the benchmarks' sizes)")
     args = ap.parse_args(argv)
     import triton
     if not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
     lines, verdicts = [], {"unchanged": [], "rescheduled": [], "changed": [], "not saved before": []}
     if args.dump:
         Path(args.dump).mkdir(parents=True, exist_ok=True)
-    for name, text in fingerprints(args.only, args.match):
+    for name, text in fingerprints(args.only, args.match, args.strides):
         code, instructions = _digest(text), _digest(instruction_multiset(text))
         if args.dump:
             (Path(args.dump) / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", name) + ".sass")).write_text(text)
