@@ -11,6 +11,10 @@ can be checked on a machine without a GPU. Save the fingerprints before the chan
     (change the kernels)
     .venv-gluon/bin/python scripts/sass_fingerprints.py --compare /tmp/before.txt
 
+Saved records: ``benchmarks/results/sass-fingerprints-triton3.6-i64.txt`` and ``-i32.txt`` (``--strides i32``), of
+the kernels at commit d1ce875 (triton 3.6). ``--compare`` against one of them shows whether a later source differs
+in machine code from that commit's.
+
 ``--compare`` sorts each variant as unchanged (the same SASS: the change is proven not to touch the machine code),
 rescheduled or changed, and exits 1 where any variant changed. Rescheduled means the same instructions up to
 register numbers and order: ptxas schedules and allocates registers afresh when the IR's order changes, even where
