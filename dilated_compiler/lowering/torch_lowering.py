@@ -156,33 +156,37 @@ class TorchLowering:
                   a.region, int(a.start), int(a.num_segments), int(a.rows))
             for a in plan.attend_ops
         ]
+        # under GQA (query head h reads kv head h // (H // Hkv)), per task: the kv head of each of its query heads,
+        # and the runs (kv head, first, count) of its query heads that share one; None without GQA
+        H, kv_heads = int(plan.heads), int(plan.kv_heads)
+        self._kv = [None if kv_heads == H else self._kv_map(t, H // kv_heads, device) for t in self.tasks]
 
     # ---- helpers --------------------------------------------------------------------------------------------
-    def _kv_rows(self, x: torch.Tensor, t: _Task) -> torch.Tensor:
-        """x (B, N, Hkv, ...) at the task's rows, for its query heads: (B, S, L, Hg, ...). Query head h reads kv
-        head h // (H // Hkv). Without GQA a view; with it, a copy of the task's rows only (never all N rows of
-        all H heads)."""
-        H, kv_heads = int(self.plan.heads), x.shape[2]
-        if kv_heads == H:
-            return _rows(x, t)
-        idx = torch.arange(H, device=x.device)[t.heads] // (H // kv_heads)
-        return _positions(x, t).index_select(3, idx)
+    @staticmethod
+    def _kv_map(t: _Task, group: int, device: torch.device):
+        kv_of = [h // group for h in range(t.heads.stop)[t.heads]]
+        runs = [(j, kv_of.index(j), kv_of.count(j)) for j in sorted(set(kv_of))]  # heads ascend: one run each
+        return torch.tensor(kv_of, device=device), runs
 
-    def _add_kv_rows(self, dx: torch.Tensor, t: _Task, d5: torch.Tensor) -> None:
-        """Adds a task's gradient d5 (B, S, L, Hg, D) for its query heads into dx (B, N, Hkv, D): each query
+    def _kv_rows(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """x (B, N, Hkv, ...) at task i's rows, for its query heads: (B, S, L, Hg, ...). Without GQA a view; with
+        it, a copy of the task's rows only (never all N rows of all H heads)."""
+        t = self.tasks[i]
+        if self._kv[i] is None:
+            return _rows(x, t)
+        index = self._kv[i][0]
+        return _positions(x, t).index_select(3, index if index.device == x.device else index.to(x.device))
+
+    def _add_kv_rows(self, dx: torch.Tensor, i: int, d5: torch.Tensor) -> None:
+        """Adds task i's gradient d5 (B, S, L, Hg, D) for its query heads into dx (B, N, Hkv, D): each query
         head's share goes to the kv head it read (the sum over a kv head's query heads, in head order)."""
-        H, kv_heads = int(self.plan.heads), dx.shape[2]
-        if kv_heads == H:
+        t = self.tasks[i]
+        if self._kv[i] is None:
             _rows(dx, t).add_(d5)
             return
-        group = H // kv_heads
-        kv_of = [h // group for h in range(H)[t.heads]]
         rows = _positions(dx, t)
-        start = 0
-        for j in sorted(set(kv_of)):  # heads ascend, so each kv head's query heads are one run
-            n = kv_of.count(j)
-            rows[:, :, :, j].add_(d5[:, :, :, start : start + n].sum(3))
-            start += n
+        for j, first, count in self._kv[i][1]:
+            rows[:, :, :, j].add_(d5[:, :, :, first : first + count].sum(3))
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, q, k, v, key_padding_mask=None):
@@ -192,10 +196,10 @@ class TorchLowering:
         acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) and self.merge else q.dtype
         out = torch.zeros((B, N, H, D), dtype=acc_dtype, device=q.device)
         lse_rows = lse.transpose(1, 2)  # (B, N, H) view
-        for t in self.tasks:
+        for i, t in enumerate(self.tasks):
             mask, has_key = _key_mask(key_padding_mask, t, self.causal, q.dtype)
-            o, l = self._fwd(_to_kernel(_rows(q, t)), _to_kernel(self._kv_rows(k, t)),
-                             _to_kernel(self._kv_rows(v, t)), mask, self.causal, self.scale)
+            o, l = self._fwd(_to_kernel(_rows(q, t)), _to_kernel(self._kv_rows(k, i)),
+                             _to_kernel(self._kv_rows(v, i)), mask, self.causal, self.scale)
             o5 = _from_kernel(o, B)  # (B, S, L, Hg, D)
             l4 = _from_kernel(l, B)  # (B, S, L, Hg)
             if has_key is not None:  # rows whose keys are all padding: out 0, lse -inf
@@ -228,8 +232,8 @@ class TorchLowering:
         lse_rows = lse.transpose(1, 2)
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # what the kernels expect
         dlse_rows = dlse.transpose(1, 2) if dlse is not None else None
-        for t in self.tasks:
-            k5, v5 = self._kv_rows(k, t), self._kv_rows(v, t)
+        for i, t in enumerate(self.tasks):
+            k5, v5 = self._kv_rows(k, i), self._kv_rows(v, i)
             qk, kk, vk = _to_kernel(_rows(q, t)), _to_kernel(k5), _to_kernel(v5)
             g5 = _rows(dout, t)
             if self.merge:
@@ -257,8 +261,8 @@ class TorchLowering:
                 dqi, dki, dvi = (x[..., :D] for x in self._bwd(_to_kernel(g_aug), *pad, _to_kernel(o_aug), lk,
                                                                mask, self.causal, self.scale))
             _rows(dq, t).add_(_from_kernel(dqi, B))
-            self._add_kv_rows(dk, t, _from_kernel(dki, B))
-            self._add_kv_rows(dv, t, _from_kernel(dvi, B))
+            self._add_kv_rows(dk, i, _from_kernel(dki, B))
+            self._add_kv_rows(dv, i, _from_kernel(dvi, B))
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
     # ---- for people --------------------------------------------------------------------------------------
