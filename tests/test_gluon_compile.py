@@ -81,13 +81,14 @@ def test_all_mode_branch_offsets_are_64_bit_when_the_stride_is_int32(kernel):
                                          1024, 4, 128), torch.device("cpu"), torch.bfloat16)
     if kernel == "dilated_merge":
         consts = dict(G=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_R=32, num_warps=4)
-        types = {"AUX": "*fp32", "LSE": "*fp32", "stride_og": "i32", "stride_ag": "i32"}
-        compiled = compile_sm90(lowering.kernels.dilated_merge, consts, pointers=types)
+        types = {"AUX": "*fp32", "LSE": "*fp32"}
+        compiled = compile_sm90(lowering.kernels.dilated_merge, consts, pointers=types, strides="i32")
         # strides equal to 1 (B = N = H = D = 1) arrive as constants, which the widening must take too
-        compile_sm90(lowering.kernels.dilated_merge, consts, pointers=types, ints={"stride_og": 1, "stride_ag": 1})
+        compile_sm90(lowering.kernels.dilated_merge, consts, pointers=types, strides="i32",
+                     ints={"stride_og": 1, "stride_ag": 1})
     else:
         consts = {**launch_constexprs("gluon_fwd", 128, False), "MERGE": True, "ZFILL": False}
-        compiled = compile_sm90(lowering.gluon_kernels.gluon_fwd, consts, pointers={"stride_og": "i32"})
+        compiled = compile_sm90(lowering.gluon_kernels.gluon_fwd, consts, strides="i32")
     assert _int64_offsets(compiled.asm["ttir" if kernel == "dilated_merge" else "ttgir"], "stride_og")
 
 
