@@ -160,11 +160,13 @@ def test_cache_is_thread_safe():
     assert info.currsize == len(inputs) and info.hits + info.misses == 16 * 5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", ["grouped", "all"])
-def test_opcheck(mode):
+def test_opcheck(mode, dtype):
+    """The fake results match the real ones (float64: aux holds a float64 lse, also in grouped mode)."""
     spec = AttentionSpec((Branch(8, 1), Branch(16, 2)), head_assignment=mode, causal=True)
     attn = compile_attention(spec, backend="torch")
-    q, k, v = make_qkv(2, 20, 3, 8, requires_grad=True)
+    q, k, v = make_qkv(2, 20, 3, 8, dtype=dtype, requires_grad=True)
     mask = torch.zeros(2, 20, dtype=torch.bool)
     mask[0, 3] = True
     for m in (None, mask):

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dilated_compiler import AttentionSpec, Branch, build_plan, compile_attention
 from dilated_compiler.lowering.torch_lowering import TorchLowering
+from dilated_compiler.runtime import op as ops
 from conftest import attention_cases, check_against_reference, cuda, make_qkv, run_case
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])]
@@ -48,6 +49,25 @@ def test_gqa_and_key_padding(device, mode):
     check_against_reference(attn, spec, q, k, v, key_padding_mask=mask.to(device))
     out = attn(q, k, v, key_padding_mask=mask.to(device))
     assert (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_float64_gradcheck(mode, causal):
+    """torch.autograd.gradcheck passes on float64 inputs (finite differences against the backward, at its
+    default tolerances): the all-mode merge and the backward keep float64 precision, though the lse the op
+    returns is float32 (aux carries a float64 one). GQA and key padding included."""
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 2)), head_assignment=mode, causal=causal)
+    attn = compile_attention(spec, backend="torch")
+    q, k, v = make_qkv(1, 19, 4, 4, kv_heads=2, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(1, 19, dtype=torch.bool)
+    mask[0, 3] = True
+    assert torch.autograd.gradcheck(lambda q, k, v: attn(q, k, v, key_padding_mask=mask), (q, k, v))
+    # the returned lse is float32, its float64 source is aux: in grouped mode lse itself, in all mode per branch
+    out, lse, aux = ops.attention(q, k, v, mask, attn.spec_key, "torch")
+    assert lse.dtype == torch.float32 and aux.dtype == torch.float64
+    full = aux[0] if mode == "grouped" else torch.logsumexp(aux, dim=0)
+    assert torch.allclose(lse, full.float(), rtol=2.0 ** -23, atol=0.0)  # -inf where no key, in both
 
 
 @given(attention_cases())

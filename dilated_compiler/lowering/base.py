@@ -4,8 +4,9 @@ A lowering turns a concrete :class:`~dilated_compiler.planner.Plan` into callabl
 invokes:
 
 * ``forward(q, k, v, key_padding_mask=None) -> (out, lse, aux)``: out like q; lse (B, H, N) float32; aux
-  holds what backward needs beyond out and lse (all mode: per-branch lse (G, B, H, N) float32; grouped mode:
-  an empty tensor). k, v may have fewer heads than q (grouped-query attention: q head h reads kv head
+  holds what backward needs beyond out and lse, in ``aux_dtype`` (all mode: per-branch lse (G, B, H, N);
+  grouped mode: an empty tensor, or for float64 inputs lse itself in float64, (1, B, H, N): the backward of
+  float64 inputs reads its lse there, not in the float32 lse, so that their gradients keep float64 precision). k, v may have fewer heads than q (grouped-query attention: q head h reads kv head
   h // (H // Hkv)). key_padding_mask: (B, N) bool, True = that key is ignored.
 * ``backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None) -> (dq, dk, dv)``; ``dlse`` may be
   None (no gradient flows into lse).
@@ -20,7 +21,7 @@ import torch
 
 from ..planner import Plan
 
-__all__ = ["LoweredPlan", "BackendError", "register_lowering", "get_lowering", "lowerings", "aux_shape"]
+__all__ = ["LoweredPlan", "BackendError", "register_lowering", "get_lowering", "lowerings", "aux_shape", "aux_dtype"]
 
 
 class BackendError(ValueError):
@@ -58,10 +59,17 @@ def get_lowering(name: str) -> Callable[..., LoweredPlan]:
     return _LOWERINGS[name]
 
 
-def aux_shape(plan_spec, batch: int, heads: int, seq_len: int) -> tuple[int, ...]:
+def aux_shape(plan_spec, batch: int, heads: int, seq_len: int, dtype: torch.dtype | None = None) -> tuple[int, ...]:
+    """The shape of a lowering's aux output for inputs of ``dtype``: see the module docstring."""
     if plan_spec.head_assignment == "all":
         return (plan_spec.num_branches, batch, heads, seq_len)
-    return (0,)
+    return (1, batch, heads, seq_len) if dtype == torch.float64 else (0,)
+
+
+def aux_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of aux (and of the lse a lowering computes in) for inputs of ``dtype``: float64 for float64
+    inputs, float32 otherwise. The lse the op returns is float32 whatever the inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def softmax_scale(plan: Plan) -> float:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..planner import Plan
-from .base import BackendError, aux_shape, register_lowering, softmax_scale
+from .base import BackendError, aux_dtype, aux_shape, register_lowering, softmax_scale
 
 __all__ = ["TorchLowering"]
 
@@ -191,8 +191,12 @@ class TorchLowering:
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, q, k, v, key_padding_mask=None):
         B, N, H, D = q.shape
-        lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
-        aux = torch.full(aux_shape(self.plan.spec, B, H, N), float("-inf"), dtype=torch.float32, device=q.device)
+        # lse is computed in aux's dtype (float64 for float64 inputs, whose merge and backward need it) and
+        # returned in float32; grouped float64 keeps the float64 lse as aux
+        wide = aux_dtype(q.dtype)
+        aux = torch.full(aux_shape(self.plan.spec, B, H, N, q.dtype), float("-inf"), dtype=wide, device=q.device)
+        lse = aux[0] if not self.merge and wide == torch.float64 else torch.full((B, H, N), float("-inf"),
+                                                                                  dtype=wide, device=q.device)
         acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) and self.merge else q.dtype
         out = torch.zeros((B, N, H, D), dtype=acc_dtype, device=q.device)
         lse_rows = lse.transpose(1, 2)  # (B, N, H) view
@@ -216,7 +220,7 @@ class TorchLowering:
             take = torch.where(torch.isinf(l4), 0.0, torch.exp(l4 - new_l))
             cur_o.copy_(cur_o * keep[..., None] + o5.to(acc_dtype) * take[..., None])
             cur_l.copy_(new_l)
-        return out.to(q.dtype), lse, aux
+        return out.to(q.dtype), lse.to(torch.float32), aux
 
     # ---- backward -------------------------------------------------------------------------------------------
     def backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None):
@@ -229,8 +233,10 @@ class TorchLowering:
         dk = torch.zeros(k.shape, dtype=wide if self.merge or k.shape[2] != H else q.dtype, device=q.device)
         dv = torch.zeros_like(dk)
         dout = dout.to(q.dtype)
+        lse_dtype = aux_dtype(q.dtype)  # what the kernels expect
+        if lse_dtype == torch.float64:  # the float64 lse, not the float32 one returned (see forward)
+            lse = torch.logsumexp(aux, dim=0) if self.merge else aux[0]
         lse_rows = lse.transpose(1, 2)
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # what the kernels expect
         dlse_rows = dlse.transpose(1, 2) if dlse is not None else None
         for i, t in enumerate(self.tasks):
             k5, v5 = self._kv_rows(k, i), self._kv_rows(v, i)

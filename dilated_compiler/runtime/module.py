@@ -41,7 +41,8 @@ class CompiledAttention(nn.Module):
     return_lse=False)`` with q of shape (batch, seq, heads, head_dim) and k, v of shape
     (batch, seq, kv_heads, head_dim), kv_heads dividing heads (grouped-query attention). key_padding_mask:
     (batch, seq) bool, True = ignore that key. Returns out (shape of q), or (out, lse) with lse
-    (batch, heads, seq) float32 in natural log."""
+    (batch, heads, seq) float32 in natural log (float64 inputs are computed in float64, their gradients included;
+    only this lse is rounded to float32)."""
 
     def __init__(self, spec: AttentionSpec, backend: str = "auto"):
         super().__init__()

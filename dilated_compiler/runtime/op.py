@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..lowering.base import aux_shape
+from ..lowering.base import aux_dtype, aux_shape
 from .cache import lowered, spec_for
 
 __all__ = ["attention", "attention_backward"]
@@ -30,7 +30,7 @@ def _attention_fake(q, k, v, key_padding_mask, spec_key, backend):
     B, N, H, D = q.shape
     # every lowering returns contiguous results, whatever the inputs' strides: so do the fakes (not empty_like)
     return (q.new_empty(q.shape), q.new_empty((B, H, N), dtype=torch.float32),
-            q.new_empty(aux_shape(spec_for(spec_key), B, H, N), dtype=torch.float32))
+            q.new_empty(aux_shape(spec_for(spec_key), B, H, N, q.dtype), dtype=aux_dtype(q.dtype)))
 
 
 @torch.library.custom_op("dilated_compiler::attention_backward", mutates_args=())
