@@ -189,9 +189,10 @@ def time_flex(spec, N, D, dtype):
         return ok
 
     # compiled: uncompiled, create_block_mask evaluates the mask_mod into a dense (H, N, N) bool tensor first
-    # (64 GiB at N = 64K), so the run would measure the mask's construction running out of memory, not flex
+    # (64 GiB at N = 64K), so the run would measure the mask's construction running out of memory, not flex.
+    # torch.compile(create_block_mask) is what its deprecated _compile=True flag calls (torch 2.11 and later)
     try:
-        bm = create_block_mask(mask_mod, 1, H, N, N, device="cuda", _compile=True)
+        bm = torch.compile(create_block_mask)(mask_mod, 1, H, N, N, device="cuda")
     except torch.OutOfMemoryError:
         raise RuntimeError("building the block mask ran out of memory") from None
     flex = torch.compile(flex_attention)
