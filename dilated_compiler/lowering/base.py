@@ -7,7 +7,8 @@ invokes:
   holds what backward needs beyond out and lse, in ``aux_dtype`` (all mode: per-branch lse (G, B, H, N);
   grouped mode: an empty tensor, or for float64 inputs lse itself in float64, (1, B, H, N): the backward of
   float64 inputs reads its lse there, not in the float32 lse, so that their gradients keep float64 precision).
-  k, v may have fewer heads than q (grouped-query attention: q head h reads kv head h // (H // Hkv)). key_padding_mask: (B, N) bool, True = that key is ignored.
+  k, v may have fewer heads than q (grouped-query attention: q head h reads kv head h // (H // Hkv)).
+  key_padding_mask: (B, N) bool, True = that key is ignored.
 * ``backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None) -> (dq, dk, dv)``; ``dlse`` may be
   None (no gradient flows into lse).
 * ``source() -> str``: what the lowering generated, for people to read.
