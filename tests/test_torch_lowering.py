@@ -76,6 +76,13 @@ def test_random_specs_and_shapes_fp32(case):
     run_case(case, "torch")
 
 
+@given(attention_cases())
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_random_specs_and_shapes_fp64(case):
+    """float64 over random specs at float64's tolerance (1e-10): no float32 step anywhere but the returned lse."""
+    run_case(case, "torch", dtype=torch.float64)
+
+
 class _Storages(TorchDispatchMode):
     """Records the storage (address, bytes) of every tensor an aten op returns."""
 
