@@ -924,8 +924,10 @@ def test_gpu_cuda_graph_capture(N, causal, mode):
     dout = torch.randn_like(q)
 
     def step():
+        # out detached: a result kept alive must not keep its autograd graph (and the leaves' AccumulateGrad nodes,
+        # made on the capture stream) for the next step on another stream
         out = attn(q, k, v)
-        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
