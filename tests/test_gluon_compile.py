@@ -127,7 +127,7 @@ def _check(compiled):
 
 
 EXPERIMENTS = ["gluon_bwd_experiment", "gluon_causal_experiment", "gluon_dkdv_experiment", "gluon_dq_experiment",
-               "gluon_ds_experiment", "gluon_fwd_experiment", "gluon_offs32_experiment", "gluon_red_experiment"]
+               "gluon_dq_regs_experiment", "gluon_ds_experiment", "gluon_fwd_experiment", "gluon_offs32_experiment", "gluon_red_experiment"]
 
 
 @pytest.mark.parametrize("script", EXPERIMENTS)
