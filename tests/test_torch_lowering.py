@@ -150,6 +150,33 @@ def test_half_precision_gradients_are_summed_in_float32_only_where_rows_get_seve
     check_against_reference(attn, spec, *(x.requires_grad_() for x in (q, k, v)))
 
 
+def _head_dim_strided(t: torch.Tensor) -> torch.Tensor:
+    """t (B, N, H, D) with the same values laid out as (B, N, D, H): head_dim's stride is H, not 1 (as a permuted
+    (B, C, N) feature map gives)."""
+    return t.detach().transpose(2, 3).contiguous().transpose(2, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dim_with_a_stride_other_than_one(device, dtype, mode, causal):
+    # the fused SDPA entry points read head_dim as contiguous whatever its stride: these inputs gave wrong results
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is not supported by the torch backend on CUDA")
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 2)), head_assignment=mode, causal=causal)
+    attn = compile_attention(spec, backend="torch")
+    q, k, v = (_head_dim_strided(t).requires_grad_() for t in make_qkv(2, 40, 3, 8, dtype=dtype, device=device))
+    assert q.stride(-1) == 3
+    check_against_reference(attn, spec, q, k, v)
+    # and the output's gradient in that layout: the same gradients as from its contiguous copy
+    dout = _head_dim_strided(torch.randn(q.shape, dtype=dtype, device=device))
+    strided = torch.autograd.grad(attn(q, k, v), (q, k, v), dout)
+    dense = torch.autograd.grad(attn(q, k, v), (q, k, v), dout.contiguous())
+    for a, b in zip(strided, dense):
+        assert torch.equal(a, b)
+
+
 def test_sequence_shorter_than_every_segment():
     spec = AttentionSpec((Branch(64, 2), Branch(128, 8)), head_assignment="all")
     attn = compile_attention(spec, backend="torch")

@@ -75,6 +75,13 @@ def _key_mask(key_padding_mask: torch.Tensor | None, t: _Task, causal: bool, dty
     return additive.reshape(B * S, 1, 1, L), has_key[..., None]
 
 
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    """x with unit stride along its last dimension (a copy only where it has another): the fused SDPA kernels
+    below read head_dim as if it were contiguous, whatever stride they are given (public SDPA checks this and
+    takes another kernel; the private entry points here do not)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
 def _to_kernel(x5: torch.Tensor) -> torch.Tensor:
     """(B, S, L, Hg, D) -> (B*S, Hg, L, D), a view whenever strides allow."""
     B, S, L, Hg = x5.shape[:4]
@@ -190,6 +197,7 @@ class TorchLowering:
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, q, k, v, key_padding_mask=None):
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         B, N, H, D = q.shape
         # lse is computed in aux's dtype (float64 for float64 inputs, whose merge and backward need it) and
         # returned in float32; grouped float64 keeps the float64 lse as aux
@@ -224,6 +232,7 @@ class TorchLowering:
 
     # ---- backward -------------------------------------------------------------------------------------------
     def backward(self, dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None):
+        q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
         B, N, H, D = q.shape
         # half-precision gradients are summed in float32 where a row gets more than one share: every row in "all"
         # mode (one per branch), and k and v's rows under GQA (one per query head of a kv head); in grouped mode
@@ -232,7 +241,7 @@ class TorchLowering:
         dq = torch.zeros((B, N, H, D), dtype=wide if self.merge else q.dtype, device=q.device)
         dk = torch.zeros(k.shape, dtype=wide if self.merge or k.shape[2] != H else q.dtype, device=q.device)
         dv = torch.zeros_like(dk)
-        dout = dout.to(q.dtype)
+        dout = _unit_last(dout.to(q.dtype))
         lse_dtype = aux_dtype(q.dtype)  # what the kernels expect
         if lse_dtype == torch.float64:  # the float64 lse, not the float32 one returned (see forward)
             lse = torch.logsumexp(aux, dim=0) if self.merge else aux[0]

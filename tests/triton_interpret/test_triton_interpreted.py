@@ -111,6 +111,16 @@ def test_contiguous_inputs_with_other_strides_on_size_one_dims(mode):
     check_against_reference(attn, spec, q, k, v)
 
 
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_head_dim_with_a_stride_other_than_one(mode):
+    # q, k, v laid out as (B, N, D, H): the lowering restrides them for the kernels
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 2)), head_assignment=mode, causal=True)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = (t.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_() for t in make_qkv(1, 24, 2, 16))
+    assert q.stride(-1) == 2
+    check_against_reference(attn, spec, q, k, v)
+
+
 @pytest.mark.parametrize("head_dim", [24, 32])
 def test_head_dims(head_dim):
     spec = AttentionSpec((Branch(32, 1), Branch(64, 2)), head_assignment="all")
