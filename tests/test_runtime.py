@@ -233,3 +233,27 @@ def test_kernel_source_and_plan_are_readable():
         with pytest.raises(PlanError, match="Hkv: got 0|kv heads"):
             attn.kernel_source(40, 4, 16, kv_heads=kv_heads)
     assert "compile_attention" in dc.__all__
+
+
+def test_saved_module_runs_in_a_new_process(tmp_path):
+    """The spec registry is per process: a module saved with torch.save (or sent to a spawned worker) registers
+    its spec again when unpickled, in a layer as well as alone."""
+    import subprocess
+    import sys
+
+    from dilated_compiler.nn import DilatedMultiheadAttention
+
+    spec = AttentionSpec((Branch(4, 1), Branch(8, 2)), name="saved-in-another-process")
+    torch.save({"attn": compile_attention(spec), "mha": DilatedMultiheadAttention(8, 2, spec)}, tmp_path / "m.pt")
+    code = (
+        "import torch\n"
+        "from dilated_compiler import reference\n"
+        f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+        "q, k, v = (torch.randn(1, 16, 2, 4, dtype=torch.float64) for _ in range(3))\n"
+        "err = (d['attn'](q, k, v) - reference.attention(q, k, v, d['attn'].spec)).abs().max().item()\n"
+        "x = torch.randn(1, 16, 8)\n"
+        "print(err, tuple(d['mha'](x, x, x)[0].shape))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    err, shape = run.stdout.split(" ", 1)
+    assert float(err) < 1e-12 and shape.strip() == "(1, 16, 8)", run.stdout

@@ -54,6 +54,11 @@ class CompiledAttention(nn.Module):
         self.backend = backend
         self.spec_key = register_spec(spec)
 
+    def __setstate__(self, state):
+        # unpickled (torch.load, a spawned worker): the spec registry is per process, so register the spec here too
+        super().__setstate__(state)
+        self.spec_key = register_spec(self.spec)
+
     def extra_repr(self) -> str:
         return f"spec={self.spec}, backend={self.backend!r}"
 
