@@ -52,6 +52,7 @@ Deliberate; each fixes a bug or removes a limit of the old code.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import torch
@@ -90,8 +91,9 @@ def old_spec(segment_lengths: Sequence[int], dilation_rates: Sequence[int], soft
             problems.append(f"dilation_rates[{i}]: got {r!r}; allowed: an integer with 1 <= dilation_rates[{i}] <= "
                             f"segment_lengths[{i}]")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and not isinstance(softmax_scale, bool)
-                                          and softmax_scale > 0):
-        problems.append(f"softmax_scale: got {softmax_scale!r}; allowed: a number > 0 or None for 1/sqrt(head_dim)")
+                                          and math.isfinite(softmax_scale) and softmax_scale > 0):
+        problems.append(f"softmax_scale: got {softmax_scale!r}; allowed: a finite number > 0 or None for "
+                        "1/sqrt(head_dim)")
     if problems:
         raise ValueError(f"{owner}: " + "; ".join(problems))
     return AttentionSpec(tuple(Branch(s, r) for s, r in zip(seg, dil)), head_assignment="grouped",

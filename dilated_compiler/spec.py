@@ -272,7 +272,10 @@ def _from_mapping(data: Any, source: str | None) -> AttentionSpec:
     if data is None:
         raise SpecError("the document is empty; a spec is a mapping with at least 'branches'", source)
     if not isinstance(data, Mapping):
-        raise SpecError(f"the document is {_describe(data)}; a spec is a mapping with at least 'branches'", source)
+        hint = ("; a string is read as YAML text unless it ends in .yaml or .yml, which makes it a file's path"
+                if isinstance(data, str) and source is None else "")
+        raise SpecError(f"the document is {_describe(data)}; a spec is a mapping with at least 'branches'{hint}",
+                        source)
     problems = _unknown_key_problems(data, _SPEC_KEYS, "")
     if "branches" not in data:
         problems.append("branches: missing; a spec needs a non-empty list of branches, e.g. "

@@ -187,8 +187,10 @@ def test_bad_arguments_give_clear_errors():
 
     mha = compat.MultiheadDilatedAttention(16, 2, [1], [8], backend="torch")
     x = torch.randn(1, 8, 16)
-    with pytest.raises(ValueError, match=r"need_weights=True is not supported"):
+    with pytest.raises(ValueError, match=r"need_weights=True is not supported.*call with need_weights=False$"):
         mha(x, need_weights=True)
+    with pytest.raises(ValueError, match=r"DilatedAttention: softmax_scale: got inf; allowed: a finite number > 0"):
+        compat.DilatedAttention([8], [1], softmax_scale=float("inf"))
     with pytest.raises(ValueError, match=r"cannot honour this attn_mask.*supports attn_mask=None or the standard"):
         mha(x, attn_mask=torch.zeros(8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"cannot honour this attention mask"):

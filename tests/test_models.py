@@ -168,3 +168,8 @@ def test_model_errors():
         _lm()(torch.randn(2, 8))
     with pytest.raises(ValueError, match=r"kind: got 'both'"):
         magneto_gamma("both", 2)
+    # each argument by its own name
+    with pytest.raises(ValueError, match=r"num_encoder_layers: got 0; allowed: an integer >= 1"):
+        LongNet(d_model=16, nhead=2, num_encoder_layers=0, num_decoder_layers=1, dim_feedforward=32)
+    with pytest.raises(ValueError, match=r"num_decoder_layers: got 0; allowed: an integer >= 1"):
+        LongNet(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=0, dim_feedforward=32)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dilated_compiler import reference
 from dilated_compiler.nn import (DilatedMultiheadAttention, DilatedTransformerDecoderLayer,
-                                 DilatedTransformerEncoderLayer, MultiheadCrossAttention, RotaryEmbedding)
+                                 DilatedTransformerEncoderLayer, FeedForward, MultiheadCrossAttention, RotaryEmbedding)
 from dilated_compiler.spec import AttentionSpec, Branch, load_spec
 
 from conftest import TOLERANCES, assert_close, cuda
@@ -175,6 +175,10 @@ def test_bad_arguments_give_clear_errors():
         DilatedMultiheadAttention(16, 2, ALL, dropout=1.5)
     with pytest.raises(ValueError, match=r"gamma_init: got -1"):
         DilatedMultiheadAttention(16, 2, ALL, gamma_init=-1)
+    with pytest.raises(ValueError, match=r"gamma_init: got nan; allowed: a finite number > 0"):
+        FeedForward(8, 16, gamma_init=float("nan"))
+    with pytest.raises(ValueError, match=r"d_model: got 0; allowed: an integer >= 1"):
+        FeedForward(0, 16)
     with pytest.raises(ValueError, match=r"invalid attention spec.*branches"):
         DilatedMultiheadAttention(16, 2, {"branches": []})
     with pytest.raises(ValueError, match=r"unknown backend 'cuda'"):

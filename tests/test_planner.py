@@ -110,6 +110,10 @@ def test_plan_errors():
         build_plan(FOUR, 1024, 8, 64, kv_heads=sympy.Integer(0))
     with pytest.raises(PlanError, match="N: got 2.5"):
         build_plan(FOUR, sympy.Float(2.5), 8, 64)
+    # a name becomes a symbol; a size written as a string does not
+    assert str(build_plan(FOUR, "L", 8, 64).seq_len) == "L"
+    with pytest.raises(PlanError, match=r"N: got '16'; allowed: an integer >= 1, a name for a symbol"):
+        build_plan(FOUR, "16", 8, 64)
     assert build_plan(FOUR, sympy.Integer(1024), 8, 64).flops == build_plan(FOUR, 1024, 8, 64).flops
 
 

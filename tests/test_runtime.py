@@ -232,6 +232,8 @@ def test_kernel_source_and_plan_are_readable():
     for kv_heads in (0, 3):  # kv heads must divide the heads; 0 is not taken for "as many as the heads"
         with pytest.raises(PlanError, match="Hkv: got 0|kv heads"):
             attn.kernel_source(40, 4, 16, kv_heads=kv_heads)
+    with pytest.raises(TypeError, match=r"dtype: got 'bf16'; allowed: a torch.dtype"):
+        attn.kernel_source(40, 4, 16, dtype="bf16")
     assert "compile_attention" in dc.__all__
 
 

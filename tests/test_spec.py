@@ -184,6 +184,9 @@ def test_missing_file_and_bad_source_type(tmp_path):
         load_spec(str(tmp_path / "nope.yaml"))
     with pytest.raises(SpecError, match="cannot load a spec"):
         load_spec(42)  # type: ignore[arg-type]
+    # a string without a .yaml/.yml ending is YAML text: the error says so
+    with pytest.raises(SpecError, match=r"the document is 'spec.json' \(str\).*unless it ends in .yaml or .yml"):
+        load_spec("spec.json")
 
 
 # ---- property tests ------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..nn import DilatedTransformerDecoderLayer, DilatedTransformerEncoderLayer, RotaryEmbedding
+from ..nn.attention import _check_positive_int
 from ..spec import AttentionSpec, Branch, SpecError
 
 __all__ = ["LongNet", "LongNetLM", "longnet_spec", "magneto_gamma"]
@@ -94,6 +95,8 @@ class LongNet(nn.Module):
         factory = {"device": device, "dtype": dtype}
         spec = longnet_spec(segment_lengths, dilation_rates, causal=bool(encoder_causal),
                             head_assignment=head_assignment)
+        _check_positive_int("num_encoder_layers", num_encoder_layers)
+        _check_positive_int("num_decoder_layers", num_decoder_layers)
         enc_gamma = magneto_gamma("encoder", num_encoder_layers, num_decoder_layers)
         dec_gamma = magneto_gamma("decoder", num_decoder_layers, num_decoder_layers)
         common = dict(dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
@@ -156,8 +159,7 @@ class LongNetLM(nn.Module):
         super().__init__()
         for name, v in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads),
                         ("ffn_mult", ffn_mult)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: got {v!r}; allowed: an integer >= 1")
+            _check_positive_int(name, v)
         if dim % heads != 0:
             raise ValueError(f"heads ({heads}) must divide dim ({dim})")
         head_dim = dim // heads

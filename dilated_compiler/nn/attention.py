@@ -63,6 +63,12 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+def _check_gamma_init(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"gamma_init: got {value!r}; allowed: a finite number > 0")
+    return float(value)
+
+
 class _ProjectedAttention(nn.Module):
     """Projections, sub-LayerNorm and MAGNETO init shared by the attention layers."""
 
@@ -79,15 +85,12 @@ class _ProjectedAttention(nn.Module):
                              "(grouped-query attention: query head h reads kv head h // (num_heads // num_kv_heads))")
         kdim = embed_dim if kdim is None else _check_positive_int("kdim", kdim)
         vdim = embed_dim if vdim is None else _check_positive_int("vdim", vdim)
-        if isinstance(gamma_init, bool) or not isinstance(gamma_init, (int, float)) or not (
-                math.isfinite(gamma_init) and gamma_init > 0):
-            raise ValueError(f"gamma_init: got {gamma_init!r}; allowed: a finite number > 0")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.kdim, self.vdim = kdim, vdim
         self.dropout = _check_dropout(dropout)
         self.batch_first = bool(batch_first)
-        self.gamma_init = float(gamma_init)
+        self.gamma_init = _check_gamma_init(gamma_init)
         factory = {"device": device, "dtype": dtype}
         kv_dim = num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -111,7 +114,7 @@ class _ProjectedAttention(nn.Module):
     def _check_common(self, query, key, value, need_weights):
         if need_weights:
             raise ValueError(f"{type(self).__name__}: need_weights=True is not supported (the attention "
-                             "weights are never formed); call with need_weights=False, which returns (output, None)")
+                             "weights are never formed); call with need_weights=False")
         if self.dropout > 0 and self.training and self._attention_dropout_unsupported:
             raise RuntimeError(
                 f"{type(self).__name__}: attention dropout ({self.dropout}) in training mode is not supported: "

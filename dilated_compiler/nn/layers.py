@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..spec import load_spec
-from .attention import DilatedMultiheadAttention, MultiheadCrossAttention, _check_dropout
+from .attention import (DilatedMultiheadAttention, MultiheadCrossAttention, _check_dropout, _check_gamma_init,
+                        _check_positive_int)
 
 __all__ = ["DilatedTransformerEncoderLayer", "DilatedTransformerDecoderLayer", "FeedForward"]
 
@@ -40,13 +41,15 @@ class FeedForward(nn.Module):
     def __init__(self, d_model, dim_feedforward, *, dropout=0.0, activation="gelu", layer_norm_eps=1e-5,
                  gamma_init=1.0, device=None, dtype=None):
         super().__init__()
+        d_model = _check_positive_int("d_model", d_model)
+        dim_feedforward = _check_positive_int("dim_feedforward", dim_feedforward)
         factory = {"device": device, "dtype": dtype}
         self.activation = _activation(activation)
         self.fc1 = nn.Linear(d_model, dim_feedforward, **factory)
         self.ffn_ln = nn.LayerNorm(dim_feedforward, eps=layer_norm_eps, **factory)
         self.fc2 = nn.Linear(dim_feedforward, d_model, **factory)
         self.dropout = nn.Dropout(_check_dropout(dropout))
-        self.gamma_init = float(gamma_init)
+        self.gamma_init = _check_gamma_init(gamma_init)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -61,8 +64,7 @@ class FeedForward(nn.Module):
 
 def _check_layer_args(d_model, nhead, dim_feedforward):
     for name, v in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: got {v!r}; allowed: an integer >= 1")
+        _check_positive_int(name, v)
 
 
 class DilatedTransformerEncoderLayer(nn.Module):

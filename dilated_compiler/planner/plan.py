@@ -309,13 +309,17 @@ def _dim(value, symbol: str) -> Expr:
     if value is None:
         return sympy.Symbol(symbol, integer=True, positive=True)
     if isinstance(value, str):
+        if not value.isidentifier():
+            raise PlanError(f"{symbol}: got {value!r}; allowed: an integer >= 1, a name for a symbol (an identifier "
+                            "such as 'N'), a sympy expression, or None for a symbol")
         return sympy.Symbol(value, integer=True, positive=True)
     if isinstance(value, sympy.Basic):
         value = _simplify(value)  # an int where the expression is an integer
         if isinstance(value, sympy.Basic) and not value.is_number:
             return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PlanError(f"{symbol}: got {value!r}; allowed: an integer >= 1, a sympy expression, or None for a symbol")
+        raise PlanError(f"{symbol}: got {value!r}; allowed: an integer >= 1, a name for a symbol, a sympy expression, "
+                        "or None for a symbol")
     return value
 
 

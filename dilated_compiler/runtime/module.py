@@ -77,6 +77,9 @@ class CompiledAttention(nn.Module):
     def kernel_source(self, seq_len: int, heads: int, head_dim: int, *, batch: int = 1, kv_heads=None,
                       dtype: torch.dtype = torch.float16, device="cpu") -> str:
         """What the backend generates for these shapes (Triton: kernel source; torch: the lowered plan)."""
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype: got {dtype!r}; allowed: a torch.dtype (torch.float16, torch.bfloat16, "
+                            "torch.float32, torch.float64)")
         device = torch.device(device)
         backend = resolve_backend(self.backend, device)
         shape = (batch, seq_len, heads, head_dim)
