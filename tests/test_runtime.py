@@ -259,3 +259,12 @@ def test_saved_module_runs_in_a_new_process(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     err, shape = run.stdout.split(" ", 1)
     assert float(err) < 1e-12 and shape.strip() == "(1, 16, 8)", run.stdout
+
+
+def test_second_order_gradients_are_an_error():
+    """First-order gradients only (README, Semantics): a backward through the gradients raises, naming the op."""
+    attn = compile_attention(AttentionSpec((Branch(8, 1),)), backend="torch")
+    q, k, v = make_qkv(1, 16, 2, 4, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(attn(q, k, v).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"dilated_compiler.attention_backward.*no autograd formula"):
+        torch.autograd.grad(g.sum(), q)
