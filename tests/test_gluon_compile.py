@@ -126,6 +126,33 @@ def _check(compiled):
     assert sass.spills_in_steps == 0, f"{sass.spills_in_steps} spill instructions among a step's matrix instructions"
 
 
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.float32, 128), (torch.float32, 256),
+                                             (torch.float16, 128)])
+def test_tl_tile_candidates_fit_in_shared_memory(dtype, head_dim):
+    """Every tile config the autotuner may try for this dtype and head_dim (autotune.candidates: by a row's bytes)
+    fits a block's shared memory on sm_90, through tensor descriptors and through pointer loads (a TMA config runs
+    so where the inputs are not 16-byte aligned). The 16-bit D = 128 configs did not fit at float32."""
+    from dilated_compiler.lowering.triton import autotune
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=True)
+    low = TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), dtype)
+    flags = {"fwd": dict(MERGE=False), "dq": dict(ATOMIC=False, HAS_DLSE=True), "dkdv": dict(ATOMIC=False)}
+    kernels = {"fwd": "dilated_fwd", "dq": "dilated_bwd_dq", "dkdv": "dilated_bwd_dkdv"}
+    over, n = [], 0
+    for pass_name, kernel in kernels.items():
+        for cfg in autotune.candidates(pass_name, head_dim, dtype.itemsize):
+            own, partner = ("BLOCK_N", "BLOCK_M") if pass_name == "dkdv" else ("BLOCK_M", "BLOCK_N")
+            for tma in sorted({cfg.tma, False}):
+                consts = dict(HEAD_DIM=head_dim, BLOCK_D=low.block_d, GQA=1, CAUSAL=True, HAS_KPM=False, TMA=tma,
+                              ZFILL=True, **{own: cfg.block, partner: cfg.partner}, **flags[pass_name],
+                              **cfg.launch_options())
+                shared = compile_sm90(getattr(low.kernels, kernel), consts, str(dtype).replace("torch.float", "fp")
+                                      ).metadata.shared
+                n += 1
+                if shared > MAX_SHARED:
+                    over.append(f"{kernel} {cfg} {'TMA' if tma else 'pointers'}: {shared} B")
+    assert n >= 9 and not over, f"over {MAX_SHARED} B of shared memory: {over}"
+
+
 EXPERIMENTS = ["gluon_bwd_experiment", "gluon_causal_experiment", "gluon_dkdv_experiment", "gluon_dq_experiment",
                "gluon_dq_regs_experiment", "gluon_ds_experiment", "gluon_fwd_experiment", "gluon_offs32_experiment", "gluon_red_experiment"]
 

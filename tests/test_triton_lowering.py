@@ -525,6 +525,18 @@ def test_autotune_shape_buckets():
     assert shape_bucket(1, 1) == "N1_BH1"
 
 
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter has one tile config")
+def test_autotune_candidates_by_the_bytes_of_a_row():
+    # the lists are sized for 16-bit elements: a float32 row of D is as wide as a 16-bit row of 2 D (their shared
+    # memory is checked for sm_90 by tests/test_gluon_compile.py::test_tl_tile_candidates_fit_in_shared_memory)
+    from dilated_compiler.lowering.triton.autotune import candidates
+    for p in ("fwd", "dq", "dkdv"):
+        assert candidates(p, 128, 4) == candidates(p, 256, 2) != candidates(p, 128, 2)
+        assert candidates(p, 64, 4) == candidates(p, 128, 2) != candidates(p, 64, 2)
+        assert candidates(p, 32, 4) == candidates(p, 64, 2) == candidates(p, 16, 2)
+        assert candidates(p, 256, 4) == candidates(p, 256, 2)
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------------
 
 GPU_PATTERNS = {

@@ -68,10 +68,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def candidates(pass_name: str, head_dim: int) -> list[TileConfig]:
+def candidates(pass_name: str, head_dim: int, element_size: int = 2) -> list[TileConfig]:
+    """The tile configs to try for a pass, by the bytes of a row: the lists are sized for 16-bit elements, so
+    4-byte (float32) rows take those of twice the head_dim (a float32 row of 128 is as wide as a 16-bit row of
+    256; the 16-bit D = 128 lists need more shared memory than an H100 has at float32)."""
     if interpreting():
         return [INTERPRETER_CONFIG]
-    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    width = head_dim * element_size // 2
+    bucket = 64 if width <= 64 else 128 if width <= 128 else 256
     return list(_CANDIDATES[(pass_name, bucket)])
 
 

@@ -382,7 +382,7 @@ class TritonLowering:
         key = self._tune_key(pass_name, batch, has_kpm)
         cfg = self._configs.get(key)
         if cfg is None:
-            configs = candidates(pass_name, self.head_dim)
+            configs = candidates(pass_name, self.head_dim, self.dtype.itemsize)
             dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
             cfg = autotune.choose(dev_name, key, configs, time_one)
             self._configs[key] = cfg
@@ -585,9 +585,7 @@ class TritonLowering:
         lines = [self.plan.explain(), "",
                  f"# triton lowering: module dc_{self.cache_key}.py in the disk cache",
                  "# launches (default tile configs; autotuning on a GPU may pick others):"]
-        cfg_f = candidates("fwd", self.head_dim)[0]
-        cfg_kv = candidates("dkdv", self.head_dim)[0]
-        cfg_q = candidates("dq", self.head_dim)[0]
+        cfg_f, cfg_kv, cfg_q = (candidates(p, self.head_dim, self.dtype.itemsize)[0] for p in ("fwd", "dkdv", "dq"))
         for name, kind, cfg in (("dilated_fwd", "q", cfg_f), ("dilated_bwd_dq", "q", cfg_q),
                                 ("dilated_bwd_dkdv", "k", cfg_kv)):
             T = tile_table(self.plan, kind, cfg.block, cfg.partner).shape[0]
