@@ -6,6 +6,7 @@ is imported; :func:`test_interpreter_suite` runs that folder in a fresh process 
 
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,12 @@ def test_kernel_source_without_gpu():
                                                                     device="cpu")
     for kernel in ("dilated_fwd", "dilated_bwd_dq", "dilated_bwd_dkdv"):
         assert f"def {kernel}(" in text
-    assert "# dilated_fwd: out and lse of one query tile." in text          # each kernel opens with a glossary
+    assert "# dilated_fwd: out and lse of one query tile." in text
+    kernels = re.findall(r"^def ((?:dilated|gluon)_\w+)\(", text, re.M)
+    assert set(kernels) == {"dilated_fwd", "dilated_merge", "dilated_bwd_dq", "dilated_bwd_dkdv", "gluon_fwd",
+                            "gluon_bwd_dq", "gluon_bwd_dkdv"}
+    for kernel in kernels:                                                 # each has a glossary of its symbols
+        assert re.search(rf"^#\s+{kernel}\b", text, re.M), kernel
     assert "r = tl.where(branch == 3, 8, r)" in text                       # the spec's dilations are baked in
     assert "grid=(" in text and "useful FLOPs fwd" in text                  # launches and the plan
     all_mode = AttentionSpec(tuple(Branch(b.segment_length, b.dilation) for b in FOUR_BRANCH), head_assignment="all")
@@ -427,6 +433,14 @@ def test_disk_cache_atomic_checked_and_keyed(tmp_path, monkeypatch):
     assert low.cache_key != _lowering(spec, dtype=torch.bfloat16).cache_key
     assert low.cache_key != _lowering(AttentionSpec((Branch(16, 1), Branch(32, 4)))).cache_key
     assert low.cache_key == _lowering(spec).cache_key
+    # ... and the generator's own source and the torch and triton versions: each changes the key
+    import triton
+
+    from dilated_compiler.lowering.triton import lowering as tl_lowering
+    for what, value in ((tl_lowering, "generator_fingerprint"), (torch, "__version__"), (triton, "__version__")):
+        with monkeypatch.context() as m:
+            m.setattr(what, value, (lambda: "another") if callable(getattr(what, value)) else "0.0.0-another")
+            assert _lowering(spec).cache_key != low.cache_key, value
     # several processes compiling the same plan at once
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

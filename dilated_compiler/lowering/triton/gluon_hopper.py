@@ -564,8 +564,9 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #   delta             rowsum(dO * O) - dlse of each selected query row: written by gluon_bwd_dq, read by dk/dv
 #   lse2              lse in base 2; P = exp2(S * qk_scale - lse2) recomputes the forward's probabilities
 #   dS                P * (dP - delta), dP = dO V^T; dQ = sm_scale * dS K, dK = sm_scale * dS^T Q, dV = P^T dO
-#   gluon_bwd_dq      TABLE: 128-row query tiles; each consumer owns 64 rows; the producer copies the tile's Q, dO
-#                     and O, then 64-row K/V tiles into a 2-deep ring (kv_ready / kv_empty)
+#   gluon_bwd_dq      TABLE: 128-row query tiles; each consumer owns 64 rows; the producer copies the tile's Q and
+#                     dO, then 64-row K/V tiles into a STAGES-deep ring (kv_ready / kv_empty); each consumer reads
+#                     its rows of O (for delta) by pointers
 #   gluon_bwd_dkdv    TABLE: 128-row key tiles; each consumer owns 64 keys and works on transposed products
 #                     (S^T = K Q^T, dP^T = V dO^T); the producer copies the tile's K and V, then 64-row steps into
 #                     a STAGES-deep ring (qd_ready / qd_empty): Q and dO by TMA, the step's lse and delta (rows
