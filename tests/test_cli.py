@@ -10,6 +10,7 @@ import torch
 
 from dilated_compiler import build_plan, cli, compile_attention, load_spec, reference
 from dilated_compiler.draw import MAX_SEQ_LEN, figure_size_px, panels
+from dilated_compiler import lowering
 from dilated_compiler.lowering import base as lowering_base
 from dilated_compiler.planner import PASSES
 
@@ -234,6 +235,20 @@ def test_show_triton_available_prints_its_source(capsys, tmp_path, monkeypatch):
                              "--heads", "4", "--head-dim", "16", "--dtype", "fp16")
     assert code == 0 and err == ""
     assert out.strip() == "@triton.jit  # N=96 H=4 dtype=torch.float16"
+
+
+@pytest.mark.skipif(not lowering.triton_available(), reason="triton unavailable")
+def test_show_triton_prints_the_generated_kernels(capsys):
+    """The real Triton lowering through the CLI: the kernels of the module's kernel_source(), glossaries included."""
+    spec = str(Path(__file__).resolve().parents[1] / "specs" / "four-branch.yaml")
+    code, out, err = run_cli(capsys, "show", spec, "--backend", "triton", "--device", "cpu", "-n", "8192",
+                             "--heads", "8", "--head-dim", "64", "--dtype", "bf16")
+    assert code == 0 and err == ""
+    expected = compile_attention(load_spec(Path(spec)), backend="triton").kernel_source(
+        8192, 8, 64, dtype=torch.bfloat16, device="cpu")
+    assert out.strip() == expected.strip()
+    for kernel in ("dilated_fwd", "dilated_bwd_dq", "dilated_bwd_dkdv"):
+        assert f"def {kernel}(" in out and f"# {kernel}:" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
