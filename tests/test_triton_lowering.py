@@ -727,6 +727,22 @@ def test_gpu_head_dims(head_dim, dtype, mode, causal, poisoned):
     check_against_reference(attn, spec, q, k, v)
 
 
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("tma", [True, False])
+def test_gpu_float32_first_tile_candidates(head_dim, tma, poisoned, monkeypatch):
+    """float32 takes the tile lists of twice its head_dim (autotune.candidates); with autotuning off the first
+    candidate of each pass runs, through tensor descriptors and through pointer loads, against the reference (the
+    16-bit D = 128 lists needed more shared memory than an H100 has at float32)."""
+    monkeypatch.setenv("DILATED_COMPILER_AUTOTUNE", "0")
+    monkeypatch.setattr(poisoned, "USE_TMA", tma)
+    spec = _gpu_spec("offsets", "grouped", True)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(1, 700, 3, head_dim, dtype=torch.float32, device="cuda", requires_grad=True)
+    check_against_reference(attn, spec, q, k, v)
+
+
 def _lowering_against_reference(low, spec, B, N, H, D, dtype):
     """A TritonLowering's forward and backward (with an lse gradient) against the reference."""
     q, k, v = make_qkv(B, N, H, D, dtype=dtype, device="cuda")
