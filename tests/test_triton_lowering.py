@@ -471,6 +471,14 @@ def test_disk_cache_atomic_checked_and_keyed(tmp_path, monkeypatch):
     assert not (path.parent / "__pycache__").exists()
 
 
+def test_disk_cache_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_DIR", str(blocker))
+    with pytest.raises(OSError, match=r"cannot be written.*Set DILATED_COMPILER_CACHE_DIR to a writable folder"):
+        _lowering(AttentionSpec((Branch(16, 1), Branch(32, 8)), name="unwritable-cache")).kernels
+
+
 def test_autotune_choose_caches_per_device_and_key(tmp_path, monkeypatch):
     """The fastest candidate that fits; remembered per device and key, in memory and in a checksummed file; a
     candidate out of resources is skipped, any other error propagates; none fitting is an error naming why."""

@@ -91,7 +91,12 @@ def load_module(key: str, text: str):
         except (OSError, UnicodeDecodeError):
             on_disk = None
         if on_disk != text:
-            write_atomic(path, text)
+            try:
+                write_atomic(path, text)
+            except OSError as e:
+                raise OSError(f"the Triton kernels are written to the disk cache before they are imported (Triton "
+                              f"reads a kernel's source from its file), and {str(path.parent)!r} cannot be written: "
+                              f"{e}. Set DILATED_COMPILER_CACHE_DIR to a writable folder.") from e
         # the text itself runs, compiled here: an import would read and write bytecode beside the file
         # (__pycache__), which no checksum covers. The file is what @triton.jit reads its kernels' source from.
         name = f"dilated_compiler_generated.dc_{key}"
