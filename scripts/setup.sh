@@ -2,8 +2,9 @@
 # Set up a virtual environment in .venv with dilated-compiler and its test dependencies.
 #
 # torch: if the interpreter already has a torch (e.g. a GPU machine's CUDA build), that one is used: the venv
-# is made with --system-site-packages and nothing replaces it. Otherwise the CPU build torch==2.13.0 is
-# installed explicitly (an unpinned `torch` would pull a multi-GB CUDA build).
+# is made with --system-site-packages and nothing replaces it. Otherwise torch==2.13.0 is installed, pinned (an
+# unpinned `torch` would pull the newest multi-GB CUDA build): on the CI machine pip's configuration finds a local
+# CPU wheel of that version; elsewhere install the CPU build first (README, Quick start) and it is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,7 +18,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if "$PY" -c "import torch" 2>/dev/null; then
     echo "setup: using the existing torch $("$PY" -c 'import torch; print(torch.__version__)')"
 else
-    echo "setup: installing the CPU build torch==2.13.0"
+    echo "setup: installing torch==2.13.0 (pinned; the CPU build where pip's configuration provides it)"
     "$PY" -m pip install -q "torch==2.13.0"
 fi
 

@@ -115,11 +115,15 @@ def test_cache_is_bounded_lru():
     shapes = [make_qkv(1, n, 2, 8) for n in (8, 9, 10)]
     for qkv in shapes:
         attn(*qkv)
-    assert runtime.cache_info().currsize == 2
-    attn(*shapes[2])
+    assert runtime.cache_info().currsize == 2  # shapes 1 and 2; 0 was evicted
+    attn(*shapes[1])  # a hit: 1 becomes the most recently used
     assert runtime.cache_info().hits == 1
-    attn(*shapes[0])  # evicted: a miss
+    attn(*shapes[0])  # evicted before: a miss, which evicts the least recently used (2, not 1, the older entry)
     assert runtime.cache_info().misses == 4
+    attn(*shapes[1])
+    assert runtime.cache_info().hits == 2
+    attn(*shapes[2])
+    assert runtime.cache_info().misses == 5
     with pytest.raises(ValueError, match="cache size"):
         runtime.set_cache_size(0)
 

@@ -793,7 +793,7 @@ def test_gpu_every_tile_candidate(head_dim, pass_name, index, poisoned, monkeypa
     calls = record_gluon_calls(poisoned, monkeypatch)
     first = poisoned.candidates
     monkeypatch.setattr(poisoned, "candidates",
-                        lambda name, d: [first(name, d)[index if name == pass_name else 0]])
+                        lambda name, d, size=2: [first(name, d, size)[index if name == pass_name else 0]])
     spec = AttentionSpec(GPU_PATTERNS["offsets"], causal=True)
     low = poisoned.TritonLowering(build_plan(spec, 1000, 4, head_dim), torch.device("cuda"), torch.bfloat16)
     _lowering_against_reference(low, spec, 2, 1000, 4, head_dim, torch.bfloat16)
