@@ -245,8 +245,12 @@ def test_encoder_layer_matches_reference_composition():
     x1 = x + ref_dilated_mha(layer.self_attn, h, h, h, GROUPED, key_padding_mask=kpm)
     expected = x1 + _ref_ffn(layer.ffn, _ln(layer.norm2, x1))
     assert_close(layer(x, src_key_padding_mask=kpm), expected, F64)
-    # MAGNETO gains: fc1/fc2 get gamma_init
+    # MAGNETO gains: fc1/fc2 get gamma_init (in the weights' spread, on a layer wide enough to measure it)
     assert layer.ffn.gamma_init == 1.7 and layer.self_attn.gamma_init == 1.7
+    wide = DilatedTransformerEncoderLayer(512, 8, GROUPED, dim_feedforward=1024, gamma_init=1.7, backend="torch")
+    xavier = math.sqrt(2.0 / (512 + 1024))
+    for fc in (wide.ffn.fc1, wide.ffn.fc2):
+        assert fc.weight.std().item() == pytest.approx(1.7 * xavier, rel=0.03)
 
 
 def test_decoder_layer_matches_reference_composition():
@@ -288,6 +292,15 @@ def test_layer_errors():
 def test_decoder_layer_dropout_reaches_the_cross_attention():
     layer = DilatedTransformerDecoderLayer(16, 2, ALL, dim_feedforward=8, dropout=0.25, backend="torch")
     assert layer.cross_attn.dropout == 0.25 and layer.self_attn.dropout == 0.0
+    # and it acts: in training two calls of the cross attention differ (random weights dropped), in eval they agree
+    x, mem = torch.randn(2, 12, 16), torch.randn(2, 9, 16)
+    cross = layer.cross_attn.train()
+    torch.manual_seed(1)
+    a = cross(x, mem, mem)[0]
+    torch.manual_seed(2)
+    assert not torch.allclose(a, cross(x, mem, mem)[0])
+    cross.eval()
+    torch.testing.assert_close(cross(x, mem, mem)[0], cross(x, mem, mem)[0], rtol=0, atol=0)
 
 
 def test_forward_takes_multihead_attentions_positional_order():
@@ -322,6 +335,14 @@ def test_rotary_is_relative_and_xpos_decays():
     for offset in (0, 7):
         rq, rk = rot(q, k, offset=offset)
         torch.testing.assert_close(torch.einsum("bihd,bjhd->ij", rq, rk), expected, atol=1e-5, rtol=1e-5)
+    # the offset places the rows at positions offset.. (a cache's continuation): the same rotation as the last N
+    # rows of a sequence with 7 rows before them (the scores above cannot tell, they depend on i - j alone)
+    pad = torch.randn(1, 7, 1, D, generator=g, dtype=F64)
+    lq, lk = rot(torch.cat([pad, q], 1), torch.cat([pad, k], 1))
+    rq, rk = rot(q, k, offset=7)
+    torch.testing.assert_close(rq, lq[:, 7:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rk, lk[:, 7:], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(rq, rot(q, k)[0])
     # same content at every position: the score depends on i - j only, and does change with it
     rq, rk = rot(q[:, :1].expand(1, N, 1, D), k[:, :1].expand(1, N, 1, D))
     scores = torch.einsum("bihd,bjhd->ij", rq, rk)
