@@ -404,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="output file; format from the suffix (.png, .svg, .pdf)")
     p.add_argument("--heads", type=_positive_int, metavar="H",
                    help="heads (default: one per branch in grouped mode; 8 in all mode)")
-    p.add_argument("--per-branch", action="store_true", help="all mode: one panel per (branch, offset)")
+    p.add_argument("--per-branch", action="store_true",
+                   help="all mode: one panel per (branch, offset) instead of one per set of heads (grouped mode "
+                        "always draws one panel per branch)")
     p.add_argument("--scale", type=_positive_int, default=1, metavar="K",
                    help="draw a copy with every segment length divided by K, to see the structure of long "
                         "segments at a drawable N (said so in the title)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -173,6 +174,20 @@ def scaled(spec: AttentionSpec, factor: int) -> AttentionSpec:
     return dataclasses.replace(spec, branches=branches)
 
 
+def _check_out(out) -> None:
+    """``out`` must name a file whose suffix is an image format matplotlib writes (it would otherwise add ".png"
+    to a name without one, and write beside a folder given as ``out``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    path = Path(out)
+    if path.is_dir():
+        raise DrawError(f"out {str(out)!r} is a folder; give a file name such as pattern.png")
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise DrawError(f"out {str(out)!r} needs a suffix naming an image format; "
+                        f"allowed: {', '.join('.' + f for f in sorted(formats))}")
+
+
 def draw_pattern(spec, seq_len: int, out: "str | os.PathLike", heads: int | None = None, per_branch: bool = False,
                  dpi: int = _DPI, scale: int = 1) -> dict:
     """Draw ``spec`` at sequence length ``seq_len`` into ``out`` (format from its suffix, e.g. .png).
@@ -188,6 +203,7 @@ def draw_pattern(spec, seq_len: int, out: "str | os.PathLike", heads: int | None
         raise DrawError(f"seq_len must be an integer >= 1; got {seq_len!r}")
     if seq_len > MAX_SEQ_LEN:
         raise DrawError(f"seq_len {seq_len} is too large to draw (the picture is N x N); use at most {MAX_SEQ_LEN}")
+    _check_out(out)
     G = spec.num_branches
     if heads is None:
         heads = G if spec.head_assignment == "grouped" else max(8, G)

@@ -401,6 +401,13 @@ def test_draw_errors(capsys, tmp_path, small):
     assert_clean_error(err, "cannot scale down by 3")
     code, _, err = run_cli(capsys, "draw", small, "-n", "64")
     assert code == 2 and "--out" in err
+    # a name without an image suffix, or a folder: matplotlib would write name + ".png", or beside the folder
+    for out in (tmp_path / "pattern", tmp_path / "pattern.bmpx", tmp_path):
+        code, _, err = run_cli(capsys, "draw", small, "-n", "64", "-o", str(out))
+        assert code == 1
+        assert_clean_error(err, str(out), "folder" if out == tmp_path else ".png, .ps")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.yaml"]  # nothing written anywhere
+    assert not Path(str(tmp_path) + ".png").exists()
 
 
 # ---- entry points --------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 import networkx as nx
 import pytest
 import sympy
+import torch
 
-from dilated_compiler import AttentionSpec, Branch, PlanError, build_plan, reference
+from dilated_compiler import AttentionSpec, Branch, PlanError, build_plan, compile_attention, reference
 from dilated_compiler.planner import PASSES
 
 FOUR = AttentionSpec((Branch(2048, 1), Branch(4096, 2), Branch(8192, 4), Branch(16384, 8)))
@@ -88,6 +89,28 @@ def test_all_mode_head_sets_and_merge_node():
     assert "merge" in plan.graph
     sets = sorted((a.branch, a.offset, a.head_start, a.head_count, a.head_step) for a in plan.attend_ops)
     assert sets == [(0, 0, 0, 6, 1), (1, 0, 0, 2, 4), (1, 1, 1, 2, 4), (1, 2, 2, 1, 4), (1, 3, 3, 1, 4)]
+
+
+def test_all_mode_plans_only_offsets_that_have_heads():
+    """A dilation far above the head count plans in the time of the heads, not of the dilation (offsets >= H get
+    no heads); with a symbolic head count a dilation too large to plan offset by offset is a clear error."""
+    spec = AttentionSpec((Branch(2**20, 2**20), Branch(4, 1)), head_assignment="all")
+    plan = build_plan(spec, 16, 3, 8)
+    sets = sorted((a.branch, a.offset, a.head_start, a.head_count, a.head_step) for a in plan.attend_ops)
+    assert sets == [(0, 0, 0, 1, 2**20), (0, 1, 1, 1, 2**20), (0, 2, 2, 1, 2**20), (1, 0, 0, 3, 1)]
+    q, k, v = (torch.randn(1, 16, 3, 8, dtype=torch.float64) for _ in range(3))
+    # against the reference through the module (the plan's offsets are the heads' offsets)
+    out = compile_attention(spec, backend="torch")(q, k, v)
+    torch.testing.assert_close(out, reference.attention(q, k, v, spec), rtol=0, atol=1e-12)
+    with pytest.raises(PlanError, match=r"symbolic head count.*dilations \[1048576, 1\] add up to 1048577, more "
+                                        r"than 64; give a head count"):
+        build_plan(spec, None, None, None)
+    with pytest.raises(PlanError, match=r"dilations \[40, 25\] add up to 65"):
+        build_plan(AttentionSpec((Branch(40, 40), Branch(25, 25)), head_assignment="all"), 64, None, 8)
+    # a concrete head count plans the same spec
+    plan = build_plan(AttentionSpec((Branch(40, 40), Branch(25, 25)), head_assignment="all"), 64, 2, 8)
+    assert sorted((a.branch, a.offset, a.region) for a in plan.attend_ops) == [
+        (b, o, region) for b in (0, 1) for o in (0, 1) for region in ("full", "tail")]  # offsets 0 and 1 only
 
 
 def test_grouped_head_split_gives_extra_heads_to_first_groups():

@@ -1,5 +1,8 @@
 """Runtime: input checks, backend selection, the plan cache, the custom op, torch.compile."""
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -136,6 +139,24 @@ def test_cache_size_variable_is_checked(monkeypatch, text):
         cache._size_from_env()
     monkeypatch.setenv("DILATED_COMPILER_CACHE_SIZE", "5")
     assert cache._size_from_env() == 5
+
+
+def test_bad_cache_size_variable_fails_the_first_call_not_the_import(monkeypatch):
+    """The variable is read when the cache is first used: importing the package (and the CLI's --help) works, and
+    the first call reports the variable before compiling anything."""
+    from dilated_compiler.runtime import cache
+    env = {**os.environ, "DILATED_COMPILER_CACHE_SIZE": "0"}
+    result = subprocess.run([sys.executable, "-c", "import dilated_compiler"], env=env,
+                                          capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(cache, "_maxsize", None)
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_SIZE", "0")
+    runtime.clear_cache()
+    with pytest.raises(ValueError, match="DILATED_COMPILER_CACHE_SIZE .* integer >= 1; got '0'"):
+        compile_attention(SPEC, backend="torch")(*make_qkv(1, 16, 2, 8))
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_SIZE", "7")
+    info = runtime.cache_info()
+    assert info.misses == 0 and info.currsize == 0 and info.maxsize == 7  # nothing was compiled
 
 
 def test_cache_is_thread_safe():

@@ -296,6 +296,10 @@ def test_unsupported_dtype_and_head_dim():
         attn.kernel_source(16, 2, 16, dtype=torch.float64)
     with pytest.raises(BackendError, match="head_dim"):
         attn.kernel_source(16, 2, 512)
+    # the grids are (tiles, batch): CUDA takes at most 65535 in the second dimension
+    with pytest.raises(BackendError, match="one grid row per batch element .*65535.*got batch 65536"):
+        attn.kernel_source(16, 2, 16, batch=65536)
+    assert "@triton.jit" in attn.kernel_source(16, 2, 16, batch=65535)
 
 
 @st.composite

@@ -167,6 +167,10 @@ class Plan:
 # Passes. Each takes a plan and rewrites its graph in place.
 
 
+# all mode, symbolic H: the most (branch, offset) pairs planned; each costs about 0.4 s of sympy simplification
+MAX_SYMBOLIC_OFFSETS = 64
+
+
 def _head_sets(plan: Plan) -> list[tuple[int, int, Expr, Expr, int]]:
     """(branch, offset, head_start, head_count, head_step) for every set of heads that shares a branch and
     offset."""
@@ -174,8 +178,16 @@ def _head_sets(plan: Plan) -> list[tuple[int, int, Expr, Expr, int]]:
     G = spec.num_branches
     sets = []
     if spec.head_assignment == "all":
+        Hc = _as_int(H)
+        total = sum(b.dilation for b in spec.branches)
+        if Hc is None and total > MAX_SYMBOLIC_OFFSETS:
+            raise PlanError(
+                f"all mode with a symbolic head count plans one node per (branch, offset): the dilations "
+                f"{[b.dilation for b in spec.branches]} add up to {total}, more than {MAX_SYMBOLIC_OFFSETS}; "
+                f"give a head count (then only offsets below it are planned)")
         for i, b in enumerate(spec.branches):
-            for o in range(b.dilation):
+            # offset o gets heads o, o + r, ...: none when o >= H
+            for o in range(b.dilation if Hc is None else min(b.dilation, Hc)):
                 count = sympy.Max(0, sympy.ceiling((H - o) / sympy.Integer(b.dilation)))
                 sets.append((i, o, o, _simplify(count), b.dilation))
         return sets

@@ -44,7 +44,15 @@ def _size_from_env(variable: str = "DILATED_COMPILER_CACHE_SIZE") -> int:
                          ) from None
 
 
-_maxsize = _size_from_env()
+_maxsize: "int | None" = None  # read from the environment at first use, so a bad value fails a call, not the import
+
+
+def _limit() -> int:
+    """The cache's size; call with _lock held."""
+    global _maxsize
+    if _maxsize is None:
+        _maxsize = _size_from_env()
+    return _maxsize
 
 
 def register_spec(spec: AttentionSpec) -> str:
@@ -66,6 +74,7 @@ def lowered(spec_key: str, backend: str, q_shape: tuple, kv_heads: int, dtype: t
     """The lowered plan for these inputs, compiled on first use and cached."""
     key = (spec_key, backend, tuple(q_shape), kv_heads, dtype, device)
     with _lock:
+        _limit()  # a bad DILATED_COMPILER_CACHE_SIZE is reported before any work
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
@@ -79,14 +88,14 @@ def lowered(spec_key: str, backend: str, q_shape: tuple, kv_heads: int, dtype: t
         _stats["misses"] += 1
         _cache[key] = result
         _cache.move_to_end(key)
-        while len(_cache) > _maxsize:
+        while len(_cache) > _limit():
             _cache.popitem(last=False)
     return result
 
 
 def cache_info() -> CacheInfo:
     with _lock:
-        return CacheInfo(_stats["hits"], _stats["misses"], _maxsize, len(_cache))
+        return CacheInfo(_stats["hits"], _stats["misses"], _limit(), len(_cache))
 
 
 def clear_cache() -> None:

@@ -130,7 +130,7 @@ def _keys_allowed(rows_m, rows_n, L, kpm_base, pos0, r, CAUSAL: tl.constexpr, HA
 def _desc(base, pos0, r, stride_n, L, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     # a tensor descriptor over the L selected rows of one segment: row j at base + (pos0 + j*r) * stride_n
     return tl.make_tensor_descriptor(base + pos0.to(tl.int64) * stride_n, shape=[L, HEAD_DIM],
-                                     strides=[r * stride_n, 1], block_shape=[ROWS, BLOCK_D])
+                                     strides=[r.to(tl.int64) * stride_n, 1], block_shape=[ROWS, BLOCK_D])
 
 
 @triton.jit

@@ -117,6 +117,9 @@ _GLUON_TILES = TileConfig(gluon_hopper.BLOCK_M, gluon_hopper.BLOCK_N, 4, 2)
 _GLUON_BWD_TILES = TileConfig(gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP, 4, 2)
 
 
+_MAX_BATCH = 65535  # the kernels' grids are (tiles, batch); CUDA's limit on a grid's second dimension
+
+
 class TritonLowering:
     """A plan lowered to generated Triton kernels. See the module docstring."""
 
@@ -133,6 +136,9 @@ class TritonLowering:
         D = int(plan.head_dim)
         if D > _MAX_HEAD_DIM:
             raise BackendError(f"backend 'triton' supports head_dim up to {_MAX_HEAD_DIM}; got {D}")
+        if int(plan.batch) > _MAX_BATCH:
+            raise BackendError(f"backend 'triton' launches one grid row per batch element (CUDA allows "
+                               f"{_MAX_BATCH}); got batch {int(plan.batch)}: split the batch, or use backend 'torch'")
         self.plan = plan
         self.device = device
         self.dtype = dtype
