@@ -150,6 +150,15 @@ def test_factories():
     assert c.segment_lengths == [2048, 4096, 8192] and c.dilation_rates == [1, 2, 4]
     q, k, v = make_qkv(1, 16, 4, 8, dtype=torch.float64)
     torch.testing.assert_close(a(q, k, v), b(q, k, v))
+    # the "improved" kind keeps dropout and softmax_scale (the old config names)
+    d = compat.create_dilated_attention("improved", [8, 16], [1, 2], dropout=0.1, softmax_scale=0.3, backend="torch")
+    assert type(d) is compat.ImprovedDilatedAttention and d.dropout == 0.1
+    d.eval()
+    torch.testing.assert_close(d(q, k, v), compat.DilatedAttention([8, 16], [1, 2], softmax_scale=0.3,
+                                                                   backend="torch")(q, k, v))
+    assert not torch.allclose(d(q, k, v), a(q, k, v))
+    with pytest.raises(RuntimeError, match=r"attention_dropout \(0.1\) in training"):
+        d.train()(q, k, v)
 
     m = compat.create_multihead_dilated_attention("standard", embed_dim=32, num_heads=4, segment_lengths=[8, 16],
                                                   dilation_rates=[1, 2], layer_norm=False, backend="torch")

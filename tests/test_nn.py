@@ -448,3 +448,16 @@ def test_gpu_dilated_mha_auto_backend(case):
         scale = named["v_proj.bias"][1].norm() if name == "k_proj.bias" else e.norm()
         rel = ((a - e).norm() / scale).item()
         assert rel <= TOLERANCES[torch.bfloat16]["rtol"], f"grad of {name}: relative error {rel:.3g} (norm)"
+
+
+def test_float_mask_with_a_bias_below_the_diagonal_is_not_causal():
+    """-inf above the diagonal and a bias below it is not the causal mask: the layer refuses it, not drops the bias."""
+    from dilated_compiler.nn import is_causal_mask
+    mask = torch.zeros(4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf"))
+    assert is_causal_mask(mask, 4)
+    mask[2, 0] = 0.5
+    assert not is_causal_mask(mask, 4)
+    mha = DilatedMultiheadAttention(16, 2, {"branches": [{"segment_length": 4}]}, backend="torch")
+    x = torch.randn(1, 4, 16)
+    with pytest.raises(ValueError, match="cannot honour this attn_mask"):
+        mha(x, x, x, attn_mask=mask)

@@ -43,6 +43,27 @@ def test_four_branch_flops_at_64k():
     assert plan.flops == expected
     assert plan.flops_backward == expected * 5 // 2
     assert plan.attended_pairs == sum(4 * (65536 // w) * 2048 ** 2 for w in (2048, 4096, 8192, 16384))
+    # bytes moved: per head and selected row, q, k, v and out (4 D elements of 2 bytes) and the float32 lse
+    assert plan.bytes == sum(4 * (65536 // w) * 2048 * (4 * 128 * 2 + 4) for w in (2048, 4096, 8192, 16384))
+
+
+def test_verify_rejects_broken_plans():
+    """The planner's self-check fires: a node whose rows run past its segment, and a head covered twice."""
+    from dilated_compiler.planner.plan import verify
+    plan = build_plan(AttentionSpec((Branch(8, 1), Branch(16, 2))), 32, 2, 16)
+    verify(plan)
+    g = plan.graph
+    name = next(n for n in g.nodes if g.nodes[n]["op"] == "attend" and g.nodes[n]["attend"].region == "full")
+    a = g.nodes[name]["attend"]
+    g.nodes[name]["attend"] = a.replace(rows=int(a.rows) + 1)
+    with pytest.raises(AssertionError, match="rows run past the segment"):
+        verify(plan)
+    g.nodes[name]["attend"] = a
+    g.add_node("dup", op="attend", attend=a.replace(name="dup"))
+    g.add_edge("inputs", "dup")
+    g.add_edge("dup", plan.combine)
+    with pytest.raises(AssertionError, match="covered 2 times"):
+        verify(plan)
 
 
 @pytest.mark.parametrize("mode", ["grouped", "all"])

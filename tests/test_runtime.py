@@ -159,6 +159,18 @@ def test_bad_cache_size_variable_fails_the_first_call_not_the_import(monkeypatch
     assert info.misses == 0 and info.currsize == 0 and info.maxsize == 7  # nothing was compiled
 
 
+def test_cache_key_has_the_device():
+    """The same spec, shape and dtype on another device is another plan (a Triton lowering for CUDA can be built,
+    not run, without a GPU)."""
+    from dilated_compiler.runtime.cache import lowered
+    runtime.clear_cache()
+    attn = compile_attention(SPEC, backend="triton")
+    on_cpu = lowered(attn.spec_key, "triton", (1, 64, 2, 16), 2, torch.float16, torch.device("cpu"))
+    on_cuda = lowered(attn.spec_key, "triton", (1, 64, 2, 16), 2, torch.float16, torch.device("cuda"))
+    assert on_cpu is not on_cuda and (on_cpu.device.type, on_cuda.device.type) == ("cpu", "cuda")
+    assert runtime.cache_info().misses == 2
+
+
 def test_cache_is_thread_safe():
     """Threads sharing the cache get right results and consistent counts. (Under the GIL, CPython 3.11 switches
     threads only at calls and backward jumps, so the dict updates the lock guards do not interleave here: this

@@ -265,3 +265,13 @@ def test_random_yaml_documents_raise_only_spec_error(value):
         load_spec(text)
     except SpecError:
         pass
+
+
+def test_bounds_are_exact():
+    """The documented bounds, at their edges: segment lengths up to 2**40, a scale above 0."""
+    assert load_spec({"branches": [{"segment_length": 2 ** 40, "dilation": 2 ** 40}]}).branches[0].dilation == 2 ** 40
+    with pytest.raises(SpecError, match="segment_length"):
+        load_spec({"branches": [{"segment_length": 2 ** 40 + 1}]})
+    with pytest.raises(SpecError, match="scale"):
+        load_spec({"branches": [{"segment_length": 8}], "scale": 0})
+    assert load_spec({"branches": [{"segment_length": 8}], "scale": 1e-300}).scale == 1e-300

@@ -150,6 +150,17 @@ def test_half_precision_gradients_are_summed_in_float32_only_where_rows_get_seve
     check_against_reference(attn, spec, *(x.requires_grad_() for x in (q, k, v)))
 
 
+def test_half_precision_all_mode_forward_merges_in_float32():
+    # "all" mode adds the branches' weighted outputs into a float32 (B, N, H, D) buffer, cast once at the end
+    B, N, H, D = 1, 48, 4, 8
+    spec = AttentionSpec((Branch(16, 2), Branch(48, 4)), head_assignment="all")
+    lowering = TorchLowering(build_plan(spec, N, H, D), torch.device("cpu"), torch.bfloat16)
+    q, k, v = make_qkv(B, N, H, D, dtype=torch.bfloat16)
+    with _Storages() as fwd:
+        out, _, _ = lowering.forward(q, k, v)
+    assert ((B, N, H, D), torch.float32) in fwd.zeros and out.dtype == torch.bfloat16
+
+
 def _head_dim_strided(t: torch.Tensor) -> torch.Tensor:
     """t (B, N, H, D) with the same values laid out as (B, N, D, H): head_dim's stride is H, not 1 (as a permuted
     (B, C, N) feature map gives)."""

@@ -351,6 +351,28 @@ def test_zero_fill_spans(case):
 
 
 @given(grouped_tables())
+@settings(max_examples=300, deadline=None)
+def test_tile_table_phases(case):
+    """The phases a program walks: every partner row a tile's rows may attend lies in [lo, hi), and the unmasked
+    phase [mid, full_end) holds only rows below L whose every pair with the tile's rows is allowed (the kernels
+    apply no mask there). The interpreter tests reach these bounds only where a segment has several tiles."""
+    from dilated_compiler.lowering.triton.tables import tile_table
+    from dilated_compiler.planner import build_plan
+    spec, heads, seq, kind, block, partner = case
+    for head, _, _, L, row0, lo, mid, full_end, hi, *_ in tile_table(build_plan(spec, seq, heads, 8), kind, block,
+                                                                      partner).tolist():
+        own = range(row0, min(row0 + block, L))
+        assert 0 <= lo <= mid <= full_end <= hi <= L
+        for p in range(mid, full_end):
+            for o in own:
+                q_row, k_row = (o, p) if kind == "q" else (p, o)
+                assert not spec.causal or k_row <= q_row, (kind, row0, p)
+        for o in own:
+            allowed = [p for p in range(L) if not spec.causal or (p <= o if kind == "q" else p >= o)]
+            assert all(lo <= p < hi for p in allowed), (kind, row0, o)
+
+
+@given(grouped_tables())
 @settings(max_examples=200, deadline=None)
 def test_tile_table_order(case):
     """tile_table: the tiles of one (segment, head) are adjacent and heaviest first; the groups come heaviest first
@@ -541,6 +563,23 @@ def test_autotune_choose_caches_per_device_and_key(tmp_path, monkeypatch):
     assert autotune.choose("GPU X", "fwd|k9", [b], untimed) == b
     monkeypatch.setenv("DILATED_COMPILER_AUTOTUNE", "0")
     assert autotune.choose("GPU X", "fwd|k1", [a, b, c], untimed) == a
+
+
+def test_autotune_key_has_every_fact_that_picks_a_config():
+    """A config tuned for one kind of call is not reused for another: the key differs in the pass, a key padding
+    mask, the spec, head_dim, dtype, grouped-query attention and the shape bucket."""
+    from dilated_compiler.lowering.triton.lowering import TritonLowering
+    from dilated_compiler.planner import build_plan
+
+    def key(spec=AttentionSpec((Branch(16, 1),)), N=64, H=2, D=16, kv=None, dtype=torch.float16, pass_name="fwd",
+            batch=1, kpm=False):
+        low = TritonLowering(build_plan(spec, N, H, D, kv_heads=kv), torch.device("cpu"), dtype)
+        return low._tune_key(pass_name, batch, kpm)
+
+    base = key()
+    others = [key(pass_name="dq"), key(kpm=True), key(spec=AttentionSpec((Branch(16, 2),))), key(D=32),
+              key(dtype=torch.bfloat16), key(kv=1), key(N=1 << 20)]
+    assert base == key() and len({base, *others}) == 1 + len(others)
 
 
 def test_autotune_shape_buckets():

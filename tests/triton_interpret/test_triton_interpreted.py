@@ -89,6 +89,18 @@ def test_gqa_and_key_padding(mode):
     assert torch.isneginf(lse[0, :, :8]).all() and (out[0, :8] == 0).all()
 
 
+@pytest.mark.parametrize("causal,seq", [(False, 48), (True, 64)])
+def test_key_padding_in_unmasked_tiles(causal, seq):
+    # one segment of several 16-row tiles, so the middle phase (no position or causal mask) runs with a padding
+    # mask: it must still apply that mask (the other padding tests have segments of at most 8 selected rows)
+    spec = AttentionSpec((Branch(seq, 1),), causal=causal)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(2, seq, 2, 16, requires_grad=True)
+    mask = torch.zeros(2, seq, dtype=torch.bool)
+    mask[1, 5::3] = True
+    check_against_reference(attn, spec, q, k, v, key_padding_mask=mask)
+
+
 def test_gqa_single_kv_head_fp16_no_lse_grad():
     spec = AttentionSpec((Branch(16, 1), Branch(32, 2)), causal=True)
     attn = compile_attention(spec, backend="triton")
