@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from dilated_compiler import build_plan, cli, compile_attention, load_spec, reference
+from dilated_compiler import draw
 from dilated_compiler.draw import MAX_SEQ_LEN, figure_size_px, panels
+from dilated_compiler.spec import AttentionSpec, Branch
 from dilated_compiler import lowering
 from dilated_compiler.lowering import base as lowering_base
 from dilated_compiler.planner import PASSES
@@ -419,3 +421,65 @@ def test_python_dash_m(tmp_path, small):
     assert result.returncode == 1
     assert result.stdout.strip() == f"ok: {small}"
     assert "missing.yaml: error: spec file" in result.stderr and "Traceback" not in result.stderr
+
+
+def _errors_line(out):
+    return next(l for l in out.splitlines() if l.startswith("max abs"))
+
+
+# in all mode the reference budget counts every branch of a head
+def test_cli_run_caps_reference_per_branch_in_all_mode(capsys, tmp_path, monkeypatch):
+    path = tmp_path / "small-all.yaml"
+    path.write_text(SMALL_ALL)
+    monkeypatch.setattr(cli, "REF_BUDGET_BYTES", 48 * 4 * 2 * 40 * 40)  # 4 heads x 2 branches per head
+    code = cli.main(["run", str(path), "-n", "128", "--heads", "4", "--head-dim", "8", "--repeats", "1",
+                     "--device", "cpu", "--dtype", "fp32"])
+    out = capsys.readouterr().out
+    assert code == 0 and "(N=40, the first 40 positions" in _errors_line(out)
+
+
+# the '% of dense attention' figure halves the dense cost for causal specs
+def test_cli_run_dense_fraction_causal(capsys, tmp_path):
+    path = tmp_path / "small-all.yaml"
+    path.write_text(SMALL_ALL)
+    code = cli.main(["run", str(path), "-n", "64", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+                     "--device", "cpu", "--no-check"])
+    out = capsys.readouterr().out
+    plan = build_plan(load_spec(SMALL_ALL), 64, 2, 8)
+    dense = 4 * 1 * 2 * 8 * 64 ** 2 // 2
+    pct = float(re.search(r"\(([\d.e+-]+)% of dense attention\)", out).group(1))
+    assert code == 0 and pct == pytest.approx(100 * plan.flops / dense, rel=1e-2)
+
+
+# more than MAX_PANELS panels is refused, exactly MAX_PANELS is drawn
+def test_draw_panel_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(draw, "MAX_PANELS", 2)
+    two = AttentionSpec((Branch(4, 1), Branch(8, 2)), head_assignment="grouped")
+    three = AttentionSpec((Branch(4, 1), Branch(8, 2), Branch(16, 4)), head_assignment="grouped")
+    assert draw.draw_pattern(two, 16, tmp_path / "a.png")["panels"] == 2
+    with pytest.raises(draw.DrawError, match=r"3 panels \(more than 2\)"):
+        draw.draw_pattern(three, 16, tmp_path / "b.png")
+
+
+# block-averaged cells: 0 where nothing is attended, else 0.35 + 0.65 * fraction
+def test_draw_cells_shading():
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[0, 0] = True
+    cells = draw._cells(mask, 4)
+    assert cells.shape == (4, 4) and cells[0, 0].item() == pytest.approx(0.35 + 0.65 * 0.25)
+    assert (cells.flatten()[1:] == 0).all()
+
+
+# all mode draws 8 heads by default
+def test_draw_default_heads_all_mode(capsys, tmp_path):
+    code = cli.main(["draw", str(SPECS / "longnet-all.yaml"), "-n", "256", "--scale", "128", "-o",
+                     str(tmp_path / "x.png")])
+    out = capsys.readouterr().out
+    assert code == 0 and "(8 panels" in out  # h % r distinct for h < 12: one panel per head
+
+
+# scaling a segment below its dilation is a DrawError naming the scale factor
+def test_draw_scale_below_dilation(tmp_path):
+    with pytest.raises(draw.DrawError, match=r"cannot scale down by 4: branches\[0\]: segment_length 8 / 4 must be "
+                                             r"a whole number >= dilation 4"):
+        draw.draw_pattern(AttentionSpec((Branch(8, 4),)), 16, tmp_path / "x.png", scale=4)

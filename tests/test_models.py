@@ -179,3 +179,78 @@ def test_model_errors():
         LongNet(d_model=16, nhead=2, num_encoder_layers=0, num_decoder_layers=1, dim_feedforward=32)
     with pytest.raises(ValueError, match=r"num_decoder_layers: got 0; allowed: an integer >= 1"):
         LongNet(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=0, dim_feedforward=32)
+
+
+# LongNetLM embedding init and xpos positions
+def test_lm_embedding_init_and_xpos_position():
+    torch.manual_seed(0)
+    lm = LongNetLM(1000, dim=256, depth=1, heads=4, segment_lengths=(8,), dilation_rates=(1,), backend="torch")
+    assert lm.embed.weight.std().item() == pytest.approx(256 ** -0.5, rel=0.03)
+    assert lm.layers[0].self_attn.rotary.xpos_scale_base is None
+    tiny = dict(dim=16, depth=1, heads=2, segment_lengths=(4, 16), dilation_rates=(1, 4), backend="torch")
+    torch.manual_seed(0)
+    rot = LongNetLM(40, **tiny)
+    torch.manual_seed(0)
+    xpos = LongNetLM(40, position="xpos", **tiny)
+    assert xpos.layers[0].self_attn.rotary.xpos_scale_base == 512.0
+    tokens = torch.randint(0, 40, (1, 24))
+    assert not torch.allclose(rot(tokens), xpos(tokens))
+
+
+# LongNet forward is the composition encoder stack -> encoder_norm -> decoder stack -> decoder_norm
+def test_longnet_forward_is_the_layer_composition():
+    torch.manual_seed(0)
+    net = LongNet(16, 2, 2, 2, 32, (4, 8), (1, 2), backend="torch").eval()
+    src, tgt = torch.randn(2, 14, 16), torch.randn(2, 9, 16)
+    skpm = torch.zeros(2, 14, dtype=torch.bool)
+    skpm[1, 10:] = True
+    with torch.no_grad():
+        m = src
+        for layer in net.encoder_layers:
+            m = layer(m, src_key_padding_mask=skpm)
+        m = F.layer_norm(m, (16,), net.encoder_norm.weight, net.encoder_norm.bias, net.encoder_norm.eps)
+        x = tgt
+        for layer in net.decoder_layers:
+            x = layer(x, m, memory_key_padding_mask=skpm)
+        x = F.layer_norm(x, (16,), net.decoder_norm.weight, net.decoder_norm.bias, net.decoder_norm.eps)
+        torch.testing.assert_close(net(src, tgt, src_key_padding_mask=skpm), x)
+
+
+# LongNet(encoder_causal=True) makes the encoder causal
+def test_longnet_encoder_causal():
+    torch.manual_seed(0)
+    net = LongNet(16, 2, 1, 1, 32, (4, 8), (1, 2), encoder_causal=True, backend="torch").eval()
+    assert net.encoder_layers[0].spec.causal
+    src = torch.randn(1, 16, 16)
+    src2 = src.clone()
+    src2[:, 10:] += 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(net.encode(src)[:, :10], net.encode(src2)[:, :10])
+
+
+# LongNetLM(num_kv_heads=...) reaches every layer (grouped-query attention)
+def test_lm_num_kv_heads():
+    lm = LongNetLM(40, dim=16, depth=2, heads=4, segment_lengths=(4, 16), dilation_rates=(1, 4), num_kv_heads=2,
+                   backend="torch")
+    for layer in lm.layers:
+        assert layer.self_attn.num_kv_heads == 2 and layer.self_attn.k_proj.weight.shape == (8, 16)
+    assert lm(torch.randint(0, 40, (1, 12))).shape == (1, 12, 40)
+
+
+# LongNet(checkpointing=True) recomputes encoder and decoder layers in backward, same gradients
+def test_longnet_checkpointing_recomputes_and_matches():
+    src, tgt = torch.randn(2, 12, 16), torch.randn(2, 8, 16)
+    grads, calls = [], []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        net = LongNet(16, 2, 1, 1, 32, (4, 8), (1, 2), dropout=0.1, checkpointing=ckpt, backend="torch").train()
+        count = [0, 0]
+        net.encoder_layers[0].ffn.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        net.decoder_layers[0].ffn.register_forward_hook(lambda *_: count.__setitem__(1, count[1] + 1))
+        torch.manual_seed(5)
+        net(src, tgt).square().sum().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+        calls.append(count)
+    assert calls == [[1, 1], [2, 2]]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

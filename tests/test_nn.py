@@ -461,3 +461,78 @@ def test_float_mask_with_a_bias_below_the_diagonal_is_not_causal():
     x = torch.randn(1, 4, 16)
     with pytest.raises(ValueError, match="cannot honour this attn_mask"):
         mha(x, x, x, attn_mask=mask)
+
+
+# MultiheadCrossAttention(scale=...) must reach SDPA
+def test_cross_attention_honours_scale():
+    torch.manual_seed(0)
+    m = MultiheadCrossAttention(16, 2, scale=0.05, dtype=F64)
+    q, mem = torch.randn(2, 5, 16, dtype=F64), torch.randn(2, 7, 16, dtype=F64)
+    B, Nq, Nk, H, D = 2, 5, 7, 2, 8
+    qp = F.linear(q, m.q_proj.weight, m.q_proj.bias).view(B, Nq, H, D)
+    kp = F.linear(mem, m.k_proj.weight, m.k_proj.bias).view(B, Nk, H, D)
+    vp = F.linear(mem, m.v_proj.weight, m.v_proj.bias).view(B, Nk, H, D)
+    p = (torch.einsum("bihd,bjhd->bhij", qp, kp) * 0.05).softmax(-1)
+    o = torch.einsum("bhij,bjhd->bihd", p, vp).reshape(B, Nq, 16)
+    ref = F.linear(m.sub_ln(o), m.out_proj.weight, m.out_proj.bias)
+    torch.testing.assert_close(m(q, mem, mem)[0], ref)
+
+
+# encoder layer's is_causal must reach the attention
+def test_encoder_layer_is_causal_runs_the_causal_spec():
+    torch.manual_seed(0)
+    layer = DilatedTransformerEncoderLayer(16, 2, ALL, 32, dropout=0.0, dtype=F64, backend="torch")
+    causal = DilatedTransformerEncoderLayer(16, 2, dataclasses.replace(ALL, causal=True), 32, dropout=0.0,
+                                            dtype=F64, backend="torch")
+    causal.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 20, 16, dtype=F64)
+    torch.testing.assert_close(layer(x, is_causal=True), causal(x))
+    assert not torch.allclose(layer(x, is_causal=True), layer(x))
+
+
+# decoder layer's memory_is_causal must reach the cross attention
+def test_decoder_layer_memory_is_causal_reaches_cross_attention():
+    torch.manual_seed(0)
+    layer = DilatedTransformerDecoderLayer(16, 2, ALL, 32, dropout=0.0, dtype=F64, backend="torch").eval()
+    tgt, mem = torch.randn(2, 10, 16, dtype=F64), torch.randn(2, 10, 16, dtype=F64)
+    mem2 = mem.clone()
+    mem2[:, 6:] += 3.0
+    a, b = layer(tgt, mem, memory_is_causal=True), layer(tgt, mem2, memory_is_causal=True)
+    torch.testing.assert_close(a[:, :6], b[:, :6])  # query i sees memory j <= i only
+    assert not torch.allclose(layer(tgt, mem)[:, :6], layer(tgt, mem2)[:, :6])
+
+
+# FeedForward applies its dropout (between act and the sub-LN) in training
+def test_feed_forward_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    ffn = FeedForward(16, 32, dropout=0.5)
+    x = torch.randn(4, 16)
+    ffn.eval()
+    ref = ffn(x)
+    ffn.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(ffn(x), ref)
+    ffn.eval()
+    torch.testing.assert_close(ffn(x), ref, rtol=0, atol=0)
+
+
+# the decoder applies residual dropout on all three branches (self, cross, ffn)
+def test_decoder_layer_residual_dropout_on_every_branch():
+    calls = []
+    for cls, args in ((DilatedTransformerEncoderLayer, ()), (DilatedTransformerDecoderLayer, (torch.randn(2, 5, 16),))):
+        layer = cls(16, 2, ALL, 32, dropout=0.0, backend="torch")
+        count = [0]
+        layer.dropout.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        layer(torch.randn(2, 8, 16), *args)
+        calls.append(count[0])
+    assert calls == [2, 3]
+
+
+# query/key batch mismatch is a clear ValueError (not a view RuntimeError deep inside)
+def test_batch_mismatch_is_a_clear_error():
+    from dilated_compiler.nn import DilatedMultiheadAttention
+    q, kv = torch.randn(2, 5, 16), torch.randn(1, 5, 16)
+    for m in (MultiheadCrossAttention(16, 2),
+              DilatedMultiheadAttention(16, 2, AttentionSpec((Branch(4, 1),)), backend="torch")):
+        with pytest.raises(ValueError, match=r"query, key, value must share the batch size; got \(2, 1, 1\)"):
+            m(q, kv, kv)

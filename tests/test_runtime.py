@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import dilated_compiler as dc
-from dilated_compiler import AttentionSpec, Branch, compile_attention, runtime
+from dilated_compiler import AttentionSpec, Branch, compile_attention, reference, runtime
 from dilated_compiler.lowering import BackendError
 from dilated_compiler.planner import PlanError
+from dilated_compiler.runtime import module as rt_module
 from dilated_compiler.runtime import op as ops
 from conftest import make_qkv
 
@@ -308,3 +309,33 @@ def test_second_order_gradients_are_an_error():
     (g,) = torch.autograd.grad(attn(q, k, v).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match=r"dilated_compiler.attention_backward.*no autograd formula"):
         torch.autograd.grad(g.sum(), q)
+
+
+# "auto" on a CUDA device falls back to torch when Triton is unavailable (no GPU needed: just a device object)
+def test_auto_backend_on_cuda_without_triton_is_torch(monkeypatch):
+    monkeypatch.setattr(rt_module, "_triton_available", lambda: False)
+    assert rt_module.resolve_backend("auto", torch.device("cuda")) == "torch"
+    monkeypatch.setattr(rt_module, "_triton_available", lambda: True)
+    assert rt_module.resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+# a loss on lse alone (no gradient reaches out) backpropagates, matching the reference
+def test_gradient_of_lse_alone():
+    spec = AttentionSpec((Branch(4, 1), Branch(8, 2)), head_assignment="grouped")
+    attn = compile_attention(spec, backend="torch")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 2, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    _, lse = attn(q, k, v, return_lse=True)
+    grads = torch.autograd.grad(torch.where(torch.isinf(lse), 0, lse).sum(), (q, k))
+    _, ref_lse = reference.attention(q, k, v, spec, return_lse=True)
+    ref = torch.autograd.grad(torch.where(torch.isinf(ref_lse), 0, ref_lse).sum(), (q, k))
+    for a, e in zip(grads, ref):
+        torch.testing.assert_close(a, e)
+
+
+# a key padding mask on another device than q is refused
+def test_key_padding_mask_on_another_device():
+    attn = compile_attention(AttentionSpec((Branch(4, 1),)), backend="torch")
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match=r"key_padding_mask is on meta, the inputs on cpu"):
+        attn(q, q, q, key_padding_mask=torch.zeros(1, 8, dtype=torch.bool, device="meta"))
