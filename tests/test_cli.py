@@ -263,10 +263,15 @@ def test_cuda_requested_without_cuda(capsys, small):
 # ---- run -----------------------------------------------------------------------------------------------------
 
 
+def _errors_line(out):
+    """run's heading line of the reference check ("max abs error against ...")."""
+    return next(l for l in out.splitlines() if l.startswith("max abs"))
+
+
 def _errors(out):
     """The error figures run prints: {name: value}."""
-    line = out.splitlines()[out.splitlines().index(next(l for l in out.splitlines() if l.startswith("max abs")))
-                            + 1]
+    lines = out.splitlines()
+    line = lines[lines.index(_errors_line(out)) + 1]
     return {name: float(value) for name, value in re.findall(r"(out|lse|dq|dk|dv) (\S+)", line)}
 
 
@@ -421,10 +426,6 @@ def test_python_dash_m(tmp_path, small):
     assert result.returncode == 1
     assert result.stdout.strip() == f"ok: {small}"
     assert "missing.yaml: error: spec file" in result.stderr and "Traceback" not in result.stderr
-
-
-def _errors_line(out):
-    return next(l for l in out.splitlines() if l.startswith("max abs"))
 
 
 # in all mode the reference budget counts every branch of a head
