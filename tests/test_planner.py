@@ -4,6 +4,7 @@ import networkx as nx
 import pytest
 import sympy
 import torch
+from hypothesis import given, settings, strategies as st
 
 from dilated_compiler import AttentionSpec, Branch, PlanError, build_plan, compile_attention, reference
 from dilated_compiler.planner import PASSES
@@ -93,6 +94,45 @@ def test_symbolic_heads():
     H = sympy.Symbol("H", integer=True, positive=True)
     for h in (3, 4, 5, 7, 11):
         assert sym.flops.subs(H, h) == build_plan(spec, 64, h, 8).flops
+
+
+@st.composite
+def _symbolic_cases(draw):
+    """A spec (either mode, offsets, causal) and concrete shapes to substitute into its fully symbolic plan."""
+    mode = draw(st.sampled_from(["grouped", "all"]))
+    branches = []
+    for _ in range(draw(st.integers(1, 3))):
+        w = draw(st.integers(1, 24))
+        r = draw(st.integers(1, min(w, 5)))
+        off = draw(st.one_of(st.none(), st.integers(0, r - 1))) if mode == "grouped" else None
+        branches.append(Branch(w, r, off))
+    spec = AttentionSpec(tuple(branches), head_assignment=mode, causal=draw(st.booleans()))
+    heads = draw(st.integers(len(branches) if mode == "grouped" else 1, 9))
+    return spec, draw(st.integers(1, 80)), heads, draw(st.integers(1, 4)), draw(st.integers(1, 3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_symbolic_cases())
+def test_symbolic_plan_at_random_shapes(case):
+    """Every cost of a fully symbolic plan (N, H, D, B symbols), at concrete values, is the concrete plan's; and
+    the pairs are those of the reference's masks, so the symbolic head counts (ceiling((H - i) / G) in grouped
+    mode, ceiling((H - o) / r) per offset in all mode) and tail rows (ceiling((N mod w - o) / r)) hold for ragged
+    N, head counts not divisible by the branches, and offsets beyond the tail or the heads."""
+    spec, n, heads, d, batch = case
+    sym = build_plan(spec, None, None, None, batch=None)
+    concrete = build_plan(spec, n, heads, d, batch=batch)
+    values = {sympy.Symbol(name, integer=True, positive=True): v
+              for name, v in (("N", n), ("H", heads), ("D", d), ("B", batch))}
+    for cost in ("flops", "flops_backward", "bytes", "attended_pairs"):
+        at = sympy.sympify(getattr(sym, cost)).subs(values)
+        assert at.is_Integer and int(at) == getattr(concrete, cost), cost
+    assert concrete.attended_pairs == _pairs_by_mask(spec, n, heads)
+    # node by node: the nodes the concrete plan keeps, with the same head sets and rows
+    by_name = {a.name: a for a in sym.attend_ops}
+    for a in concrete.attend_ops:
+        s = by_name[a.name]
+        for field in ("head_start", "head_count", "num_segments", "rows", "start", "extent"):
+            assert sympy.sympify(getattr(s, field)).subs(values) == getattr(a, field), (a.name, field)
 
 
 def test_ragged_tail_nodes():

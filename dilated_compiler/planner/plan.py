@@ -34,10 +34,13 @@ class PlanError(ValueError):
 
 
 def _simplify(x: Expr) -> Expr:
-    if isinstance(x, sympy.Basic):
-        x = sympy.simplify(x)
-        if x.is_Integer:
-            return int(x)
+    """An int where ``x`` is an integer; otherwise ``x`` as sympy's automatic evaluation left it.
+
+    The planner builds its expressions in forms that need no further simplification (``ceiling``, ``floor`` and
+    ``Mod`` of the shape symbols, no redundant ``Max`` or ``Piecewise``), so ``sympy.simplify`` is never called: on
+    a sum over many nodes it took seconds per property for no shorter result."""
+    if isinstance(x, sympy.Basic) and x.is_Integer:
+        return int(x)
     return x
 
 
@@ -167,7 +170,7 @@ class Plan:
 # Passes. Each takes a plan and rewrites its graph in place.
 
 
-# all mode, symbolic H: the most (branch, offset) pairs planned; each costs about 0.4 s of sympy simplification
+# all mode, symbolic H: the most (branch, offset) pairs planned (each is a node with its own cost expressions)
 MAX_SYMBOLIC_OFFSETS = 64
 
 
@@ -186,16 +189,17 @@ def _head_sets(plan: Plan) -> list[tuple[int, int, Expr, Expr, int]]:
                 f"{[b.dilation for b in spec.branches]} add up to {total}, more than {MAX_SYMBOLIC_OFFSETS}; "
                 f"give a head count (then only offsets below it are planned)")
         for i, b in enumerate(spec.branches):
-            # offset o gets heads o, o + r, ...: none when o >= H
+            # offset o gets heads o, o + r, ... below H: ceiling((H - o) / r) of them, which is 0 when o >= H
+            # (H >= 1 and o < r keep the quotient above -1)
             for o in range(b.dilation if Hc is None else min(b.dilation, Hc)):
-                count = sympy.Max(0, sympy.ceiling((H - o) / sympy.Integer(b.dilation)))
+                count = sympy.ceiling((H - o) / sympy.Integer(b.dilation))
                 sets.append((i, o, o, _simplify(count), b.dilation))
         return sets
     for i, b in enumerate(spec.branches):
-        base = sympy.floor(H / sympy.Integer(G))
-        rem = sympy.Mod(H, G)
-        start = i * base + sympy.Min(i, rem)
-        count = base + sympy.Piecewise((1, sympy.Integer(i) < rem), (0, True))
+        # H heads split into G contiguous groups, the first H mod G of them one head larger:
+        # group i has ceiling((H - i) / G) heads and starts after i * floor(H / G) + min(i, H mod G) of them
+        start = i * sympy.floor(H / sympy.Integer(G)) + sympy.Min(i, sympy.Mod(H, G))
+        count = sympy.ceiling((H - i) / sympy.Integer(G))
         offset = b.offset if b.offset is not None else i % b.dilation
         sets.append((i, offset, _simplify(start), _simplify(count), 1))
     return sets
@@ -229,11 +233,12 @@ def split_ragged(plan: Plan) -> None:
         a: AttendOp = g.nodes[name]["attend"]
         w = sympy.Integer(a.segment_length)
         full = _simplify(sympy.floor(N / w))
-        tail = _simplify(N - full * w)
-        tail_rows = _simplify(sympy.Max(0, sympy.ceiling((tail - a.offset) / sympy.Integer(a.dilation))))
+        tail = _simplify(sympy.Mod(N, w))
+        # positions offset, offset + r, ... below the tail's length: 0 when offset >= tail (0 <= tail, offset < r)
+        tail_rows = _simplify(sympy.ceiling((tail - a.offset) / sympy.Integer(a.dilation)))
         parts = [
             a.replace(name=f"{a.name}_full", region="full", start=0, num_segments=full),
-            a.replace(name=f"{a.name}_tail", region="tail", start=_simplify(full * w), num_segments=1,
+            a.replace(name=f"{a.name}_tail", region="tail", start=_simplify(N - tail), num_segments=1,
                       extent=tail, rows=tail_rows),
         ]
         g.remove_node(name)
