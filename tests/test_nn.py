@@ -402,6 +402,57 @@ def test_encoder_layer_inside_nn_transformer_encoder_with_float_padding_mask():
         layer.self_attn(x, x, x, key_padding_mask=torch.full((2, 12), 0.5))
 
 
+def test_masks_under_fullgraph_compile_in_nn_transformer_encoder():
+    """torch.compile(fullgraph=True) of nn.TransformerEncoder over the layer: the padding mask the encoder turns into
+    float 0 / -inf and the standard causal mask are checked in the graph (no data-dependent graph break), give the
+    eager results, and a mask that is not the causal one still raises, with the eager error's message."""
+    torch.manual_seed(0)
+    layer = DilatedTransformerEncoderLayer(16, 2, ALL, 32, dropout=0.0, backend="torch")
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 12, 16)
+    kpm = torch.zeros(2, 12, dtype=torch.bool)
+    kpm[1, 6:] = True
+    causal = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    compiled = torch.compile(enc, fullgraph=True)
+    for mask, is_causal in ((None, False), (causal, True)):
+        torch.testing.assert_close(compiled(x, mask=mask, src_key_padding_mask=kpm, is_causal=is_causal),
+                                   enc(x, mask=mask, src_key_padding_mask=kpm, is_causal=is_causal))
+    bad = causal.clone()
+    bad[3, 1] = True
+    message = r"cannot honour this attn_mask \(torch.float32 \(12, 12\)\); a dilated pattern supports"
+    with pytest.raises(ValueError, match=message):
+        enc(x, mask=bad, src_key_padding_mask=kpm)
+    with pytest.raises(RuntimeError, match=message):
+        compiled(x, mask=bad, src_key_padding_mask=kpm)
+    # a float padding mask other than 0 / -inf, given to the attention directly
+    attend = torch.compile(lambda x, m: layer.self_attn(x, x, x, key_padding_mask=m)[0], fullgraph=True)
+    ninf = torch.zeros(2, 12).masked_fill(kpm, float("-inf"))
+    torch.testing.assert_close(attend(x, ninf), layer.self_attn(x, x, x, key_padding_mask=kpm)[0])
+    with pytest.raises(RuntimeError, match=r"a float key_padding_mask may hold only 0 \(keep\) and -inf"):
+        attend(x, torch.zeros(2, 12).masked_fill(kpm, -1e9))
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_masks_under_fullgraph_compile():
+    """As the CPU test above, on CUDA with backend "auto" (the Triton kernels): under torch.compile(fullgraph=True)
+    the encoder's float padding mask and the causal mask are checked in the graph and give the eager results.
+    (A failing mask there is a device-side assertion, which would end the process's CUDA context: not run.)"""
+    torch.manual_seed(0)
+    layer = DilatedTransformerEncoderLayer(64, 4, ALL, 128, dropout=0.0, device="cuda", dtype=torch.bfloat16)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 200, 64, device="cuda", dtype=torch.bfloat16)
+    kpm = torch.zeros(2, 200, dtype=torch.bool, device="cuda")
+    kpm[1, 150:] = True
+    causal = torch.ones(200, 200, dtype=torch.bool, device="cuda").triu(1)
+    compiled = torch.compile(enc, fullgraph=True)
+    with torch.no_grad():
+        for mask, is_causal in ((None, False), (causal, True)):
+            torch.testing.assert_close(compiled(x, mask=mask, src_key_padding_mask=kpm, is_causal=is_causal),
+                                       enc(x, mask=mask, src_key_padding_mask=kpm, is_causal=is_causal),
+                                       **TOLERANCES[torch.bfloat16])
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("case", ["whole tiles", "gqa, padding, ragged"])

@@ -29,14 +29,31 @@ def is_causal_mask(attn_mask: torch.Tensor, seq_len: int) -> bool:
     """True when ``attn_mask`` is exactly the standard (seq_len, seq_len) causal mask: bool with True (= not
     allowed) strictly above the diagonal, or float with -inf strictly above the diagonal and 0 elsewhere (what
     ``nn.Transformer.generate_square_subsequent_mask`` returns). Reads the mask's values (a host sync)."""
+    match = _matches_causal(attn_mask, seq_len)
+    return match is not None and bool(match)
+
+
+def _matches_causal(attn_mask: torch.Tensor, seq_len: int):
+    """None where its shape or dtype rules ``attn_mask`` out as the standard causal mask; else a 0-dim bool tensor
+    saying whether its values are those of it (not read here: no host sync)."""
     if attn_mask.dim() != 2 or tuple(attn_mask.shape) != (seq_len, seq_len):
-        return False
+        return None
     upper = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attn_mask.device).triu(1)
     if attn_mask.dtype == torch.bool:
-        return bool(torch.equal(attn_mask, upper))
+        return (attn_mask == upper).all()
     if attn_mask.is_floating_point():
-        return bool(torch.equal(torch.isneginf(attn_mask), upper)) and bool((attn_mask[~upper] == 0).all())
-    return False
+        return (torch.isneginf(attn_mask) == upper).all() & (attn_mask.masked_fill(upper, 0) == 0).all()
+    return None
+
+
+def _require(valid: torch.Tensor, msg: str) -> None:
+    """Raise ValueError(msg) unless the 0-dim bool tensor ``valid`` holds. Under torch.compile reading it would be
+    a data-dependent branch (a graph break), so the check goes into the graph (``torch._assert_async``) and fails
+    where the graph runs: a RuntimeError with ``msg`` on the CPU, a device-side assertion on CUDA."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(valid, msg)
+    elif not bool(valid):
+        raise ValueError(msg)
 
 
 def _bool_key_padding_mask(mask, owner: str):
@@ -44,9 +61,8 @@ def _bool_key_padding_mask(mask, owner: str):
     float values cannot be honoured and raise. Reads the mask's values (a host sync) for float masks only."""
     if isinstance(mask, torch.Tensor) and mask.is_floating_point():
         ignore = torch.isneginf(mask)
-        if not bool(((mask == 0) | ignore).all()):
-            raise ValueError(f"{owner}: a float key_padding_mask may hold only 0 (keep) and -inf (ignore); "
-                             "use a bool mask (True = ignore)")
+        _require(((mask == 0) | ignore).all(), f"{owner}: a float key_padding_mask may hold only 0 (keep) and -inf "
+                 "(ignore); use a bool mask (True = ignore)")
         return ignore
     return mask
 
@@ -191,6 +207,9 @@ class DilatedMultiheadAttention(_ProjectedAttention):
     * ``attn_mask``: the only masks a dilated pattern can honour are None and the standard (seq, seq) causal
       mask (bool, True above the diagonal, or float -inf above the diagonal), which means ``is_causal=True``.
       Any other mask raises. Checking the mask reads its values (not free; prefer ``is_causal=True``).
+    * Under ``torch.compile(fullgraph=True)`` both masks' values are checked in the graph, with no graph break:
+      a mask that fails the check raises where the graph runs (a RuntimeError with the same message on the CPU,
+      a device-side assertion on CUDA).
     * ``need_weights=True`` raises: the attention weights are never formed.
 
     ``rotary``: an optional module called as ``q, k = rotary(q, k)`` on the projected (batch, seq, heads,
@@ -232,14 +251,16 @@ class DilatedMultiheadAttention(_ProjectedAttention):
                              "between sequences of different lengths use MultiheadCrossAttention")
         causal = bool(is_causal)
         if attn_mask is not None:
-            if not isinstance(attn_mask, torch.Tensor) or not is_causal_mask(attn_mask, N):
-                got = (f"{attn_mask.dtype} {tuple(attn_mask.shape)}" if isinstance(attn_mask, torch.Tensor)
-                       else type(attn_mask).__name__)
-                raise ValueError(
-                    f"{type(self).__name__}: cannot honour this attn_mask ({got}); a dilated pattern supports "
-                    f"attn_mask=None or the standard ({N}, {N}) causal mask (bool True above the diagonal, or "
-                    "float -inf above it). Use is_causal=True for causal attention and key_padding_mask for "
-                    "padding; other patterns belong in the spec")
+            match = _matches_causal(attn_mask, N) if isinstance(attn_mask, torch.Tensor) else None
+            got = (f"{attn_mask.dtype} {tuple(attn_mask.shape)}" if isinstance(attn_mask, torch.Tensor)
+                   else type(attn_mask).__name__)
+            msg = (f"{type(self).__name__}: cannot honour this attn_mask ({got}); a dilated pattern supports "
+                   f"attn_mask=None or the standard ({N}, {N}) causal mask (bool True above the diagonal, or "
+                   "float -inf above it). Use is_causal=True for causal attention and key_padding_mask for "
+                   "padding; other patterns belong in the spec")
+            if match is None:
+                raise ValueError(msg)
+            _require(match, msg)  # any other mask raises, so a mask that passes means causal
             causal = True
         key_padding_mask = _bool_key_padding_mask(key_padding_mask, type(self).__name__)
         q, k, v = self._project(query, key, value)
