@@ -49,6 +49,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _size_or_symbol(text: str) -> int | str:
+    """plan's shapes: a positive integer, or a name (an identifier such as N) that the planner makes a symbol."""
+    if text.isidentifier():
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or a name for a symbol (such as N), got "
+                                         f"{text!r}") from None
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -333,12 +344,14 @@ def cmd_draw(args, parser) -> int:
 # parser
 
 
-def _shape_args(p) -> None:
-    p.add_argument("--seq-len", "-n", type=_positive_int, metavar="N", help="sequence length N")
-    p.add_argument("--heads", type=_positive_int, metavar="H", help="number of query heads")
-    p.add_argument("--head-dim", type=_positive_int, metavar="D", help="head dimension")
-    p.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="batch size (default 1)")
-    p.add_argument("--kv-heads", type=_positive_int, metavar="HKV",
+def _shape_args(p, symbolic: bool = False) -> None:
+    size = _size_or_symbol if symbolic else _positive_int
+    name = " (or a name, such as N, for a symbol: the costs are then formulas in it)" if symbolic else ""
+    p.add_argument("--seq-len", "-n", type=size, metavar="N", help=f"sequence length N{name}")
+    p.add_argument("--heads", type=size, metavar="H", help="number of query heads" + name.replace("N,", "H,"))
+    p.add_argument("--head-dim", type=size, metavar="D", help="head dimension" + name.replace("N,", "D,"))
+    p.add_argument("--batch", type=size, default=1, metavar="B", help="batch size (default 1)")
+    p.add_argument("--kv-heads", type=size, metavar="HKV",
                    help="key/value heads for grouped-query attention (must divide --heads; default: --heads)")
 
 
@@ -358,9 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+", metavar="SPEC", help="YAML spec file(s)")
 
     p = sub.add_parser("plan", help="the plan at given shapes: attend ops, passes, FLOPs, bytes",
-                       description="Build the plan for SPEC at the given shapes and explain it.")
+                       description="Build the plan for SPEC at the given shapes and explain it. A shape given as a "
+                                   "name (e.g. --seq-len N) is a symbol: node sizes and costs are then formulas.")
     p.add_argument("spec", nargs="?", metavar="SPEC", help="YAML spec file")
-    _shape_args(p)
+    _shape_args(p, symbolic=True)
     p.add_argument("--dtype", type=_dtype, default="bf16", help="element type for the bytes estimate (default bf16)")
     p.add_argument("--list-passes", action="store_true", help="list the planner's passes (SPEC optional)")
 

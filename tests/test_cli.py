@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sympy
 import torch
 
 from dilated_compiler import build_plan, cli, compile_attention, load_spec, reference
@@ -133,6 +134,26 @@ def test_plan_dtype_batch_and_kv_heads(capsys, small):
     assert "B=3" in out and "Hkv=2" in out and "4-byte elements" in out
 
 
+def test_plan_with_symbols(capsys, small):
+    """plan takes a name for a shape (a symbol): the explain of the planner's symbolic plan, costs as formulas;
+    run, show and draw take integers only."""
+    code, out, err = run_cli(capsys, "plan", str(SPECS / "four-branch.yaml"), "-n", "N", "--heads", "16",
+                             "--head-dim", "D", "--batch", "B")
+    assert code == 0 and err == ""
+    plan = build_plan(load_spec(SPECS / "four-branch.yaml"), "N", 16, "D", batch="B")
+    assert out.strip() == plan.explain().strip()
+    assert "floor(N/2048)" in out and "Mod(N, 2048)" in out and "fraction of dense" not in out
+    N, D, B = (sympy.Symbol(x, integer=True, positive=True) for x in "NDB")
+    assert plan.flops.subs({N: 70000, D: 64, B: 2}) == build_plan(load_spec(SPECS / "four-branch.yaml"), 70000, 16,
+                                                                  64, batch=2).flops
+    code, _, err = run_cli(capsys, "plan", small, "-n", "64", "--heads", "H", "--head-dim", "8", "--kv-heads", "2")
+    assert code == 0 and err == ""
+    code, _, err = run_cli(capsys, "plan", small, "-n", "64", "--heads", "1H", "--head-dim", "8")
+    assert code == 2 and "expected a positive integer or a name for a symbol (such as N), got '1H'" in err
+    code, _, err = run_cli(capsys, "show", small, "-n", "N", "--heads", "4", "--head-dim", "8")
+    assert code == 2 and "expected a positive integer, got 'N'" in err
+
+
 def test_plan_list_passes(capsys):
     code, out, err = run_cli(capsys, "plan", "--list-passes")
     assert code == 0 and err == ""
@@ -157,7 +178,8 @@ def test_plan_errors(capsys, small):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--seq-len", "0"], ["--seq-len", "abc"], ["--heads", "-2"], ["--dtype", "int8"], ["--frobnicate"],
+    ["--seq-len", "0"], ["--seq-len", "4k"], ["--heads", "-2"], ["--head-dim", "1.5"], ["--dtype", "int8"],
+    ["--frobnicate"],
 ])
 def test_bad_flags_are_usage_errors(capsys, small, flags):
     argv = ["plan", small, "--seq-len", "64", "--heads", "4", "--head-dim", "8"] + flags
