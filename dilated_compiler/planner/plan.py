@@ -33,7 +33,7 @@ class PlanError(ValueError):
     """Shapes that a spec cannot be planned for (e.g. fewer heads than branches in grouped mode)."""
 
 
-def _simplify(x: Expr) -> Expr:
+def _int_or_expr(x: Expr) -> Expr:
     """An int where ``x`` is an integer; otherwise ``x`` as sympy's automatic evaluation left it.
 
     The planner builds its expressions in forms that need no further simplification (``ceiling``, ``floor`` and
@@ -75,7 +75,7 @@ class AttendOp:
 
     def pairs_per_segment(self) -> Expr:
         r = sympy.sympify(self.rows)
-        return _simplify(r * (r + 1) / 2 if self.causal else r * r)
+        return _int_or_expr(r * (r + 1) / 2 if self.causal else r * r)
 
     def replace(self, **kw) -> "AttendOp":
         return dataclasses.replace(self, **kw)
@@ -109,7 +109,7 @@ class Plan:
 
     # ---- costs -------------------------------------------------------------------------------------------
     def _sum(self, attr: str) -> Expr:
-        return _simplify(sum((self.graph.nodes[n].get(attr, 0) for n in self.graph.nodes), sympy.Integer(0)))
+        return _int_or_expr(sum((self.graph.nodes[n].get(attr, 0) for n in self.graph.nodes), sympy.Integer(0)))
 
     @property
     def flops(self) -> Expr:
@@ -193,7 +193,7 @@ def _head_sets(plan: Plan) -> list[tuple[int, int, Expr, Expr, int]]:
             # (H >= 1 and o < r keep the quotient above -1)
             for o in range(b.dilation if Hc is None else min(b.dilation, Hc)):
                 count = sympy.ceiling((H - o) / sympy.Integer(b.dilation))
-                sets.append((i, o, o, _simplify(count), b.dilation))
+                sets.append((i, o, o, _int_or_expr(count), b.dilation))
         return sets
     for i, b in enumerate(spec.branches):
         # H heads split into G contiguous groups, the first H mod G of them one head larger:
@@ -201,7 +201,7 @@ def _head_sets(plan: Plan) -> list[tuple[int, int, Expr, Expr, int]]:
         start = i * sympy.floor(H / sympy.Integer(G)) + sympy.Min(i, sympy.Mod(H, G))
         count = sympy.ceiling((H - i) / sympy.Integer(G))
         offset = b.offset if b.offset is not None else i % b.dilation
-        sets.append((i, offset, _simplify(start), _simplify(count), 1))
+        sets.append((i, offset, _int_or_expr(start), _int_or_expr(count), 1))
     return sets
 
 
@@ -232,13 +232,13 @@ def split_ragged(plan: Plan) -> None:
     for name in [n for n in g.nodes if g.nodes[n]["op"] == "attend"]:
         a: AttendOp = g.nodes[name]["attend"]
         w = sympy.Integer(a.segment_length)
-        full = _simplify(sympy.floor(N / w))
-        tail = _simplify(sympy.Mod(N, w))
+        full = _int_or_expr(sympy.floor(N / w))
+        tail = _int_or_expr(sympy.Mod(N, w))
         # positions offset, offset + r, ... below the tail's length: 0 when offset >= tail (0 <= tail, offset < r)
-        tail_rows = _simplify(sympy.ceiling((tail - a.offset) / sympy.Integer(a.dilation)))
+        tail_rows = _int_or_expr(sympy.ceiling((tail - a.offset) / sympy.Integer(a.dilation)))
         parts = [
             a.replace(name=f"{a.name}_full", region="full", start=0, num_segments=full),
-            a.replace(name=f"{a.name}_tail", region="tail", start=_simplify(N - tail), num_segments=1,
+            a.replace(name=f"{a.name}_tail", region="tail", start=_int_or_expr(N - tail), num_segments=1,
                       extent=tail, rows=tail_rows),
         ]
         g.remove_node(name)
@@ -266,12 +266,12 @@ def annotate_costs(plan: Plan) -> None:
         if node["op"] != "attend":
             continue
         a: AttendOp = node["attend"]
-        pairs = _simplify(a.num_segments * a.pairs_per_segment())
-        node["pairs"] = _simplify(a.head_count * pairs)  # per batch element
-        node["flops"] = _simplify(4 * B * a.head_count * D * pairs)
-        node["flops_backward"] = _simplify(10 * B * a.head_count * D * pairs)
+        pairs = _int_or_expr(a.num_segments * a.pairs_per_segment())
+        node["pairs"] = _int_or_expr(a.head_count * pairs)  # per batch element
+        node["flops"] = _int_or_expr(4 * B * a.head_count * D * pairs)
+        node["flops_backward"] = _int_or_expr(10 * B * a.head_count * D * pairs)
         rows = a.num_segments * a.rows
-        node["bytes"] = _simplify(B * a.head_count * rows * (4 * D * plan.dtype_bytes + 4))
+        node["bytes"] = _int_or_expr(B * a.head_count * rows * (4 * D * plan.dtype_bytes + 4))
         node["shape"] = (B, a.num_segments, a.head_count, a.rows, D)
 
 
@@ -331,7 +331,7 @@ def _dim(value, symbol: str) -> Expr:
                             "such as 'N'), a sympy expression, or None for a symbol")
         return sympy.Symbol(value, integer=True, positive=True)
     if isinstance(value, sympy.Basic):
-        value = _simplify(value)  # an int where the expression is an integer
+        value = _int_or_expr(value)  # an int where the expression is an integer
         if isinstance(value, sympy.Basic) and not value.is_number:
             return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
