@@ -437,11 +437,13 @@ def test_masks_under_fullgraph_compile_in_nn_transformer_encoder():
 def test_gpu_masks_under_fullgraph_compile():
     """As the CPU test above, on CUDA with backend "auto" (the Triton kernels): under torch.compile(fullgraph=True)
     the encoder's float padding mask and the causal mask are checked in the graph and give the eager results.
-    (A failing mask there is a device-side assertion, which would end the process's CUDA context: not run.)"""
+    float32, so that the compiled and eager runs (the same attention kernels; the layer norms and residuals fused
+    by Inductor or not) differ by float32 rounding only; in bf16 the two read 2 ULPs apart at a few entries.
+    (A failing mask here is a device-side assertion, which would end the process's CUDA context: not run.)"""
     torch.manual_seed(0)
-    layer = DilatedTransformerEncoderLayer(64, 4, ALL, 128, dropout=0.0, device="cuda", dtype=torch.bfloat16)
+    layer = DilatedTransformerEncoderLayer(64, 4, ALL, 128, dropout=0.0, device="cuda")
     enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
-    x = torch.randn(2, 200, 64, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 200, 64, device="cuda")
     kpm = torch.zeros(2, 200, dtype=torch.bool, device="cuda")
     kpm[1, 150:] = True
     causal = torch.ones(200, 200, dtype=torch.bool, device="cuda").triu(1)
@@ -449,8 +451,7 @@ def test_gpu_masks_under_fullgraph_compile():
     with torch.no_grad():
         for mask, is_causal in ((None, False), (causal, True)):
             torch.testing.assert_close(compiled(x, mask=mask, src_key_padding_mask=kpm, is_causal=is_causal),
-                                       enc(x, mask=mask, src_key_padding_mask=kpm, is_causal=is_causal),
-                                       **TOLERANCES[torch.bfloat16])
+                                       enc(x, mask=mask, src_key_padding_mask=kpm, is_causal=is_causal))
 
 
 @pytest.mark.gpu
