@@ -48,6 +48,11 @@ def test_returns_out_or_out_and_lse():
     [
         (lambda q, k, v: (q[0], k, v), ValueError, "q must have shape"),
         (lambda q, k, v: (q, k[:, :8], v[:, :8]), ValueError, "must match q in batch, seq and head_dim"),
+        (lambda q, k, v: (q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "must match q in batch, seq"),
+        (lambda q, k, v: (q, k[..., :4], v[..., :4]), ValueError, "must match q in batch, seq and head_dim"),
+        (lambda q, k, v: (q, k, v.double()), TypeError, "share one dtype"),
+        (lambda q, k, v: (q, k, v.to("meta")), ValueError, "one device"),
+        (lambda q, k, v: [t.to(torch.float8_e4m3fn) for t in (q, k, v)], TypeError, "dtype torch.float8_e4m3fn; allowed"),
         (lambda q, k, v: (q, k, v[..., :4]), ValueError, "k and v must have the same shape"),
         (lambda q, k, v: (q, k.double(), v), TypeError, "share one dtype"),
         (lambda q, k, v: (q.int(), k.int(), v.int()), TypeError, "dtype torch.int32"),
@@ -158,6 +163,59 @@ def test_bad_cache_size_variable_fails_the_first_call_not_the_import(monkeypatch
     monkeypatch.setenv("DILATED_COMPILER_CACHE_SIZE", "7")
     info = runtime.cache_info()
     assert info.misses == 0 and info.currsize == 0 and info.maxsize == 7  # nothing was compiled
+
+
+def test_cache_size_must_be_a_plain_integer():
+    """set_cache_size takes an int >= 1: True (an int subclass equal to 1), a float or a string is refused."""
+    for bad in (True, False, 2.0, "4", None):
+        with pytest.raises(ValueError, match="cache size .* integer >= 1"):
+            runtime.set_cache_size(bad)
+    runtime.set_cache_size(1)
+    assert runtime.cache_info().maxsize == 1
+
+
+def test_cache_default_size_and_shrinking(monkeypatch):
+    """Without DILATED_COMPILER_CACHE_SIZE the cache keeps 128 plans (as documented); shrinking it evicts the least
+    recently used plans at once, keeping the most recent."""
+    from dilated_compiler.runtime import cache
+    monkeypatch.delenv("DILATED_COMPILER_CACHE_SIZE", raising=False)
+    monkeypatch.setattr(cache, "_maxsize", None)
+    assert runtime.cache_info().maxsize == 128
+    attn = compile_attention(SPEC, backend="torch")
+    shapes = [make_qkv(1, n, 2, 8) for n in (8, 9, 10)]
+    for qkv in shapes:
+        attn(*qkv)
+    attn(*shapes[0])  # a hit: 0 is now the most recently used
+    runtime.set_cache_size(1)
+    assert runtime.cache_info()[1:] == (3, 1, 1)
+    attn(*shapes[0])
+    assert runtime.cache_info().hits == 2  # 0 was kept
+    attn(*shapes[2])
+    assert runtime.cache_info().misses == 4
+
+
+def test_cache_key_has_the_backend():
+    """The same spec, shapes, dtype and device compiled for another backend is another plan."""
+    from dilated_compiler.runtime.cache import lowered
+    key = compile_attention(SPEC, backend="torch").spec_key
+    by_torch = lowered(key, "torch", (1, 64, 2, 16), 2, torch.float32, torch.device("cpu"))
+    by_triton = lowered(key, "triton", (1, 64, 2, 16), 2, torch.float32, torch.device("cpu"))
+    assert (by_torch.name, by_triton.name) == ("torch", "triton")
+    assert runtime.cache_info().misses == 2
+
+
+@pytest.mark.parametrize("dtype,size", [(torch.float16, 2), (torch.float32, 4), (torch.float64, 8)])
+def test_plan_counts_bytes_of_the_inputs_dtype(dtype, size):
+    """The compiled plan counts the memory traffic in elements of the inputs' dtype."""
+    text = compile_attention(SPEC, backend="torch").kernel_source(16, 2, 8, dtype=dtype)
+    assert f"bytes moved (fused fwd, {size}-byte elements)" in text
+
+
+def test_get_lowering_of_an_unknown_backend():
+    """The lowering registry names the backends it has when asked for one it lacks."""
+    from dilated_compiler.lowering import get_lowering
+    with pytest.raises(BackendError, match=r"unknown backend 'nope'; available: \[.*'torch'"):
+        get_lowering("nope")
 
 
 def test_cache_key_has_the_device():

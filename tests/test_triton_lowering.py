@@ -602,6 +602,378 @@ def test_autotune_candidates_by_the_bytes_of_a_row():
         assert candidates(p, 256, 4) == candidates(p, 256, 2)
 
 
+def test_zero_fill_spans_not_in_all_mode_even_where_they_sum_to_n():
+    """spans_cover is False in "all" mode even where each head's spans add up to N (a single branch of dilation 1
+    covers every row of every head): there each branch writes its own output, which the merge reads, so the test
+    is by mode, not by the sums."""
+    from dilated_compiler.lowering.triton.tables import spans_cover, tile_table
+    from dilated_compiler.planner import build_plan
+    plan = build_plan(AttentionSpec((Branch(16, 1),), head_assignment="all"), 64, 2, 16)
+    table = tile_table(plan, "q", 16, 16)
+    per_head = [sum(r[10] - r[9] for r in table.tolist() if r[0] == h) for h in range(2)]
+    assert per_head == [64, 64]
+    assert not spans_cover(plan, table)
+    # the same spans in grouped mode cover
+    grouped = build_plan(AttentionSpec((Branch(16, 1),)), 64, 2, 16)
+    assert spans_cover(grouped, tile_table(grouped, "q", 16, 16))
+
+
+def test_tile_table_refuses_positions_past_int32():
+    """The table is int32: a sequence of 2^31 - 1 positions fits (its largest entry, the last span's end, is
+    2^31 - 1); one of 2^31 does not (that end would wrap to -2^31) and is an error, not a wrapped table."""
+    from dilated_compiler.lowering.triton.tables import tile_table
+    from dilated_compiler.planner import build_plan
+    spec = AttentionSpec((Branch(2 ** 30, 2 ** 30),))  # one selected row per segment: two tiles
+    table = tile_table(build_plan(spec, 2 ** 31 - 1, 1, 16), "q", 16, 16)
+    assert table.dtype == torch.int32 and int(table.max()) == 2 ** 31 - 1
+    with pytest.raises(ValueError, match="past 2\\^31 do not fit the int32 tile table"):
+        tile_table(build_plan(spec, 2 ** 31, 1, 16), "q", 16, 16)
+
+
+def test_disk_cache_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """A write that fails part way (here the flush to disk) leaves the file as it was, whole, and no temporary file
+    behind: the new text goes to a temporary file that replaces the old one only once it is complete."""
+    from dilated_compiler.lowering.triton import diskcache
+    path = tmp_path / "triton" / "dc_x.py"
+    old = diskcache.with_checksum("OLD = 1\n")
+    diskcache.write_atomic(path, old)
+
+    def fail(fd):
+        raise OSError("disk full")
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fail)
+        with pytest.raises(OSError, match="disk full"):
+            diskcache.write_atomic(path, diskcache.with_checksum("NEW = 2\n" * 1000))
+    assert path.read_text() == old and diskcache.read_verified(path) == "OLD = 1\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["dc_x.py"]
+
+
+def test_disk_cache_file_that_is_not_utf8_is_not_trusted(tmp_path, monkeypatch):
+    """A cache file that is not UTF-8 (binary garbage) fails verification like any corrupt file: read_verified
+    gives None, and an autotune file of such bytes means re-tuning, not an error."""
+    import json
+    from dilated_compiler.lowering.triton import autotune, diskcache
+    from dilated_compiler.lowering.triton.autotune import TileConfig
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DILATED_COMPILER_AUTOTUNE", raising=False)
+    monkeypatch.setattr(autotune, "_memory", {})
+    path = tmp_path / "triton" / "autotune-GPU_Z.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\xff\xfe\x00garbage\x80\n")
+    assert diskcache.read_verified(path) is None
+    a, b = TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)
+    assert autotune.choose("GPU Z", "fwd|k", [a, b], {a: 2.0, b: 1.0}.__getitem__) == b
+    assert json.loads(diskcache.read_verified(path)) == {"fwd|k": list(b)}  # rewritten, verified
+
+
+def test_disk_cache_one_module_and_one_file_per_key(tmp_path, monkeypatch):
+    """Each key has its own file, holding that plan's kernels, which is what the kernels' source is read from
+    (@triton.jit reads it); a key's module is built once per process and shared by every lowering with that key
+    (so its kernels compile once)."""
+    import inspect
+    from dilated_compiler.lowering.triton import diskcache
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_DIR", str(tmp_path))
+    spec_a = AttentionSpec((Branch(24, 1), Branch(48, 2)), causal=True)  # keys no other test loads
+    spec_b = AttentionSpec((Branch(24, 1), Branch(48, 4)), causal=True)
+    low_a, low_b = _lowering(spec_a), _lowering(spec_b)
+    mod_a, mod_b = low_a.kernels, low_b.kernels
+    path_a, path_b = diskcache.module_path(low_a.cache_key), diskcache.module_path(low_b.cache_key)
+    assert path_a != path_b and mod_a is not mod_b
+    for low, mod, path in ((low_a, mod_a, path_a), (low_b, mod_b, path_b)):
+        assert mod.__file__ == str(path)
+        assert diskcache.read_verified(path) == diskcache.with_checksum(low._text).rpartition(
+            diskcache.CHECKSUM_PREFIX)[0]
+        assert inspect.getsource(mod.dilation_of.fn) in low._text
+    assert "r = tl.where(branch == 1, 2, r)" in inspect.getsource(mod_a.dilation_of.fn)
+    assert "r = tl.where(branch == 1, 4, r)" in inspect.getsource(mod_b.dilation_of.fn)
+    # another lowering with the same key (another sequence length: the kernels take N at run time) shares the module
+    again = _lowering(spec_a, n=48)
+    assert again.cache_key == low_a.cache_key and again.kernels is mod_a
+    assert sys.modules[f"dilated_compiler_generated.dc_{low_a.cache_key}"] is mod_a
+
+
+def test_autotune_ties_and_an_unwritable_cache_folder(tmp_path, monkeypatch):
+    """Candidates that time the same: the first listed (the best first guess) is kept. A cache folder that cannot
+    be written costs only re-tuning in the next process: the choice is made, and remembered in this one."""
+    from dilated_compiler.lowering.triton import autotune
+    from dilated_compiler.lowering.triton.autotune import TileConfig
+    monkeypatch.delenv("DILATED_COMPILER_AUTOTUNE", raising=False)
+    monkeypatch.setattr(autotune, "_memory", {})
+    a, b, c = TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(64, 32, 4, 2, False)
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_DIR", str(tmp_path))
+    assert autotune.choose("GPU T", "fwd|tie", [a, b, c], {a: 1.0, b: 1.0, c: 1.0}.__getitem__) == a
+    assert autotune.choose("GPU T", "dq|tie", [c, b, a], {a: 2.0, b: 1.0, c: 2.0}.__getitem__) == b
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(autotune, "_memory", {})
+    assert autotune.choose("GPU T", "fwd|ro", [a, b, c], {a: 3.0, b: 2.0, c: 1.0}.__getitem__) == c
+
+    def untimed(cfg):
+        raise AssertionError(f"{cfg} timed again")
+    assert autotune.choose("GPU T", "fwd|ro", [a, b, c], untimed) == c
+    assert not (blocker.is_dir())
+
+
+@pytest.mark.parametrize("body", ["[1, 2, 3]", "not json {", '"a string"'])
+def test_autotune_file_that_is_not_a_json_object_is_ignored(tmp_path, monkeypatch, body):
+    """An autotune file whose checksum holds but whose text is not a JSON object (another version's format, a
+    hand edit) is read as empty: the call re-tunes and rewrites the file, rather than failing."""
+    import json
+    from dilated_compiler.lowering.triton import autotune, diskcache
+    from dilated_compiler.lowering.triton.autotune import TileConfig
+    monkeypatch.setenv("DILATED_COMPILER_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DILATED_COMPILER_AUTOTUNE", raising=False)
+    monkeypatch.setattr(autotune, "_memory", {})
+    path = tmp_path / "triton" / "autotune-GPU_J.json"
+    diskcache.write_atomic(path, diskcache.with_checksum(body))
+    assert diskcache.read_verified(path) is not None
+    a, b = TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)
+    assert autotune.choose("GPU J", "fwd|k", [a, b], {a: 2.0, b: 1.0}.__getitem__) == b
+    assert json.loads(diskcache.read_verified(path)) == {"fwd|k": list(b)}
+
+
+@pytest.mark.parametrize("value,interpreting", [("1", True), ("true", True), ("TRUE", True), ("on", True),
+                                                ("yes", True), ("0", False), ("false", False), ("", False)])
+def test_autotune_interpreter_takes_its_one_tile_config(monkeypatch, value, interpreting):
+    """TRITON_INTERPRET is read as Triton reads it (1, true, on, yes in any case); under the interpreter every pass
+    gets the one small config (16x16 tiles: several tiles per segment at test sizes), untimed; else the lists."""
+    from dilated_compiler.lowering.triton import autotune
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert autotune.interpreting() is interpreting
+    for p in ("fwd", "dq", "dkdv"):
+        for d, size in ((16, 4), (128, 2), (256, 2)):
+            got = autotune.candidates(p, d, size)
+            assert (got == [autotune.INTERPRETER_CONFIG]) is interpreting
+    assert autotune.INTERPRETER_CONFIG[:2] == (16, 16)
+
+
+def test_tile_config_text_and_launch_options():
+    """A config's text (in autotune errors and benchmark tables) names its tiles, warps, stages, load path and
+    register cap; its launch options carry maxnreg only when a cap is set (0: the compiler's choice)."""
+    from dilated_compiler.lowering.triton.autotune import TileConfig
+    assert str(TileConfig(128, 64, 8, 3)) == "128x64/w8/s3/tma"
+    assert str(TileConfig(64, 32, 4, 2, False, 128)) == "64x32/w4/s2/ptr/r128"
+    assert TileConfig(128, 64, 8, 3).launch_options() == {"num_warps": 8, "num_stages": 3}
+    assert TileConfig(64, 32, 4, 2, False, 128).launch_options() == {"num_warps": 4, "num_stages": 2, "maxnreg": 128}
+
+
+def test_triton_lowering_limits_at_their_bounds():
+    """head_dim 256, the largest the kernels take, is accepted and 257 refused; a device that is neither CUDA nor
+    CPU is refused when the plan is lowered (kernel_source too), naming the device type."""
+    attn = compile_attention(AttentionSpec((Branch(8, 1),)), backend="triton")
+    assert "@triton.jit" in attn.kernel_source(16, 2, 256)
+    with pytest.raises(BackendError, match="head_dim up to 256; got 257"):
+        attn.kernel_source(16, 2, 257)
+    with pytest.raises(BackendError, match="runs on CUDA devices .*got 'meta'"):
+        attn.kernel_source(16, 2, 16, device="meta")
+
+
+def test_gluon_reasons_are_judged_per_kind_of_call(monkeypatch):
+    """gluon_unsupported remembers its answer per (device, shape, dtype, key padding mask): a call with a mask
+    after one without, or with another shape, is judged again, not given the earlier answer."""
+    from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
+    monkeypatch.setattr(triton_lowering, "USE_GLUON", True)
+    low = _lowering(AttentionSpec((Branch(16, 1),)), dtype=torch.bfloat16, n=64, h=2, d=64)
+    calls = []
+
+    def reason(**kw):
+        calls.append((kw["seq_len"], kw["has_kpm"]))
+        return "a key padding mask" if kw["has_kpm"] else None
+    monkeypatch.setattr(gluon_hopper, "unsupported_reason", reason)
+    x = torch.zeros(1, 64, 2, 64, dtype=torch.bfloat16)
+    assert low.gluon_unsupported(x, x, x, False) is None
+    assert low.gluon_unsupported(x, x, x, True) == "a key padding mask"
+    assert low.gluon_unsupported(x, x, x, False) is None and low.gluon_unsupported(x, x, x, True) is not None
+    y = torch.zeros(1, 48, 2, 64, dtype=torch.bfloat16)
+    assert low.gluon_unsupported(y, y, y, False) is None
+    assert calls == [(64, False), (64, True), (48, False)]
+
+
+@pytest.mark.parametrize("seq,covers", [(64, True), (65, False)])
+def test_gluon_grouped_outputs_zero_filled_or_zeroed(seq, covers, monkeypatch):
+    """Grouped calls on the Gluon kernels: where the tiles' spans cover every row (zero fill), out, dq, dk and dv
+    are left for the kernels to fill (no memset; ZFILL on); where they do not (here N = 65 leaves position 64, a
+    segment without a selected row, to no tile), they start as zeros and ZFILL is off. The kernels are replaced by
+    recorders (they run on a Hopper GPU only) and the uninitialized outputs poisoned with NaN."""
+    from dilated_compiler.lowering.triton import lowering as triton_lowering
+    poison_uninitialized(monkeypatch)
+    spec = AttentionSpec((Branch(8, 1), Branch(8, 4, offset=3)))
+    low = _lowering(spec, dtype=torch.bfloat16, n=seq, h=2, d=64)
+    assert triton_lowering.spans_cover(low.plan, low._table("q", triton_lowering._GLUON_TILES, torch.device("cpu"))
+                                       ) is covers
+    zfill = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: zfill.append(kwargs["ZFILL"])
+    for name in ("gluon_fwd", "gluon_bwd_dq", "gluon_bwd_dkdv"):
+        monkeypatch.setattr(low.gluon_kernels, name, Recorder())
+    monkeypatch.setattr(triton_lowering.TritonLowering, "gluon_unsupported", lambda self, q, k, v, has_kpm, *m: None)
+    monkeypatch.setattr(triton_lowering, "_sm_count", lambda device: 4)
+    monkeypatch.setattr(triton_lowering, "_ensure_allocator", lambda: None)
+    monkeypatch.setattr(triton_lowering.TritonLowering, "_check_device", lambda self, t: None)
+    q, k, v = (torch.randn(1, seq, 2, 64, dtype=torch.bfloat16) for _ in range(3))
+    out, lse, aux = low.forward(q, k, v)
+    dq, dk, dv = low.backward(torch.randn_like(q), None, q, k, v, out, torch.zeros_like(lse), aux)
+    assert zfill == [covers] * 3
+    for t in (out, dq, dk, dv):
+        assert bool(torch.isnan(t).all()) if covers else bool((t == 0).all())
+
+
+def test_float32_kernels_use_exact_products():
+    """float32 inputs get tl.dot(..., input_precision="ieee") in every product of the generated kernels (exact
+    float32, not TF32, which would miss the float32 tolerances on a GPU); 16-bit inputs the native tensor-core
+    dot. The interpreter computes either exactly, so only the source shows it."""
+    attn = compile_attention(AttentionSpec((Branch(8, 1), Branch(16, 2))), backend="triton")
+    fp32 = attn.kernel_source(32, 2, 16, dtype=torch.float32)
+    dots = re.findall(r"tl\.dot\([^\n]*", fp32)
+    assert dots and all('input_precision="ieee"' in d for d in dots)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert 'input_precision="ieee"' not in attn.kernel_source(32, 2, 16, dtype=dtype)
+
+
+@pytest.mark.parametrize("mode,kv_heads,seq", [("grouped", 2, 64), ("grouped", 2, 65), ("grouped", 1, 64),
+                                               ("all", 2, 64)])
+def test_tl_outputs_zero_filled_zeroed_or_accumulated(mode, kv_heads, seq, monkeypatch):
+    """The buffers the tl kernels get (kernels replaced by recorders; the uninitialized ones poisoned with NaN):
+    grouped, where the tiles' spans cover every row, out, dq, dk and dv in the inputs' dtype, left to the kernels
+    (ZFILL, no memset), written in place (ATOMIC off); where they do not (N = 65: position 64 is in no tile),
+    zeros without ZFILL; grouped-query attention: dk, dv add over the query heads sharing a kv head (ATOMIC) into
+    float32 zeros; "all" mode: each branch's out left to the kernel, dq, dk, dv added over the branches (ATOMIC)
+    into float32 zeros. The gradients come back in the inputs' dtype."""
+    import inspect
+    from dilated_compiler.lowering.triton import lowering as triton_lowering
+    from dilated_compiler.planner import build_plan
+    poison_uninitialized(monkeypatch)
+    monkeypatch.setenv("DILATED_COMPILER_AUTOTUNE", "0")
+    monkeypatch.setattr(triton_lowering, "USE_GLUON", False)
+    monkeypatch.setattr(triton_lowering.TritonLowering, "_check_device", lambda self, t: None)
+    spec = AttentionSpec((Branch(16, 1), Branch(32, 2)), head_assignment=mode)
+    low = triton_lowering.TritonLowering(build_plan(spec, seq, 2, 16, kv_heads=kv_heads), torch.device("cpu"),
+                                         torch.float16)
+    seen = {}
+
+    def state(t):
+        return t.dtype, "nan" if bool(torch.isnan(t).all()) else "zeros" if bool((t == 0).all()) else "mixed"
+
+    class Recorder:
+        def __init__(self, name, outputs):
+            self.fn, self.name, self.outputs = getattr(low.kernels, name).fn, name, outputs
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                params = inspect.signature(self.fn).parameters
+                a = inspect.signature(self.fn).bind(*args, **{k: kw for k, kw in kwargs.items() if k in params}
+                                                    ).arguments  # less num_warps, num_stages: launch options
+                seen[self.name] = ([state(a[o]) for o in self.outputs], a.get("ZFILL"), a.get("ATOMIC"))
+            return launch
+    for name, outputs in (("dilated_fwd", ("OUT",)), ("dilated_bwd_dq", ("DQ",)), ("dilated_bwd_dkdv", ("DK", "DV")),
+                          ("dilated_merge", ())):
+        monkeypatch.setattr(low.kernels, name, Recorder(name, outputs))
+    q = torch.randn(1, seq, 2, 16, dtype=torch.float16)
+    k, v = (torch.randn(1, seq, kv_heads, 16, dtype=torch.float16) for _ in range(2))
+    out, lse, aux = low.forward(q, k, v)
+    grads = low.backward(torch.randn_like(q), None, q, k, v, torch.randn_like(q), torch.zeros_like(lse), aux)
+    assert [g.dtype for g in grads] == [torch.float16] * 3
+    f16, f32 = torch.float16, torch.float32
+    if mode == "all":
+        expected = {"fwd": ([(f16, "nan")], False, None), "dq": ([(f32, "zeros")], False, True),
+                    "dkdv": ([(f32, "zeros")] * 2, False, True)}
+    elif kv_heads == 1:
+        expected = {"fwd": ([(f16, "nan")], True, None), "dq": ([(f16, "nan")], True, False),
+                    "dkdv": ([(f32, "zeros")] * 2, False, True)}
+    else:
+        fill = (f16, "nan") if seq == 64 else (f16, "zeros")
+        expected = {"fwd": ([fill], seq == 64, None), "dq": ([fill], seq == 64, False),
+                    "dkdv": ([fill] * 2, seq == 64, False)}
+    assert {name.replace("dilated_", "").replace("bwd_", ""): seen[name]
+            for name in ("dilated_fwd", "dilated_bwd_dq", "dilated_bwd_dkdv")} == expected
+    assert ("dilated_merge" in seen) == (mode == "all")
+
+
+def test_kernel_source_lists_each_launch_with_its_pass_config():
+    """kernel_source's launch lines: each kernel with its own pass's first tile config (fwd, dq and dk/dv have
+    different lists) and the tile count of that pass's table, times the batch."""
+    from dilated_compiler.lowering.triton.autotune import candidates
+    from dilated_compiler.lowering.triton.tables import tile_table
+    from dilated_compiler.planner import build_plan
+    spec = AttentionSpec((Branch(64, 1), Branch(128, 2)), causal=True)
+    text = compile_attention(spec, backend="triton").kernel_source(256, 2, 64, batch=3, dtype=torch.float16)
+    plan = build_plan(spec, 256, 2, 64, batch=3)
+    for name, pass_name, kind in (("dilated_fwd", "fwd", "q"), ("dilated_bwd_dq", "dq", "q"),
+                                  ("dilated_bwd_dkdv", "dkdv", "k")):
+        cfg = candidates(pass_name, 64, 2)[0]
+        tiles = tile_table(plan, kind, cfg.block, cfg.partner).shape[0]
+        assert f"#   {name:<18} grid=({tiles} tiles, B=3)  tiles {cfg}\n" in text
+
+
+@pytest.mark.parametrize("dils,acc,fresh", [((2, 1, 4), 3, "nan"), ((2, 3, 1), 4, "zeros"), ((2, 4), 1, "zeros"),
+                                            ((1,), 2, "nan")])
+def test_gluon_all_mode_backward_buffers(dils, acc, fresh, monkeypatch):
+    """"all" mode's Gluon backward: the float32 buffers the phases add into are left uninitialized only where the
+    first phase stores (ACC 2, 3); where every phase adds (ACC 1, 4) they start as zeros. ACC 3 and 4 write the
+    gradients in the inputs' dtype into separate outputs, returned as they are. (Kernels replaced by recorders,
+    the uninitialized buffers poisoned with NaN; the kernels run on a Hopper GPU only.)"""
+    import inspect
+    from dilated_compiler.lowering.triton import lowering as triton_lowering
+    from dilated_compiler.planner import build_plan
+    poison_uninitialized(monkeypatch)
+    branches = tuple(Branch(256 * r if r != 3 else 1152, r) for r in dils)
+    plan = build_plan(AttentionSpec(branches, head_assignment="all"), 4608 if 3 in dils else 4096, 4, 64)
+    low = triton_lowering.TritonLowering(plan, torch.device("cpu"), torch.bfloat16)
+    seen = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.fn, self.name = getattr(low.gluon_kernels, name).fn, name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                kwargs.pop("launch_cooperative_grid", None)
+                a = inspect.signature(self.fn).bind(*args, **kwargs).arguments
+                bufs = [a[n] for n in (("DQ",) if self.name == "gluon_bwd_dq" else ("DK", "DV"))]
+                seen[self.name] = (a["ACC"], [(t.dtype, "nan" if bool(torch.isnan(t).all()) else
+                                               "zeros" if bool((t == 0).all()) else "mixed") for t in bufs])
+            return launch
+    for name in ("gluon_bwd_dq", "gluon_bwd_dkdv"):
+        monkeypatch.setattr(low.gluon_kernels, name, Recorder(name))
+    monkeypatch.setattr(triton_lowering.TritonLowering, "gluon_unsupported", lambda self, q, k, v, has_kpm, *m: None)
+    monkeypatch.setattr(triton_lowering, "_sm_count", lambda device: 4)
+    monkeypatch.setattr(triton_lowering, "_ensure_allocator", lambda: None)
+    monkeypatch.setattr(triton_lowering.TritonLowering, "_check_device", lambda self, t: None)
+    N = int(plan.seq_len)
+    q, k, v, out, dout = (torch.randn(1, N, 4, 64, dtype=torch.bfloat16) for _ in range(5))
+    lse = torch.zeros(1, 4, N)
+    grads = low.backward(dout, None, q, k, v, out, lse, torch.zeros(len(dils), 1, 4, N))
+    assert seen == {"gluon_bwd_dq": (acc, [(torch.float32, fresh)]),
+                    "gluon_bwd_dkdv": (acc, [(torch.float32, fresh)] * 2)}
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+    if acc >= 3:  # the final phase's outputs, which the kernels fill: returned without a cast
+        assert all(bool(torch.isnan(g).all()) for g in grads)
+
+
+def test_tensor_descriptors_need_16_byte_rows(monkeypatch):
+    """The tl kernels take tiles through tensor descriptors only where each row of head_dim elements is a multiple
+    of 16 bytes, the tensors start on 16 bytes and their last dimension is dense (else pointer loads)."""
+    from dilated_compiler.lowering.triton import lowering as triton_lowering
+    monkeypatch.setattr(triton_lowering, "_tma_supported", lambda device: True)
+    monkeypatch.setattr(triton_lowering, "_ensure_allocator", lambda: None)
+    monkeypatch.setattr(triton_lowering, "USE_TMA", True)
+    for d, dtype, ok in ((8, torch.float16, True), (4, torch.float16, False), (4, torch.float32, True),
+                         (12, torch.float16, False), (24, torch.float16, True)):
+        low = _lowering(AttentionSpec((Branch(8, 1),)), dtype=dtype, n=16, h=1, d=d)
+        x = torch.zeros(1, 16, 1, d, dtype=dtype)
+        assert low._tma(x, x, x) is ok, (d, dtype)
+    low = _lowering(AttentionSpec((Branch(8, 1),)), dtype=torch.float16, n=16, h=1, d=8)
+    x = torch.zeros(1, 16, 1, 8, dtype=torch.float16)
+    shifted = torch.zeros(16 * 8 + 1, dtype=torch.float16)[1:].view(1, 16, 1, 8)  # starts 2 bytes in
+    strided = torch.zeros(1, 16, 1, 16, dtype=torch.float16)[..., ::2]
+    assert low._tma(x, x) and not low._tma(x, shifted) and not low._tma(strided)
+    monkeypatch.setattr(triton_lowering, "USE_TMA", False)
+    assert not low._tma(x)
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------------
 
 GPU_PATTERNS = {
