@@ -346,10 +346,13 @@ def cmd_draw(args, parser) -> int:
 
 def _shape_args(p, symbolic: bool = False) -> None:
     size = _size_or_symbol if symbolic else _positive_int
-    name = " (or a name, such as N, for a symbol: the costs are then formulas in it)" if symbolic else ""
-    p.add_argument("--seq-len", "-n", type=size, metavar="N", help=f"sequence length N{name}")
-    p.add_argument("--heads", type=size, metavar="H", help="number of query heads" + name.replace("N,", "H,"))
-    p.add_argument("--head-dim", type=size, metavar="D", help="head dimension" + name.replace("N,", "D,"))
+
+    def described(what: str, symbol: str) -> str:
+        return what + (f" (or a name, such as {symbol}, for a symbol: the costs are then formulas in it)"
+                       if symbolic else "")
+    p.add_argument("--seq-len", "-n", type=size, metavar="N", help=described("sequence length N", "N"))
+    p.add_argument("--heads", type=size, metavar="H", help=described("number of query heads", "H"))
+    p.add_argument("--head-dim", type=size, metavar="D", help=described("head dimension", "D"))
     p.add_argument("--batch", type=size, default=1, metavar="B", help="batch size (default 1)")
     p.add_argument("--kv-heads", type=size, metavar="HKV",
                    help="key/value heads for grouped-query attention (must divide --heads; default: --heads)")
