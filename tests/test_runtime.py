@@ -361,12 +361,17 @@ def test_saved_module_runs_in_a_new_process(tmp_path):
 
 
 def test_second_order_gradients_are_an_error():
-    """First-order gradients only (README, Semantics): a backward through the gradients raises, naming the op."""
-    attn = compile_attention(AttentionSpec((Branch(8, 1),)), backend="torch")
+    """First-order gradients only (README, Semantics): a backward through the gradients raises, saying so and
+    pointing at the reference, whose gradients of gradients are exact."""
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 2)), causal=True)
+    attn = compile_attention(spec, backend="torch")
     q, k, v = make_qkv(1, 16, 2, 4, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(attn(q, k, v).sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"dilated_compiler.attention_backward.*no autograd formula"):
+    (g_ref,) = torch.autograd.grad(reference.attention(q, k, v, spec).sum(), q, create_graph=True)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)   # the first backward still runs under create_graph
+    with pytest.raises(RuntimeError, match=r"no double backward.*dilated_compiler\.reference\.attention"):
         torch.autograd.grad(g.sum(), q)
+    assert torch.autograd.gradgradcheck(lambda q, k, v: reference.attention(q, k, v, spec), (q, k, v))
 
 
 # "auto" on a CUDA device falls back to torch when Triton is unavailable (no GPU needed: just a device object)

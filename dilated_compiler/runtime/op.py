@@ -66,3 +66,14 @@ def _backward(ctx, dout, dlse, daux):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _double_backward(ctx, ddq, ddk, ddv):
+    raise RuntimeError(
+        "dilated_compiler attention has no double backward: the gradients of its gradients (e.g. "
+        "torch.autograd.grad(..., create_graph=True) followed by another backward, as in a gradient penalty) are "
+        "not implemented by any backend. For second-order terms on small inputs, use "
+        "dilated_compiler.reference.attention (float64, plain torch autograd).")
+
+
+attention_backward.register_autograd(_double_backward)
