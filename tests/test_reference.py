@@ -1,5 +1,6 @@
 """The float64 reference against a per-query loop written from the definition, and known special cases."""
 
+import dataclasses
 import math
 
 import pytest
@@ -170,3 +171,42 @@ def test_reference_checks_its_inputs_as_the_module_does():
         reference.attention(q, k[:, :, :0], v[:, :, :0], spec)
     with pytest.raises(TypeError, match="q must be a torch.Tensor; got list"):
         reference.attention(q.tolist(), k, v, spec)
+
+
+def test_head_branches_refuses_fewer_heads_than_branches_in_grouped_mode():
+    # head_branches is public (the tests' rounding terms reach it through head_masks, without check_inputs): with
+    # fewer heads than branches it would drop branches without a word
+    spec = AttentionSpec((Branch(4), Branch(8, 2), Branch(8, 4)))
+    with pytest.raises(ValueError, match=r"grouped mode needs heads >= branches; got heads=2, branches=3"):
+        reference.head_branches(spec, 2)
+    # 4 heads in 3 groups of 2, 1, 1; offsets i % r_i
+    assert reference.head_branches(spec, 4) == [[(4, 1, 0)], [(4, 1, 0)], [(8, 2, 1)], [(8, 4, 2)]]
+    every = dataclasses.replace(spec, head_assignment="all")  # any number of heads; offsets h % r_i
+    assert reference.head_branches(every, 2) == [[(4, 1, 0), (8, 2, 0), (8, 4, 0)], [(4, 1, 0), (8, 2, 1), (8, 4, 1)]]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_all_mode_merge_at_logits_beyond_exp_range(causal):
+    # logits of ~1e4, where exp() overflows float64: the merge must subtract the largest branch lse before exp.
+    # Expected: the union-of-keys form (keys of both branches, even keys of even queries counted twice) as a
+    # softmax of the logits plus log(multiplicity), which torch computes stably.
+    q, k, v = make_qkv(1, 8, 1, 4, dtype=torch.float64, seed=3)
+    q, k = q * 100, k * 100
+    spec = AttentionSpec((Branch(8, 1), Branch(8, 2)), head_assignment="all", causal=causal)
+    out, lse = reference.attention(q, k, v, spec, return_lse=True)
+    s = (q[0, :, 0] @ k[0, :, 0].T) / 2
+    assert s.abs().max() > 1000
+    multiplicity = torch.tensor([[2.0 if i % 2 == 0 and j % 2 == 0 else 1.0 for j in range(8)] for i in range(8)])
+    logits = s + multiplicity.log()
+    if causal:
+        logits = logits.masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), -math.inf)
+    torch.testing.assert_close(out[0, :, 0], torch.softmax(logits, -1) @ v[0, :, 0])
+    torch.testing.assert_close(lse[0, 0], torch.logsumexp(logits, -1))
+
+
+def test_reference_refuses_kv_heads_that_do_not_divide_heads():
+    spec = AttentionSpec((Branch(4), Branch(8, 2)), head_assignment="all")
+    for heads, kv_heads in ((3, 2), (4, 3)):
+        q, k, v = make_qkv(1, 8, heads, 4, dtype=torch.float64, kv_heads=kv_heads)
+        with pytest.raises(ValueError, match=rf"kv heads \({kv_heads}\) must divide heads \({heads}\)"):
+            reference.attention(q, k, v, spec)

@@ -7,10 +7,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dilated_compiler import AttentionSpec, Branch, build_plan, compile_attention
+from dilated_compiler import AttentionSpec, Branch, build_plan, compile_attention, reference
+from dilated_compiler.lowering import BackendError
 from dilated_compiler.lowering.torch_lowering import TorchLowering
 from dilated_compiler.runtime import op as ops
-from conftest import attention_cases, check_against_reference, cuda, make_qkv, run_case
+from conftest import (LSE_TOLERANCES, TOLERANCES, assert_close, attention_cases, check_against_reference, cuda,
+                      make_qkv, run_case)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])]
 
@@ -217,3 +219,98 @@ def test_no_nan_with_large_logits():
     spec = dataclasses.replace(spec, head_assignment="grouped")
     q, k, v = make_qkv(1, 32, 2, 8, dtype=torch.float64)
     check_against_reference(compile_attention(spec, backend="torch"), spec, q * 300, k * 300, v, check_grad=False)
+
+
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_padded_keys_get_no_weight_whatever_their_values(mode):
+    # padding is a -inf mask, not a large negative bias: padded keys whose scores exceed the others' by ~2e5
+    # (garbage in padding slots) still get no weight, and the results are those of the same inputs with the
+    # padded keys and values zeroed. GQA included.
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 2)), head_assignment=mode, causal=mode == "all")
+    attn = compile_attention(spec, backend="torch")
+    q, k, v = make_qkv(1, 32, 2, 8, kv_heads=1)
+    q = q.abs()  # every query's score against an all-1e5 key is about +2e5
+    mask = torch.zeros(1, 32, dtype=torch.bool)
+    mask[0, 3::5] = True
+    k_bad, v_bad = k.masked_fill(mask[..., None, None], 1e5), v.masked_fill(mask[..., None, None], 1e3)
+    check_against_reference(attn, spec, *(t.requires_grad_() for t in (q, k_bad, v_bad)), key_padding_mask=mask)
+    out, lse = attn(q, k_bad, v_bad, key_padding_mask=mask, return_lse=True)
+    clean = [t.masked_fill(mask[..., None, None], 0.0) for t in (k, v)]
+    want_out, want_lse = attn(q, *clean, key_padding_mask=mask, return_lse=True)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("branches", [(Branch(8, 1),), (Branch(8, 1), Branch(16, 2))], ids=["one", "two"])
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_aux_per_mode_and_dtype(mode, branches, dtype):
+    # lowering/base.py's contract: "all" mode returns each branch's lse (G, B, H, N); grouped mode an empty tensor,
+    # or for float64 inputs the float64 lse (1, B, H, N); float32, or float64 for float64 inputs
+    B, N, H, D = 2, 24, 2, 4
+    spec = AttentionSpec(branches, head_assignment=mode, causal=True)
+    lowering = TorchLowering(build_plan(spec, N, H, D, batch=B), torch.device("cpu"), dtype)
+    q, k, v = make_qkv(B, N, H, D, dtype=dtype)
+    _, _, aux = lowering.forward(q, k, v)
+    assert aux.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = TOLERANCES[torch.float64] if dtype == torch.float64 else LSE_TOLERANCES[dtype]
+    qr, kr, vr = (t.double() for t in (q, k, v))
+    if mode == "grouped":
+        if dtype != torch.float64:
+            assert aux.shape == (0,)
+            return
+        assert aux.shape == (1, B, H, N)
+        assert_close(aux[0], reference.attention(qr, kr, vr, spec, return_lse=True)[1], dtype, "aux", tol=tol)
+        return
+    assert aux.shape == (len(branches), B, H, N)
+    for g, b in enumerate(branches):  # branch g alone, with the same head offsets h % r
+        alone = dataclasses.replace(spec, branches=(b,))
+        assert_close(aux[g], reference.attention(qr, kr, vr, alone, return_lse=True)[1], dtype, f"aux[{g}]", tol=tol)
+
+
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_source_shows_the_rows_each_attend_op_reads(mode):
+    # each attend op's "rows = <expression in x>" line of source(), evaluated on a (1, N, H) tensor labelled
+    # position * 100 + head, gives one segment per index of dim 1 and, over all ops, exactly the (branch,
+    # position, head) triples the spec selects: whole segments and the ragged tails (N = 30: tails of 6 rows for
+    # w = 8 and w = 12, whose offset 2 and dilation 3 pick positions 26 and 29)
+    offsets = (None, 2, None) if mode == "grouped" else (None, None, None)
+    spec = AttentionSpec(tuple(Branch(w, r, o) for (w, r), o in zip(((8, 1), (12, 3), (10, 4)), offsets)),
+                         head_assignment=mode)
+    N, H = 30, 5
+    lowering = TorchLowering(build_plan(spec, N, H, 4), torch.device("cpu"), torch.float32)
+    x = torch.arange(N)[None, :, None] * 100 + torch.arange(H)[None, None, :]
+    lines = [line for line in lowering.source().splitlines() if ": rows = " in line]
+    assert len(lines) == len(lowering.plan.attend_ops)
+    got = []
+    for line, op in zip(lines, lowering.plan.attend_ops):
+        rows = eval(line.split(": rows = ")[1].split("  #")[0], {"x": x})  # (1, S, L, heads)
+        w = op.segment_length
+        for segment in rows[0]:
+            assert len({int(p) // w for p in segment.flatten() // 100}) == 1
+        got += [(op.branch, int(label) // 100, int(label) % 100) for label in rows.flatten()]
+    want = []
+    if mode == "all":
+        for h in range(H):
+            want += [(i, p, h) for i, (w, r, off) in enumerate(reference.head_branches(spec, H)[h])
+                     for p in range(N) if p % w >= off and (p % w - off) % r == 0]
+    else:
+        sizes = [2, 2, 1]  # 5 heads in 3 groups
+        for i, b in enumerate(spec.branches):
+            off = b.offset if b.offset is not None else i % b.dilation
+            want += [(i, p, h) for h in range(sum(sizes[:i]), sum(sizes[: i + 1])) for p in range(N)
+                     if p % b.segment_length >= off and (p % b.segment_length - off) % b.dilation == 0]
+    assert sorted(got) == sorted(want)
+
+
+def test_lowering_refuses_what_it_cannot_run():
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 2)))
+    plan = build_plan(spec, 32, 2, 8)
+    with pytest.raises(BackendError, match=r"on CUDA supports float16, bfloat16 and float32; got float64"):
+        TorchLowering(plan, torch.device("cuda"), torch.float64)
+    with pytest.raises(BackendError, match=r"supports dtypes \[.*\]; got torch.int32"):
+        TorchLowering(plan, torch.device("cpu"), torch.int32)
+    with pytest.raises(BackendError, match=r"runs on devices \['cpu', 'cuda'\]; got 'meta'"):
+        TorchLowering(plan, torch.device("meta"), torch.float32)
+    with pytest.raises(ValueError, match="needs a plan with concrete shapes"):
+        TorchLowering(build_plan(spec), torch.device("cpu"), torch.float32)
