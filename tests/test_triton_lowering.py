@@ -769,6 +769,20 @@ def test_triton_lowering_limits_at_their_bounds():
         attn.kernel_source(16, 2, 16, device="meta")
 
 
+@pytest.mark.parametrize("head_dim,block_d", [(1, 16), (3, 16), (8, 16), (16, 16), (17, 32), (24, 32), (96, 128),
+                                              (256, 256)])
+def test_block_d_is_a_power_of_two_of_at_least_16(head_dim, block_d):
+    """The tl kernels' feature tile BLOCK_D: head_dim rounded up to a power of two, and at least 16, the smallest
+    K tl.dot takes for 16-bit inputs on a GPU. head_dim below 16 runs only in the interpreter tests here (the
+    interpreter takes any size, and no GPU test has one), so only the lowering's choice shows it."""
+    from dilated_compiler import build_plan
+    from dilated_compiler.lowering.triton.lowering import TritonLowering
+    low = TritonLowering(build_plan(AttentionSpec((Branch(8, 1),)), 16, 2, head_dim), torch.device("cpu"),
+                         torch.float16)
+    assert low.block_d == block_d and low.specialisation["BLOCK_D"] == block_d
+    assert f", BLOCK_D={block_d}," in low._text
+
+
 def test_gluon_reasons_are_judged_per_kind_of_call(monkeypatch):
     """gluon_unsupported remembers its answer per (device, shape, dtype, key padding mask): a call with a mask
     after one without, or with another shape, is judged again, not given the earlier answer."""
@@ -831,6 +845,33 @@ def test_float32_kernels_use_exact_products():
     assert dots and all('input_precision="ieee"' in d for d in dots)
     for dtype in (torch.float16, torch.bfloat16):
         assert 'input_precision="ieee"' not in attn.kernel_source(32, 2, 16, dtype=dtype)
+
+
+def test_generated_tl_module_header_and_glossaries():
+    """The generated tl module's header says what it was generated for: the spec, its key, every fact of the
+    specialisation (key=value) and each branch with its offset. Each of its sections (between the ``# ----``
+    rules) that defines a kernel opens with that kernel's glossary, ``# <kernel>...``: the header's overview and
+    kernel_source's launch lines also name the kernels, after more than one space, and are no glossary."""
+    from dilated_compiler import build_plan
+    from dilated_compiler.lowering.triton.generator import KERNEL_NAMES
+    from dilated_compiler.lowering.triton.lowering import TritonLowering
+    spec = AttentionSpec((Branch(8, 1), Branch(12, 3, offset=2)), causal=True)
+    low = TritonLowering(build_plan(spec, 48, 4, 24, kv_heads=2), torch.device("cpu"), torch.float16)
+    text = low._text
+    header = text[:text.index("\nimport triton\n")]
+    assert f"\n# spec:            {spec}\n" in header
+    assert f"\n# spec key:        {spec.key}\n" in header
+    facts = re.search(r"^# specialisation:  (.*)$", header, re.M).group(1)
+    assert dict(f.split("=", 1) for f in facts.split(", ")) == {k: str(v) for k, v in low.specialisation.items()}
+    assert {"GQA": "2", "HEAD_DIM": "24", "BLOCK_D": "32", "CAUSAL": "True", "dtype": "float16"}.items() <= dict(
+        f.split("=", 1) for f in facts.split(", ")).items()
+    assert "\n# branches:        b0: w=8 r=1, b1: w=12 r=3 offset=2\n" in header
+    sections = re.split(r"^# -{20,}\n", text, flags=re.M)
+    for kernel in KERNEL_NAMES:
+        [section] = [s for s in sections if f"\ndef {kernel}(" in s]
+        glossary = section[:section.index("\n\n")].splitlines()
+        assert glossary[0].startswith(f"# {kernel}") and len(glossary) >= 3, (kernel, glossary)
+        assert all(line.startswith("#") for line in glossary), kernel
 
 
 @pytest.mark.parametrize("mode,kv_heads,seq", [("grouped", 2, 64), ("grouped", 2, 65), ("grouped", 1, 64),

@@ -141,6 +141,44 @@ def test_head_dims(head_dim):
     check_against_reference(attn, spec, q, k, v)
 
 
+@pytest.mark.parametrize("block,partner,seq", [(32, 16, 50), (16, 32, 51)])
+def test_tiles_of_unequal_sizes(block, partner, seq, monkeypatch):
+    """The GPU's tile configs are seldom square (dk/dv 64x32, dq 128x64: a pass's own tile and the partner tiles
+    its inner loop walks differ), the interpreter's one config is 16x16: here a pass's own tiles and its partner
+    tiles differ, both ways, so a launch or kernel that takes one for the other fails. Ragged segments (40 rows:
+    32 + 8) and a causal diagonal crossing tiles of either size; GQA (dk, dv add over two query heads)."""
+    from dilated_compiler.runtime import clear_cache
+    from dilated_compiler.lowering.triton import autotune
+    monkeypatch.setattr(autotune, "INTERPRETER_CONFIG", autotune.TileConfig(block, partner, 1, 1))
+    assert autotune.candidates("dkdv", 16, 4) == [(block, partner, 1, 1, True, 0)]  # what every pass gets
+    clear_cache()  # no lowering compiled with other tiles (they keep their configs) is reused, nor kept after
+    try:
+        spec = AttentionSpec((Branch(40, 1), Branch(48, 3, offset=1)), causal=True)
+        attn = compile_attention(spec, backend="triton")
+        q, _, _ = make_qkv(1, seq, 2, 16, requires_grad=True, seed=seq)
+        _, k, v = make_qkv(1, seq, 2, 16, kv_heads=1, seed=seq + 1, requires_grad=True)
+        check_against_reference(attn, spec, q, k, v)
+    finally:
+        clear_cache()
+
+
+def test_scores_with_a_large_common_offset():
+    """Scores of every pair raised by 30 (a feature that every q and k share): the softmax is unchanged and lse
+    is about 30 (sharper scores are not needed for that). The backward recomputes P = exp2(s log2(e) scale -
+    lse log2(e)): an error in either base change grows with lse, so a log2(e) off by 5e-6 (1.4427) fails here in
+    float32, where the other tests' lse of a few units leave it within the tolerance."""
+    spec = AttentionSpec((Branch(16, 1), Branch(32, 2)), causal=True)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(1, 32, 2, 16, seed=7)
+    shift = (30 / spec.softmax_scale(16)) ** 0.5
+    q[..., 0] = shift
+    k[..., 0] = shift
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    check_against_reference(attn, spec, q, k, v)
+    _, lse = attn(q, k, v, return_lse=True)
+    assert lse[torch.isfinite(lse)].min() > 25  # rows a head's branch selects (r = 2: half of them)
+
+
 def test_nothing_selected_gives_zero_and_neg_inf():
     # N shorter than the offset: no row is selected anywhere (empty tile tables)
     spec = AttentionSpec((Branch(8, 4, offset=3),))
