@@ -8,11 +8,15 @@ after that wait, and the read then queues behind the matrix instructions' own op
 stall, and its tensor pipe is busier (76% against 65%).
 
 The forms (the arithmetic is unchanged, so dk and dv must be bitwise equal to the lowering's):
-- "lse early": the step's lse is read before S^T and dP^T are issued (its log2 scaling still after the wait);
+- "lse after the S^T wait": the lowering before this experiment;
+- "lse early (the lowering)": the step's lse is read before S^T and dP^T are issued (its log2 scaling still
+  after the wait);
 - "lse early, delta after S": as above, and delta read right after the wait for S^T, so its read runs under
   the exponentials;
 - "lse early, delta after dV issue": delta read once P^T dO is issued, before the wait for dP^T;
-- "both early": lse and delta both read before the products are issued (16 more registers held across them).
+- "both early": lse and delta both read before the products are issued (16 more registers held across them);
+- "lse early, scaled beforehand": the backward scales lse by log2(e) (-inf to +inf) in its lse/delta buffer once
+  the dq kernel has read it, so the consumers use it as read (no compare, multiply and select per step).
 
 Four-branch grouped N = 64K, bf16, 16 heads, D = 128, causal and not: the dk/dv kernel alone, then the lowering's
 backward and forward + backward, the forms alternating over --rounds rounds.
@@ -20,8 +24,20 @@ backward and forward + backward, the forms alternating over --rounds rounds.
     DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/gluon_dkdv_ld_experiment.py [--rounds 5]
 
 ``--check-compile`` compiles the forms' dk/dv kernels for sm_90a without a GPU (triton 3.6) and prints, for each,
-its shared memory, matrix instructions and spills, and where the first step's lse reads sit against its first
-matrix instructions.
+its shared memory, matrix instructions and spills, and the order of the first step's shared loads, matrix
+instructions and waits. ``--profile FORM`` runs one forward and backward of ``FORMS[FORM]`` for ncu.
+
+Outcome (H100, stop 28, 5 alternating rounds in each of two calls; every form's dq, dk and dv bitwise equal to the
+lowering's on 3 runs each; benchmarks/results/H100-triton.md, "Stop 28"), median ms, first call / second call:
+- dk/dv kernel alone: 1.786 / 1.815 with lse read after the wait, 1.640 / 1.682 with lse early; causal 1.015 /
+  1.039 against 0.964 / 1.001;
+- fwd+bwd: 3.942 / 4.041 against 3.803 / 3.882; causal 2.347 / 2.431 against 2.260 / 2.377;
+- ncu on the lse-early kernel: 1.62 -> 1.45 ms, SM throughput 65% -> 74%, the first consumer's short-scoreboard
+  share 35% -> 14%, and the producer's per-step reload of a spilled register gone;
+- moving delta too gained nothing beyond the spread (delta after the dV issue: dk/dv 1.643 / 1.684 against 1.640 /
+  1.682), and was slower in the causal form; scaling lse beforehand: dk/dv 1.672 against 1.682 in its one call,
+  fwd+bwd 3.962 against 3.882 (two small kernels more).
+Adopted: lse early (``gluon_hopper._dkdv_consumer``). The other forms stay as measured here.
 """
 
 from __future__ import annotations
@@ -38,32 +54,48 @@ from dilated_compiler.lowering.triton import lowering as tl_lowering
 H, D, N = 16, 128, 65536
 FOUR = tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8)))
 
-DO_T = "                do_t = do_smem.index(st)\n"
 LSE = "                lse = ld_smem.index(st).slice(0, BLOCK_M).load(cols_l)\n"
 LSE2 = "                lse2 = gl.where(lse == float(\"-inf\"), float(\"inf\"), lse * 1.4426950408889634)\n"
 DELTA = "                delta = ld_smem.index(st).slice(BLOCK_M, BLOCK_M).load(cols_l)\n"
 S_WAIT = "                s_t = warpgroup_mma_wait(1, deps=(st_tok, ))\n"
 DV_ISSUE = "                dv_tok = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_l), do_t, dv, is_async=True)\n"
 
-FORMS = ("the lowering", "lse early", "lse early, delta after S", "lse early, delta after dV issue", "both early")
+# the lowering reads lse before the products are issued (adopted from this experiment) and delta after the wait
+# for dP^T; the first form below is the lowering before that change
+FORMS = ("lse after the S^T wait", "lse early (the lowering)", "lse early, delta after S",
+         "lse early, delta after dV issue", "both early", "lse early, scaled beforehand")
+SCALED = FORMS[5]
+BASE = FORMS[1]
 
 
 def patches(form: str) -> list[tuple[str, str]]:
-    if form == FORMS[0]:
-        return []
-    out = [(LSE + LSE2, LSE2), (DO_T, DO_T + LSE)]
-    if form == FORMS[2]:
-        out += [(DELTA, ""), (S_WAIT, S_WAIT + DELTA)]
-    if form == FORMS[3]:
-        out += [(DELTA, ""), (DV_ISSUE, DV_ISSUE + DELTA)]
-    if form == FORMS[4]:
-        out += [(DELTA, ""), (DO_T + LSE, DO_T + LSE + DELTA)]
-    return out
+    return {
+        FORMS[0]: [(LSE, ""), (LSE2, LSE + LSE2)],
+        FORMS[1]: [],
+        FORMS[2]: [(DELTA, ""), (S_WAIT, S_WAIT + DELTA)],
+        FORMS[3]: [(DELTA, ""), (DV_ISSUE, DV_ISSUE + DELTA)],
+        FORMS[4]: [(DELTA, ""), (LSE, LSE + DELTA)],
+        FORMS[5]: [(LSE2, "                lse2 = lse\n")],
+    }[form]
+
+
+def scale_lse(ld):
+    """What the kernel's log2 scaling of lse does (-inf to +inf, NaN kept), in place on ``ld[0]`` (two small
+    kernels where the lowering copies lse in one)."""
+    torch.mul(ld[0], 1.4426950408889634, out=ld[0])
+    ld[0].nan_to_num_(nan=math.nan, posinf=math.inf, neginf=math.inf)
+
+
+def launch_alone(low, form, q, k, v, dout, dk, dv, ld, ld_scaled):
+    """The dk/dv kernel alone, with lse as the form reads it."""
+    if form == SCALED:
+        return type(low)._launch_gluon_dkdv(low, q, k, v, dout, dk, dv, ld_scaled, True)
+    return low._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, True)
 
 
 def variant(low, form: str):
     """``low`` with its Gluon module's dk/dv consumers reading lse and delta as the form says."""
-    if form == FORMS[0]:
+    if form == BASE:
         return low
     text = low._gluon_text
     for old, new in patches(form):
@@ -72,6 +104,12 @@ def variant(low, form: str):
     low._gluon_text = text
     low._gluon_key = hashlib.sha256((low._gluon_key + form).encode()).hexdigest()[:24]
     low._gluon_module = None
+    if form == SCALED:
+        # the backward's lse/delta buffer scaled before the dk/dv launch (after the dq kernel has read lse from it)
+        def launch(q, k, v, dout, dk, dv, ld, *args, _launch=low._launch_gluon_dkdv, **kwargs):
+            scale_lse(ld)
+            return _launch(q, k, v, dout, dk, dv, ld, *args, **kwargs)
+        low._launch_gluon_dkdv = launch
     return low
 
 
@@ -122,7 +160,7 @@ def main():
         lows = {f: variant(tl_lowering.TritonLowering(plan, dev, torch.bfloat16), f) for f in FORMS}
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v, dout = (torch.randn(1, N, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
-        base = lows[FORMS[0]]
+        base = lows[BASE]
         assert base.gluon_unsupported(q, k, v, False) is None
         out, lse, aux = base.forward(q, k, v)
         ref = base.backward(dout, None, q, k, v, out, lse, aux)
@@ -130,6 +168,8 @@ def main():
         ld = torch.empty((2, *lse.shape), dtype=torch.float32, device=dev)
         ld[0].copy_(lse)
         base._launch_gluon_dq(q, k, v, dout, out, torch.empty_like(q), ld[0], ld[1], None, True)
+        ld_scaled = ld.clone()
+        scale_lse(ld_scaled)
         equal = {}
         for f in FORMS:
             oks = []
@@ -137,7 +177,7 @@ def main():
                 grads = lows[f].backward(dout, None, q, k, v, out, lse, aux)
                 oks.append(all(map(torch.equal, grads, ref)))
             dk, dv = torch.full_like(k, math.nan), torch.full_like(v, math.nan)
-            lows[f]._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, True)
+            launch_alone(lows[f], f, q, k, v, dout, dk, dv, ld, ld_scaled)
             torch.cuda.synchronize()
             equal[f] = all(oks) and torch.equal(dk, ref[1]) and torch.equal(dv, ref[2])
         print(f"causal={causal}: dq, dk, dv bitwise equal to the lowering's (3 runs each): {equal}", flush=True)
@@ -154,14 +194,14 @@ def main():
                     o, l_, a = low.forward(q, k, v)
                     low.backward(dout, None, q, k, v, o, l_, a)
                 times[(f, "dk/dv kernel")].append(do_bench(
-                    lambda: low._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, True),
+                    lambda: launch_alone(low, f, q, k, v, dout, dk, dv, ld, ld_scaled),
                     warmup=5, rep=100, return_mode="median"))
                 times[(f, "bwd")].append(do_bench(bwd, warmup=5, rep=200, return_mode="median"))
                 times[(f, "fwd+bwd")].append(do_bench(step, warmup=5, rep=200, return_mode="median"))
         for (f, p), ts in times.items():
             rows.append((f"causal={causal}", p, f, sorted(ts)[len(ts) // 2], equal[f], ts))
             print(rows[-1], flush=True)
-        del q, k, v, dout, out, lse, aux, ref, lows, base, ld
+        del q, k, v, dout, out, lse, aux, ref, lows, base, ld, ld_scaled
         torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={H}, D={D}; median of {args.rounds} "
           "alternating rounds")
