@@ -36,7 +36,9 @@ lowering's on 3 runs each; benchmarks/results/H100-triton.md, "Stop 28"), median
   share 35% -> 14%, and the producer's per-step reload of a spilled register gone;
 - moving delta too gained nothing beyond the spread (delta after the dV issue: dk/dv 1.643 / 1.684 against 1.640 /
   1.682), and was slower in the causal form; scaling lse beforehand: dk/dv 1.672 against 1.682 in its one call,
-  fwd+bwd 3.962 against 3.882 (two small kernels more).
+  fwd+bwd 3.962 against 3.882 (two small kernels more);
+- a third call on another H100 (3 rounds, not causal), after the change: dk/dv 1.779 / 1.660 / 1.636 ms and
+  fwd+bwd 3.920 / 3.766 / 3.791 for lse after the wait / lse early / lse scaled beforehand.
 Adopted: lse early (``gluon_hopper._dkdv_consumer``). The other forms stay as measured here.
 """
 
