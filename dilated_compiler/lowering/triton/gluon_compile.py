@@ -1,6 +1,6 @@
 """Compile the Gluon kernels (:mod:`.gluon_hopper`) and the generated tl kernels for sm_90a without a GPU and
-summarise their SASS: shared memory, warpgroup matrix instructions, and local-memory spills inside and outside a
-step's matrix instructions; or give the SASS itself, to show that a change to a kernel's source leaves the machine
+summarise their SASS: shared memory, warpgroup matrix instructions, local-memory spills inside and outside a
+step's matrix instructions, and whether ptxas serialises the matrix instructions; or give the SASS itself, to show that a change to a kernel's source leaves the machine
 code as it was (``scripts/sass_fingerprints.py``).
 
 For checks, not for running: ``tests/test_gluon_compile.py``, the experiment scripts' ``--check-compile`` and
@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["MAX_SHARED", "SassSummary", "compile_sm90", "launch_constexprs", "sass", "summarize"]
+__all__ = ["MAX_SHARED", "SassSummary", "compile_sm90", "launch_constexprs", "sass", "summarize", "wgmma_serialized"]
 
 MAX_SHARED = 232448  # bytes of shared memory a block may use on compute capability 9.0
 # the kernels' non-tensor parameters by name; other non-constexpr parameters are strides (int64) where named
@@ -38,10 +38,12 @@ class SassSummary:
     hgmma: int              # warpgroup matrix instructions
     spills_in_steps: int    # local loads/stores between two matrix instructions with no branch between them
     spills_elsewhere: int
+    serialized: str | None = None  # ptxas's reason for serialising the matrix instructions, if it does
 
     def __str__(self) -> str:
         return (f"shared {self.shared} B, HGMMA {self.hgmma}, spill instructions among a step's HGMMAs "
-                f"{self.spills_in_steps}, elsewhere {self.spills_elsewhere}")
+                f"{self.spills_in_steps}, elsewhere {self.spills_elsewhere}"
+                + (f"; SERIALIZED by ptxas: {self.serialized}" if self.serialized else ""))
 
 
 def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | None = None, ints: dict | None = None,
@@ -91,15 +93,36 @@ def sass(compiled) -> str:
         return subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
 
 
+def wgmma_serialized(compiled) -> str | None:
+    """ptxas's reason where it serialises the kernel's warpgroup matrix instructions (its "Potential Performance
+    Loss: wgmma.mma_async instructions are serialized due to ..." note: each product then waits for the one before,
+    which made a dq form of stop 9 45% slower), else None. Reads the note from ptxas (from Triton's wheel) run
+    verbosely on the kernel's PTX."""
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        run = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    for line in (run.stdout + run.stderr).splitlines():
+        if "wgmma.mma_async instructions are serialized" in line:
+            return line.split("serialized", 1)[1].strip()
+    return None
+
+
 def summarize(compiled) -> SassSummary:
-    """Shared memory, matrix instructions and spills of a compiled kernel."""
+    """Shared memory, matrix instructions and spills of a compiled kernel, and whether ptxas serialises its matrix
+    instructions."""
     text = sass(compiled)
     # one letter per instruction of interest: M a matrix instruction, S a local load or store (a spill), B a
     # branch; a spill between two matrix instructions with no branch between them sits inside a step
     marks = "".join("M" if "HGMMA" in ln else "S" if ("STL" in ln or "LDL" in ln) else "B"
                     for ln in text.splitlines() if "HGMMA" in ln or "STL" in ln or "LDL" in ln or "BRA" in ln)
     in_steps = sum(run.count("S") for run in re.findall(r"M[MS]*M", marks))
-    return SassSummary(compiled.metadata.shared, marks.count("M"), in_steps, marks.count("S") - in_steps)
+    return SassSummary(compiled.metadata.shared, marks.count("M"), in_steps, marks.count("S") - in_steps,
+                       wgmma_serialized(compiled))
 
 
 def launch_constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool = False) -> dict:
