@@ -3,7 +3,8 @@
 Run only with TRITON_INTERPRET=1 set before triton is imported: tests/test_triton_lowering.py spawns
 ``python -m pytest tests/triton_interpret`` with it. Collected in a plain run, these tests skip.
 Shapes are tiny (the interpreter runs every program in Python); tiles are 16x16 so that every case has several
-tiles, ragged ends and all three loop phases. bf16 is tested on GPU only (the interpreter's bf16 is wrong).
+tiles, ragged ends and all three loop phases. bf16 is tested on GPU only (the interpreter's bf16 is wrong, and
+the lowering refuses it there).
 """
 
 import os
@@ -185,6 +186,17 @@ def test_nothing_selected_gives_zero_and_neg_inf():
     attn = compile_attention(spec, backend="triton")
     q, k, v = make_qkv(1, 3, 2, 16, requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
+
+
+def test_bfloat16_is_refused_under_the_interpreter():
+    """The interpreter computes bfloat16 matrix products wrongly (by orders of magnitude), so bfloat16 on CPU tensors
+    is refused with a BackendError that says what runs instead, not computed silently wrong."""
+    from dilated_compiler.lowering import BackendError
+    spec = _spec("three-branch", "grouped", False)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(1, 20, 3, 16, dtype=torch.bfloat16)
+    with pytest.raises(BackendError, match="cannot run bfloat16.*float16 or float32.*'torch'"):
+        attn(q, k, v)
 
 
 def test_torch_compile_fullgraph():

@@ -345,6 +345,13 @@ class TritonLowering:
         if t.device.type == "cuda":
             return
         if t.device.type == "cpu" and interpreting():
+            if self.dtype == torch.bfloat16:
+                # the interpreter multiplies bfloat16 bit patterns as if they were numbers: tl.dot on bfloat16 is off
+                # by orders of magnitude there (triton-lang/triton#11584), so the result would be silently wrong
+                raise BackendError(
+                    "backend 'triton' under Triton's interpreter (TRITON_INTERPRET=1) cannot run bfloat16: the "
+                    "interpreter computes bfloat16 matrix products wrongly. On CPU use float16 or float32 with "
+                    "backend 'triton', or backend 'torch' (or 'auto') for bfloat16; bfloat16 runs on CUDA.")
             return
         raise BackendError(
             f"backend 'triton' runs on CUDA tensors; got {t.device.type} tensors. (CPU tensors run only under "
@@ -589,7 +596,8 @@ class TritonLowering:
         """The plan, the launches and the generated kernels. Needs no GPU and compiles nothing."""
         B = int(self.plan.batch)
         lines = [self.plan.explain(), "",
-                 f"# triton lowering: module dc_{self.cache_key}.py in the disk cache",
+                 f"# triton lowering: module dc_{self.cache_key}.py in the disk cache (written when the kernels "
+                 "first run)",
                  "# launches (default tile configs; autotuning on a GPU may pick others):"]
         cfg_f, cfg_kv, cfg_q = (candidates(p, self.head_dim, self.dtype.itemsize)[0] for p in ("fwd", "dkdv", "dq"))
         for name, kind, cfg in (("dilated_fwd", "q", cfg_f), ("dilated_bwd_dq", "q", cfg_q),
@@ -600,6 +608,10 @@ class TritonLowering:
             lines.append("#   dilated_merge      one program per 64 (row, head) pairs")
         gluon = gluon_hopper.spec_reason(self.spec, heads=self.heads, kv_heads=self.kv_heads,
                                          head_dim=self.head_dim, dtype=self.dtype) is None
+        if gluon and not USE_GLUON:
+            gluon = False
+            lines.append("#   the Hopper (Gluon) kernels are turned off (DILATED_COMPILER_GLUON=0): the tl kernels "
+                         "below run on every GPU")
         if gluon:
             lines.append(f"#   on a Hopper GPU (compute capability 9.0, triton {gluon_hopper.CHECKED_TRITON[0]}x), "
                          f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
