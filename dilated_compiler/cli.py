@@ -196,8 +196,8 @@ def cmd_plan(args, parser) -> int:
         parser.error("plan needs a SPEC file (or --list-passes)")
     if args.list_passes:
         print(_list_passes())
-        if args.spec is None:
-            return 0
+        if args.spec is None or None in (args.seq_len, args.heads, args.head_dim):
+            return 0  # the list alone; a SPEC with its shapes also gets its plan
         print()
     _require_shapes(parser, args, "plan")
     import torch

@@ -294,7 +294,8 @@ def _from_mapping(data: Any, source: str | None) -> AttentionSpec:
         for i, b in enumerate(branches_raw):
             path = f"branches[{i}]"
             if not isinstance(b, Mapping):
-                problems.append(f"{path}: got {_describe(b)}; allowed: a mapping with segment_length and dilation")
+                problems.append(f"{path}: got {_describe(b)}; allowed: a mapping with segment_length "
+                                "(and optional dilation, offset)")
                 continue
             problems += _unknown_key_problems(b, _BRANCH_KEYS, path)
             if "segment_length" not in b:

@@ -154,9 +154,11 @@ def test_plan_with_symbols(capsys, small):
     assert code == 2 and "expected a positive integer, got 'N'" in err
 
 
-def test_plan_list_passes(capsys):
+def test_plan_list_passes(capsys, small):
     code, out, err = run_cli(capsys, "plan", "--list-passes")
     assert code == 0 and err == ""
+    # with a SPEC but no shapes: the list alone, not an error after it
+    assert run_cli(capsys, "plan", small, "--list-passes") == (0, out, "")
     names = [line.split()[0] for line in out.splitlines()[1:]]
     assert names == list(PASSES)
     for line, fn in zip(out.splitlines()[1:], PASSES.values()):

@@ -59,6 +59,20 @@ def test_kernel_source_without_gpu():
         16384, 16, 64, dtype=torch.float16, device="cuda")
 
 
+def test_kernel_source_says_when_the_gluon_kernels_are_off(monkeypatch):
+    """With the Hopper kernels turned off (DILATED_COMPILER_GLUON=0) the source says so and shows only the tl kernels
+    that then run everywhere."""
+    from dilated_compiler.lowering.triton import lowering as triton_lowering
+    attn = compile_attention(AttentionSpec(FOUR_BRANCH), backend="triton")
+    monkeypatch.setattr(triton_lowering, "USE_GLUON", False)
+    text = attn.kernel_source(65536, 16, 128, dtype=torch.bfloat16, device="cpu")
+    assert "turned off (DILATED_COMPILER_GLUON=0)" in text and "runs instead" not in text
+    assert "def dilated_fwd(" in text and "def gluon_fwd(" not in text
+    monkeypatch.setattr(triton_lowering, "USE_GLUON", True)
+    text = attn.kernel_source(65536, 16, 128, dtype=torch.bfloat16, device="cpu")
+    assert "turned off" not in text and "def gluon_fwd(" in text
+
+
 @pytest.mark.skipif(INTERPRETING or torch.cuda.is_available(), reason="CPU tensors are allowed under the interpreter")
 def test_cpu_tensors_without_interpreter_raise():
     attn = compile_attention(AttentionSpec((Branch(8, 1),)), backend="triton")
