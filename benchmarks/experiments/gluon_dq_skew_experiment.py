@@ -97,10 +97,12 @@ NEW = """            dq = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
 """
 # stop 9's PIPE form, rebuilt for the compile check: each step issues S and dP, then waits for the step before's
 # dS K (left in flight across the loop's back edge). Not timed: ptxas serialises its wgmmas.
-IMPORT = ("from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,",
-          "from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_init\nfrom triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,")
+_HOPPER = "from triton.experimental.gluon.language.nvidia.hopper import "
+IMPORT = (_HOPPER + "(fence_async_shared, mbarrier, tma, warpgroup_mma,",
+          _HOPPER + "warpgroup_mma_init\n" + _HOPPER + "(fence_async_shared, mbarrier, tma, warpgroup_mma,")
 INIT = ("""            dq = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
-            for j in range(n_k):""", """            dq = warpgroup_mma_init(gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l))
+            for j in range(n_k):""",
+        """            dq = warpgroup_mma_init(gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l))
             prev = 0
             for j in range(n_k):""")
 TAIL = ("""                dq_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_l), k_t, dq, is_async=True)

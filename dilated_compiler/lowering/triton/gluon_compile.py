@@ -1,7 +1,7 @@
 """Compile the Gluon kernels (:mod:`.gluon_hopper`) and the generated tl kernels for sm_90a without a GPU and
 summarise their SASS: shared memory, warpgroup matrix instructions, local-memory spills inside and outside a
-step's matrix instructions, and whether ptxas serialises the matrix instructions; or give the SASS itself, to show that a change to a kernel's source leaves the machine
-code as it was (``scripts/sass_fingerprints.py``).
+step's matrix instructions, and whether ptxas serialises the matrix instructions; or give the SASS itself, to show
+that a change to a kernel's source leaves the machine code as it was (``scripts/sass_fingerprints.py``).
 
 For checks, not for running: ``tests/test_gluon_compile.py``, the experiment scripts' ``--check-compile`` and
 ``scripts/sass_fingerprints.py``.
@@ -18,7 +18,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["MAX_SHARED", "SassSummary", "compile_sm90", "launch_constexprs", "sass", "summarize", "wgmma_serialized"]
+__all__ = ["MAX_SHARED", "SassSummary", "compile_sm90", "launch_constexprs", "sass", "summarize",
+           "wgmma_serialized"]
 
 MAX_SHARED = 232448  # bytes of shared memory a block may use on compute capability 9.0
 # the kernels' non-tensor parameters by name; other non-constexpr parameters are strides (int64) where named
