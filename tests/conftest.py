@@ -169,7 +169,7 @@ def _size(x, y, subscripts):
     return torch.maximum(torch.einsum(subscripts, x, y).abs(), torch.einsum(subscripts, x * x, y * y).sqrt())
 
 
-def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=None):
+def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=None, score_roundoff=0.0):
     """The size of the terms that each entry of dq, dk and dv sums, in float64 from the reference's inputs and
     results (q, k, v (B, N, H or Hkv, D); out, lse, dout, dlse (or None) as the reference's). With P the attention
     weights exp(s - lse) on each branch's pairs, and |dP|_ij, |delta|_i the sizes of dO_i . v_j and dO_i . O_i as
@@ -178,7 +178,14 @@ def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=No
     over the query heads sharing a key head), E_v = sum_i P_ij |dO_i|. Where a head has several branches, m_i =
     2 |dO_i . O_g,i| (sized so) on branch g's pairs, O_g that branch's own output: a backward that merges per
     branch computes delta and the merge's lse gradient from O_g, and they cancel only in exact arithmetic; else
-    m = 0. |exact gradient| <= E entry by entry."""
+    m = 0. |exact gradient| <= E entry by entry.
+
+    ``score_roundoff`` > 0 adds the rounding of the weights themselves: P = exp(s - lse) is off by a relative
+    u_s (|s|_ij + |lse_i|), |s|_ij = scale sum_d |q_id k_jd| the size of the score's terms, where the scores are
+    computed with unit roundoff u_s (float32 for every half-precision input: they accumulate in float32). Each pair's
+    term above is then weighted by 1 + score_roundoff (|s|_ij + |lse_i|), score_roundoff = u_s / u of the compared
+    dtype. It matters where the scores are large (an explicit scale several times 1/sqrt(D)): there torch's own
+    float32 attention backward on the CPU is off by about 50 roundoffs of the terms."""
     spec = load_spec(spec)
     B, N, H, D = q.shape
     scale = spec.softmax_scale(D)
@@ -188,7 +195,12 @@ def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=No
         qh, kh, vh, doh = q[:, :, h], k[:, :, kv], v[:, :, kv], dout[:, :, h]
         has_keys = torch.isfinite(lse[:, h])
         scores = torch.einsum("bid,bjd->bij", qh, kh) * scale
-        weights = torch.exp(scores - torch.where(has_keys, lse[:, h], 0.0)[..., None])
+        lse_h = torch.where(has_keys, lse[:, h], 0.0)
+        weights = torch.exp(scores - lse_h[..., None])
+        if score_roundoff:
+            # the weights' own rounding, relative to the terms each pair contributes
+            argument = scale * torch.einsum("bid,bjd->bij", qh.abs(), kh.abs()) + lse_h.abs()[..., None]
+            weights = weights * (1 + score_roundoff * argument)
         dp = _size(doh, vh, "bid,bjd->bij")
         row = _size(doh, out[:, :, h], "bid,bid->bi")
         if dlse is not None:
@@ -243,7 +255,9 @@ def check_against_reference(attn, spec, q, k, v, key_padding_mask=None, check_gr
     dout, dlse = upstream_gradients(ref_out, ref_lse, lse_grad, seed)
     grads = torch.autograd.grad(backward_loss(out, lse, dout, dlse), (q, k, v))
     ref_grads = torch.autograd.grad(backward_loss(ref_out, ref_lse, dout, dlse), (qr, kr, vr))
-    terms = rounding_terms(spec, qr, kr, vr, ref_out, ref_lse, dout, dlse, mask_cpu)
+    # the scores accumulate in float32 (float64 for float64 inputs)
+    score_roundoff = UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32] / UNIT_ROUNDOFF[dtype]
+    terms = rounding_terms(spec, qr, kr, vr, ref_out, ref_lse, dout, dlse, mask_cpu, score_roundoff=score_roundoff)
     for name, a, e, t in zip("qkv", grads, ref_grads, terms):
         assert_close(a, e, dtype, f"grad {name}", grad=True, terms=t)
 

@@ -28,6 +28,27 @@ def test_rounding_terms_bound_the_exact_gradients(case):
         assert bool((g.abs() <= t * (1 + 1e-9) + 1e-12).all()), f"grad {name} exceeds its terms"
 
 
+def test_score_roundoff_weights_each_pair_by_its_scores_size():
+    """score_roundoff adds the weights' own rounding: each pair's term grows by score_roundoff (|s| + |lse|), so
+    the terms grow with the scale of the scores, and 0 leaves them as they were."""
+    base = dict(batch=1, seq=24, heads=2, kv_heads=2, head_dim=8, mask=False, lse_grad=False, seed=5)
+    added = []
+    for scale in (None, 1.5):
+        case = dict(base, spec=AttentionSpec((Branch(8, 1),), scale=scale))
+        q, k, v, mask = case_inputs(case, torch.float64)
+        out, lse = reference.attention(q, k, v, case["spec"], return_lse=True)
+        dout, dlse = upstream_gradients(out, lse, False)
+        plain = rounding_terms(case["spec"], q, k, v, out, lse, dout, dlse)
+        assert all(torch.equal(a, b) for a, b in zip(plain, rounding_terms(case["spec"], q, k, v, out, lse, dout,
+                                                                            dlse, score_roundoff=0.0)))
+        grown = rounding_terms(case["spec"], q, k, v, out, lse, dout, dlse, score_roundoff=1e-3)
+        for a, b in zip(plain, grown):
+            assert bool((b >= a).all()) and bool((b > a).any())
+        added.append(sum(((b - a) / a.clamp_min(1e-300)).max().item() for a, b in zip(plain, grown)))
+    # scale 1.5 is 4.2 times 1/sqrt(8): larger scores, a larger share added
+    assert added[1] > 2 * added[0], added
+
+
 def test_rounding_terms_vanish_where_no_branch_selects():
     # grouped, dilation 2, offset 0: odd positions are in no segment, so nothing of theirs is summed
     case = dict(spec=AttentionSpec((Branch(8, 2, 0),)), batch=1, seq=16, heads=2, kv_heads=2, head_dim=4,

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dilated_compiler import AttentionSpec, Branch, build_plan, compile_attention, reference
@@ -74,7 +74,12 @@ def test_float64_gradcheck(mode, causal):
 
 @given(attention_cases())
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(dict(spec=AttentionSpec((Branch(52, 1), Branch(1, 1)), scale=0.897148345695287), batch=1, seq=123,
+              heads=8, kv_heads=4, head_dim=24, mask=False, lse_grad=False, seed=61))
 def test_random_specs_and_shapes_fp32(case):
+    # the example: found by scripts/soak.py after 35,420 passing examples (stop 28). Its scale, 4.4 times
+    # 1/sqrt(24), makes scores up to 23; torch's float32 SDPA backward on the CPU was then off by 5.2e-5 in dq,
+    # past a bound without the weights' own rounding (conftest.rounding_terms, score_roundoff)
     run_case(case, "torch")
 
 
