@@ -169,6 +169,12 @@ def _size(x, y, subscripts):
     return torch.maximum(torch.einsum(subscripts, x, y).abs(), torch.einsum(subscripts, x * x, y * y).sqrt())
 
 
+def score_roundoff(dtype: torch.dtype) -> float:
+    """rounding_terms' ``score_roundoff`` for gradients compared in ``dtype``: the scores accumulate in float32
+    (float64 for float64 inputs), relative to the roundoff of ``dtype``."""
+    return UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32] / UNIT_ROUNDOFF[dtype]
+
+
 def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=None, score_roundoff=0.0):
     """The size of the terms that each entry of dq, dk and dv sums, in float64 from the reference's inputs and
     results (q, k, v (B, N, H or Hkv, D); out, lse, dout, dlse (or None) as the reference's). With P the attention
@@ -255,9 +261,8 @@ def check_against_reference(attn, spec, q, k, v, key_padding_mask=None, check_gr
     dout, dlse = upstream_gradients(ref_out, ref_lse, lse_grad, seed)
     grads = torch.autograd.grad(backward_loss(out, lse, dout, dlse), (q, k, v))
     ref_grads = torch.autograd.grad(backward_loss(ref_out, ref_lse, dout, dlse), (qr, kr, vr))
-    # the scores accumulate in float32 (float64 for float64 inputs)
-    score_roundoff = UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32] / UNIT_ROUNDOFF[dtype]
-    terms = rounding_terms(spec, qr, kr, vr, ref_out, ref_lse, dout, dlse, mask_cpu, score_roundoff=score_roundoff)
+    terms = rounding_terms(spec, qr, kr, vr, ref_out, ref_lse, dout, dlse, mask_cpu,
+                           score_roundoff=score_roundoff(dtype))
     for name, a, e, t in zip("qkv", grads, ref_grads, terms):
         assert_close(a, e, dtype, f"grad {name}", grad=True, terms=t)
 

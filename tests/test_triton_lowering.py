@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from dilated_compiler import AttentionSpec, Branch, compile_attention, reference
 from dilated_compiler.lowering import BackendError, triton_available, triton_unavailable_reason
 from conftest import (assert_close, assert_lse_close, attention_cases, check_against_reference, cuda, gluon_cases,
-                      make_qkv, poison_uninitialized, record_gluon_calls, rounding_terms, run_case)
+                      make_qkv, poison_uninitialized, record_gluon_calls, rounding_terms, run_case,
+                      score_roundoff)
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason=f"triton unavailable: {triton_unavailable_reason()}")
 
@@ -1184,7 +1185,8 @@ def test_gpu_gluon_backward_unaligned_gradient(poisoned, monkeypatch):
     ref, ref_lse = reference.attention(qr, kr, vr, spec, return_lse=True)
     ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout.double().cpu())
     assert_close(out, ref, torch.bfloat16, "out")
-    terms = rounding_terms(spec, qr, kr, vr, ref, ref_lse, dout.double().cpu())
+    terms = rounding_terms(spec, qr, kr, vr, ref, ref_lse, dout.double().cpu(),
+                           score_roundoff=score_roundoff(torch.bfloat16))
     for name, a, e, t in zip("qkv", grads, ref_grads, terms):
         assert_close(a, e, torch.bfloat16, f"grad {name}", grad=True, terms=t)
     assert calls == {"fwd": [(1, 1024, 4, 128)], "dq": [], "dkdv": []}
@@ -1237,7 +1239,8 @@ def _lowering_against_reference(low, spec, B, N, H, D, dtype):
                                     (qr, kr, vr))
     assert_close(out, ref, dtype, "out")
     assert_lse_close(lse, ref_lse, dtype)
-    terms = rounding_terms(spec, qr, kr, vr, ref, ref_lse, dout.double().cpu(), dlse.double().cpu())
+    terms = rounding_terms(spec, qr, kr, vr, ref, ref_lse, dout.double().cpu(), dlse.double().cpu(),
+                           score_roundoff=score_roundoff(dtype))
     for name, a, e, t in zip("qkv", grads, ref_grads, terms):
         assert_close(a, e, dtype, f"grad {name}", grad=True, terms=t)
 
@@ -1510,7 +1513,8 @@ def test_gpu_past_int32_offsets(causal, tail, poisoned, monkeypatch):
     assert_close(out[:, s0:], ref_out, torch.bfloat16, "out")
     assert_lse_close(lse[:, :, s0:], ref_lse, torch.bfloat16)
     ref_grads = torch.autograd.grad(ref_out, (qs, ks, vs), dout[:, s0:].double().cpu())
-    terms = rounding_terms(spec, qs, ks, vs, ref_out, ref_lse, dout[:, s0:].double().cpu())
+    terms = rounding_terms(spec, qs, ks, vs, ref_out, ref_lse, dout[:, s0:].double().cpu(),
+                           score_roundoff=score_roundoff(torch.bfloat16))
     for name, a, e, t in zip("qkv", (dq, dk, dv), ref_grads, terms):
         assert_close(a[:, s0:], e, torch.bfloat16, f"grad {name}", grad=True, terms=t)
     import triton
