@@ -6,9 +6,11 @@ is imported; :func:`test_interpreter_suite` runs that folder in a fresh process 
 
 import multiprocessing
 import os
+import queue as queue_module
 import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -459,9 +461,14 @@ def _lowering(spec, dtype=torch.float16, n=64, h=4, d=32):
 
 
 def _load_in_child(cache_dir, queue):
-    os.environ["DILATED_COMPILER_CACHE_DIR"] = cache_dir
-    low = _lowering(AttentionSpec((Branch(16, 1), Branch(32, 2))))
-    queue.put(hasattr(low.kernels, "dilated_fwd"))
+    # a failure goes back as its traceback, so the parent's assertion shows it (not a bare queue timeout)
+    try:
+        os.environ["DILATED_COMPILER_CACHE_DIR"] = cache_dir
+        low = _lowering(AttentionSpec((Branch(16, 1), Branch(32, 2))))
+        queue.put(hasattr(low.kernels, "dilated_fwd"))
+    except BaseException:
+        queue.put(traceback.format_exc())
+        raise
 
 
 def test_disk_cache_atomic_checked_and_keyed(tmp_path, monkeypatch):
@@ -488,10 +495,19 @@ def test_disk_cache_atomic_checked_and_keyed(tmp_path, monkeypatch):
     procs = [ctx.Process(target=_load_in_child, args=(str(tmp_path), queue)) for _ in range(3)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-    assert results == [True] * 3 and all(p.exitcode == 0 for p in procs)
+    results = []
+    try:
+        for p in procs:
+            p.join(timeout=300)
+        while len(results) < len(procs):
+            results.append(queue.get(timeout=10))
+    except queue_module.Empty:
+        pass   # a child that died or hung put nothing: its exit code (None: still running) tells
+    finally:
+        codes = [p.exitcode for p in procs]
+        for p in procs:
+            p.kill()
+    assert results == [True] * 3 and codes == [0] * 3, f"exit codes {codes}; results:\n" + "\n".join(map(str, results))
     path = diskcache.module_path(low.cache_key)
     assert diskcache.read_verified(path) is not None
     assert not list(path.parent.glob("*.tmp"))
