@@ -67,6 +67,13 @@ def test_gluon_fwd_all_mode_compiles_without_spills(head_dim, causal, strides):
     _check(compile_sm90(_kernels(head_dim, causal).gluon_fwd, consts, strides=strides))
 
 
+@pytest.mark.parametrize("gqa,merge,causal", [(2, False, False), (4, False, True), (8, True, False)])
+def test_gluon_fwd_gqa_compiles_without_spills(gqa, merge, causal):
+    """Grouped-query attention's forward (GQA > 1: K and V read at kv head h // GQA), both modes."""
+    consts = {**launch_constexprs("gluon_fwd", 128, causal, False), "GQA": gqa, "MERGE": merge, "ZFILL": not merge}
+    _check(compile_sm90(_kernels(128, causal).gluon_fwd, consts))
+
+
 def _int64_offsets(ir: str, name: str) -> bool:
     """Whether the IR widens the int32 argument ``name`` to int64 before using it."""
     import re

@@ -93,16 +93,19 @@ def test_gluon_forward_selection_without_gpu():
     from dilated_compiler.lowering.triton.tables import tile_table
     four = (Branch(256, 1), Branch(512, 2), Branch(1024, 4), Branch(2048, 8))
 
-    def reason(spec, N=4096, H=8, Hkv=8, D=128, dtype=torch.bfloat16, kpm=False, device="cuda"):
+    def reason(spec, N=4096, H=8, Hkv=8, D=128, dtype=torch.bfloat16, kpm=False, device="cuda", backward=False):
         table = tile_table(build_plan(spec, N, H, D), "q", 128, 128)
         return gluon_hopper.unsupported_reason(spec=spec, seq_len=N, heads=H, kv_heads=Hkv, head_dim=D, dtype=dtype,
                                                device=torch.device(device), table=table, has_kpm=kpm,
-                                               triton_version=triton.__version__)
+                                               triton_version=triton.__version__, backward=backward)
     # "all" mode: the forward (each branch's out and lse; the merge follows)
     assert reason(AttentionSpec(four, head_assignment="all"), device="cpu") == "not a CUDA device"
     assert reason(AttentionSpec(four, causal=True), device="cpu") == "not a CUDA device"  # causal: both forms
     assert "padding" in reason(AttentionSpec(four), kpm=True)
-    assert "grouped-query" in reason(AttentionSpec(four), Hkv=4)
+    # grouped-query attention: the forward only (dk and dv would add over a kv head's query heads)
+    assert reason(AttentionSpec(four), Hkv=4, device="cpu") == "not a CUDA device"
+    assert "grouped-query" in reason(AttentionSpec(four), Hkv=4, backward=True)
+    assert reason(AttentionSpec(four), backward=True, device="cpu") == "not a CUDA device"
     assert "head_dim" in reason(AttentionSpec(four), D=96)
     assert reason(AttentionSpec(four), D=64, device="cpu") == "not a CUDA device"
     assert "bf16" in reason(AttentionSpec(four), dtype=torch.float32)
@@ -119,6 +122,59 @@ def test_gluon_forward_selection_without_gpu():
     assert "16 bytes" in low.gluon_unsupported(x, unaligned, x, False)
     compile(low._gluon_text, "gluon_fwd", "exec")
     assert "gluon_fwd" in low.source() and "def gluon_fwd(" in low.source()
+
+
+def test_gluon_gqa_forward_wiring_without_gpu(monkeypatch):
+    """Grouped-query attention: gluon_fwd reads kv head h // GQA (K and V with Hkv heads and their own batch
+    stride); the backward runs the tl kernels (dk and dv of a kv head add over its query heads), and
+    kernel_source() says so. The kernel itself runs on a Hopper GPU only (test_gpu_gluon_gqa_forward)."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    import inspect
+    from dilated_compiler import build_plan
+    from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)))
+    B, N, H, Hkv, D = 2, 1024, 6, 2, 128
+    low = triton_lowering.TritonLowering(build_plan(spec, N, H, D, kv_heads=Hkv), torch.device("cpu"),
+                                         torch.bfloat16)
+    launches = []
+
+    def recorder(name):
+        kernel = getattr(low.gluon_kernels, name)
+
+        class Recorder:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: launches.append((name, inspect.signature(kernel.fn).bind(*a, **kw)))
+        return Recorder()
+    for name in ("gluon_fwd", "gluon_bwd_dq", "gluon_bwd_dkdv"):
+        monkeypatch.setattr(low.gluon_kernels, name, recorder(name))
+    tl_calls = []
+    monkeypatch.setattr(low, "_launch_dq", lambda *a, **kw: tl_calls.append("dq"))
+    monkeypatch.setattr(low, "_launch_dkdv", lambda *a, **kw: tl_calls.append("dkdv"))
+    monkeypatch.setattr(low, "_config", lambda *a, **kw: None)
+    monkeypatch.setattr(low, "_zfill", lambda *a, **kw: False)
+
+    # what a Hopper GPU would answer, from the spec and the call's facts (device checks aside)
+    def unsupported(q, k, v, has_kpm, *more):
+        return gluon_hopper.spec_reason(low.spec, heads=H, kv_heads=Hkv, head_dim=D, dtype=q.dtype,
+                                        backward=bool(more))
+    monkeypatch.setattr(low, "gluon_unsupported", unsupported)
+    monkeypatch.setattr(triton_lowering, "_sm_count", lambda device: 5)
+    monkeypatch.setattr(triton_lowering, "_ensure_allocator", lambda: None)
+    monkeypatch.setattr(triton_lowering.TritonLowering, "_check_device", lambda self, t: None)
+    q = torch.randn(B, N, H, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, N, Hkv, D, dtype=torch.bfloat16) for _ in range(2))
+    out, lse, aux = low.forward(q, k, v)
+    (name, bound), = launches
+    a = bound.arguments
+    assert name == "gluon_fwd" and a["GQA"] == H // Hkv == 3
+    assert a["K"] is k and a["V"] is v and a["stride_b"] == N * H * D and a["stride_kb"] == N * Hkv * D
+    launches.clear()
+    low.backward(torch.randn_like(q), None, q, k, v, out, lse, aux)
+    assert launches == [] and tl_calls == ["dq", "dkdv"]
+    text = low.source()
+    assert "gluon_fwd (after the tl kernels) runs instead of dilated_fwd; the backward runs dilated_bwd_dq" in text
+    assert "no grouped-query attention in the backward" in text
+    assert "def gluon_fwd(" in text
 
 
 def test_gluon_launch_wiring_without_gpu(monkeypatch):
@@ -162,7 +218,8 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     assert grid == (5, B) and a["T"] == table.shape[0] and torch.equal(a["TABLE"].cpu(), table)
     assert a["Q"] is q and a["K"] is k and a["V"] is v and a["OUT"] is out and a["LSE"] is lse
     assert a["RB"].tolist() == [1, 2, 4, 1] and (a["B"], a["N"], a["H"]) == (B, N, H)
-    assert a["stride_b"] == N * H * D and (a["stride_lb"], a["stride_lh"]) == (H * N, N)
+    assert a["stride_b"] == a["stride_kb"] == N * H * D and (a["stride_lb"], a["stride_lh"]) == (H * N, N)
+    assert a["GQA"] == 1
     assert math.isclose(a["qk_scale"], D ** -0.5 * math.log2(math.e), rel_tol=1e-6)
     assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == gluon_hopper.CONSUMER_REGS
     assert a["CAUSAL"] is False and a["STAGES"] == gluon_hopper.FWD_STAGES[D]
@@ -815,24 +872,27 @@ def test_block_d_is_a_power_of_two_of_at_least_16(head_dim, block_d):
 
 
 def test_gluon_reasons_are_judged_per_kind_of_call(monkeypatch):
-    """gluon_unsupported remembers its answer per (device, shape, dtype, key padding mask): a call with a mask
-    after one without, or with another shape, is judged again, not given the earlier answer."""
+    """gluon_unsupported remembers its answer per (device, shape, dtype, key padding mask, forward or backward): a
+    call with a mask after one without, with another shape, or a backward after a forward, is judged again, not
+    given the earlier answer."""
     from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
     monkeypatch.setattr(triton_lowering, "USE_GLUON", True)
     low = _lowering(AttentionSpec((Branch(16, 1),)), dtype=torch.bfloat16, n=64, h=2, d=64)
     calls = []
 
     def reason(**kw):
-        calls.append((kw["seq_len"], kw["has_kpm"]))
-        return "a key padding mask" if kw["has_kpm"] else None
+        calls.append((kw["seq_len"], kw["has_kpm"], kw["backward"]))
+        return "a key padding mask" if kw["has_kpm"] else "not the backward" if kw["backward"] else None
     monkeypatch.setattr(gluon_hopper, "unsupported_reason", reason)
     x = torch.zeros(1, 64, 2, 64, dtype=torch.bfloat16)
     assert low.gluon_unsupported(x, x, x, False) is None
     assert low.gluon_unsupported(x, x, x, True) == "a key padding mask"
     assert low.gluon_unsupported(x, x, x, False) is None and low.gluon_unsupported(x, x, x, True) is not None
+    assert low.gluon_unsupported(x, x, x, False, x, x) == "not the backward"
+    assert low.gluon_unsupported(x, x, x, False) is None
     y = torch.zeros(1, 48, 2, 64, dtype=torch.bfloat16)
     assert low.gluon_unsupported(y, y, y, False) is None
-    assert calls == [(64, False), (64, True), (48, False)]
+    assert calls == [(64, False, False), (64, True, False), (64, False, True), (48, False, False)]
 
 
 @pytest.mark.parametrize("seq,covers", [(64, True), (65, False)])
@@ -1162,6 +1222,29 @@ def test_gpu_gluon_all_mode_backward(dtype, batch, causal, head_dim, dilations, 
     check_against_reference(attn, spec, q, k, v)
     shape = (batch, n, 6, head_dim)
     assert calls == {"fwd": [shape], "dq": [shape], "dkdv": [shape]}  # one launch per pass
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode,causal,dtype,head_dim,kv_heads", [
+    ("grouped", False, torch.bfloat16, 128, 2), ("grouped", True, torch.float16, 64, 4),
+    ("grouped", False, torch.bfloat16, 64, 1), ("all", False, torch.bfloat16, 128, 2),
+    ("all", True, torch.float16, 128, 1)])
+def test_gpu_gluon_gqa_forward(mode, causal, dtype, head_dim, kv_heads, poisoned, monkeypatch):
+    """Grouped-query attention on Hopper: gluon_fwd, query head h reading kv head h // (H // Hkv) (8 query heads;
+    in grouped mode a kv head's query heads span branches), then the tl backward. Same results as the reference
+    (out, lse, gradients)."""
+    import triton
+    from dilated_compiler.lowering.triton import gluon_hopper
+    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
+        pytest.skip("the Gluon forward runs on compute capability 9.0 with the checked triton only")
+    calls = record_gluon_calls(poisoned, monkeypatch)
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1), Branch(1024, 4)), head_assignment=mode,
+                         causal=causal)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(2, 4096, 8, head_dim, dtype=dtype, device="cuda", kv_heads=kv_heads, requires_grad=True)
+    check_against_reference(attn, spec, q, k, v)
+    assert calls == {"fwd": [(2, 4096, 8, head_dim)], "dq": [], "dkdv": []}
 
 
 @pytest.mark.gpu

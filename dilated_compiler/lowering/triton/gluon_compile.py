@@ -55,7 +55,8 @@ def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | Non
     arguments are typed by ``_SCALARS``, strides not named there as int64; ``strides="i32"`` types every stride
     not named in ``pointers`` int32, as a launch passes them while a stride is below 2^31 (the variant that runs at
     all but the largest sizes). ``ints``: integer arguments' values at a launch; as at run time, one equal to 1
-    becomes a constant unless the kernel's ``do_not_specialize`` names it."""
+    becomes a constant unless the kernel's ``do_not_specialize`` names it. A constexpr left out takes its default
+    (one without a default is an error)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -69,6 +70,9 @@ def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | Non
     unknown = set(constexprs) - set(params)
     if unknown:
         raise ValueError(f"{fn.fn.__name__} has no parameters {sorted(unknown)}")
+    # a constexpr with a default takes it, as a launch that leaves it out does
+    constexprs = {**{p: v.default for p, v in params.items()
+                     if "constexpr" in str(v.annotation) and v.default is not inspect.Parameter.empty}, **constexprs}
     unset = [p for p, v in params.items() if "constexpr" in str(v.annotation) and p not in constexprs]
     if unset:
         raise ValueError(f"{fn.fn.__name__}: no value for the constexprs {unset}")
@@ -132,7 +136,7 @@ def launch_constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool =
     from . import gluon_hopper as g
     if kernel == "gluon_fwd":
         return dict(HEAD_DIM=head_dim, BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, STAGES=g.FWD_STAGES[head_dim],
-                    ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.CONSUMER_REGS, num_warps=4, MERGE=False)
+                    ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.CONSUMER_REGS, num_warps=4, MERGE=False, GQA=1)
     if kernel == "gluon_bwd_dq":
         return dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
                     ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4,

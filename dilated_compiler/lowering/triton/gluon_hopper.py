@@ -12,6 +12,8 @@ full (benchmarks/results/H100-triton.md). This kernel is FA3's structure over th
 * tensor descriptors made once per program (not per tile), one per branch and tensor, over x (B, N, H, D)
   viewed as (B, r*H, N/r, D) with strides (N*H*D, D, r*H*D, 1): selected row j of the segment whose row 0 sits
   at position pos0 is [b, (pos0 % r)*H + h, pos0 // r + j, :]. Each copy picks its tile's branch's descriptor.
+  With grouped-query attention (the forward only) K's and V's views have Hkv heads, and query head h reads kv head
+  h // (H // Hkv).
 
 The backward has the same structure: ``gluon_bwd_dq`` (persistent over 128-row query tiles; it also writes delta)
 and then ``gluon_bwd_dkdv`` (persistent over 128-row key tiles, each consumer owning 64 keys and stepping over 64
@@ -65,10 +67,13 @@ ALL_MODE_BACKWARD = True
 ALL_MODE_FINAL_PHASE = True
 
 
-def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
-    """None if the spec and the shape-independent facts of a call allow the Gluon forward, else why not."""
-    if heads != kv_heads:
-        return "no grouped-query attention"
+def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                backward: bool = False) -> str | None:
+    """None if the spec and the shape-independent facts of a call allow the Gluon forward (``backward``: the Gluon
+    backward), else why not."""
+    if backward and heads != kv_heads:
+        # dk and dv of a kv head would add over its query heads, whose rows other tiles own
+        return "no grouped-query attention in the backward"
     if head_dim not in HEAD_DIMS:
         return f"head_dim {' or '.join(map(str, HEAD_DIMS))} only"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -81,9 +86,11 @@ def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.
 
 
 def unsupported_reason(*, spec, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                       device: torch.device, table: torch.Tensor, has_kpm: bool, triton_version: str) -> str | None:
-    """None if the Gluon forward computes this call, else why not (the generated tl kernel then does)."""
-    reason = spec_reason(spec, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+                       device: torch.device, table: torch.Tensor, has_kpm: bool, triton_version: str,
+                       backward: bool = False) -> str | None:
+    """None if the Gluon forward (``backward``: the Gluon backward) computes this call, else why not (the generated
+    tl kernels then do)."""
+    reason = spec_reason(spec, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, backward=backward)
     if reason is not None:
         return reason
     if has_kpm:
@@ -127,6 +134,8 @@ _KERNEL = r'''#
 #   q*, k*, v*, o*    tensor descriptors made once per program, one per branch (index = branch id): x (B, N, H, D)
 #                     viewed as (B, r*H, N/r, D); selected row j of a segment with row 0 at position pos0 is
 #                     [b, (pos0 % r)*H + h, pos0 // r + j, :]. Blocks: Q, K, V 128 rows; out 64 rows
+#   GQA               H // Hkv (grouped-query attention, forward only): k, v are (B, N, Hkv, D), batch stride
+#                     stride_kb, and query head h reads kv head h // GQA: kv_combo = (pos0 % r)*Hkv + h // GQA
 #   TABLE             the forward's tile table (dilated_fwd's; 128-row tiles); a program walks rows pid, pid+G, ..
 #   combo, rbase      the tile's [ , combo, rbase + j, ] coordinates in its branch's view
 #   q_smem            the tile's 128 query rows; consumer WG uses rows [64*WG, 64*WG + 64)
@@ -359,9 +368,19 @@ def _acc_rows(X, XF, SEL, N, val, b, head, pos0, row0, r, H, stride_b, HEAD_DIM:
 
 
 @gluon.jit
+def _kv_combo(row, RB, H, combo, GQA: gl.constexpr):
+    # the tile's combo in K's and V's view: (pos0 % r)*Hkv + h // GQA (the query's own where GQA is 1)
+    kv = combo
+    if GQA > 1:
+        r = gl.load(RB + gl.load(row + 1))
+        kv = (gl.load(row + 2) % r) * (H // GQA) + gl.load(row + 0) // GQA
+    return kv
+
+
+@gluon.jit
 def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
               v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr):
+              STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, GQA: gl.constexpr):
     b = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
@@ -370,6 +389,7 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TA
     for i in range(n_mine):
         row = TABLE + (pid + i * G) * NCOLS
         br, combo, rbase = _tile_coords(row, RB, H)
+        kv_combo = _kv_combo(row, RB, H, combo, GQA)
         n_k, _ = _key_walk(row, BLOCK_N, CAUSAL)
         # Q's buffer is free once both consumers issued their last S of the previous tile
         mbarrier.wait(q_empty, (i & 1) ^ 1)
@@ -379,9 +399,11 @@ def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TA
             st = g % STAGES
             ph = ((g // STAGES) & 1) ^ 1
             mbarrier.wait(k_empty.index(st), ph)
-            _copy_in(k0, k1, k2, k3, br, b, combo, rbase + j * BLOCK_N, k_ready.index(st), k_smem.index(st), True)
+            _copy_in(k0, k1, k2, k3, br, b, kv_combo, rbase + j * BLOCK_N, k_ready.index(st), k_smem.index(st),
+                     True)
             mbarrier.wait(v_empty.index(st), ph)
-            _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, v_ready.index(st), v_smem.index(st), True)
+            _copy_in(v0, v1, v2, v3, br, b, kv_combo, rbase + j * BLOCK_N, v_ready.index(st), v_smem.index(st),
+                     True)
         c += n_k
         if ZFILL:
             _zero_gaps(o0, o1, o2, o3, row, RB, H, b, br, rbase + gl.load(row + 4), z_smem)
@@ -501,14 +523,15 @@ def _branch_descs(X, RB, B, N, H, stride_b, ROWS: gl.constexpr, HEAD_DIM: gl.con
 
 
 @gluon.jit
-def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_og, stride_lg, stride_lb,
-              stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stride_kb, stride_og, stride_lg,
+              stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-              num_warps: gl.constexpr, MERGE: gl.constexpr):
-    # the descriptors: made once per program (Q, K, V: 128-row blocks; out: 64-row blocks, one per consumer)
+              num_warps: gl.constexpr, MERGE: gl.constexpr, GQA: gl.constexpr = 1):
+    # the descriptors: made once per program (Q, K, V: 128-row blocks; out: 64-row blocks, one per consumer); K and
+    # V have H // GQA heads
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H // GQA, stride_kb, BLOCK_N, HEAD_DIM)
+    v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H // GQA, stride_kb, BLOCK_N, HEAD_DIM)
     if MERGE:
         # branch g's out starts g * stride_og elements in: past 2^31 where B*N*H*D reaches 2^31 / g, so 64-bit
         # (an int argument below 2^31 arrives as int32)
@@ -553,7 +576,7 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
                      HALF, BLOCK_N, STAGES, CAUSAL, MERGE)),
         (_producer, (q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
                      v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N, STAGES, ZFILL,
-                     CAUSAL)),
+                     CAUSAL, GQA)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 
 # ---------------------------------------------------------------------------------------------------------------

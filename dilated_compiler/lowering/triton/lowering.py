@@ -187,19 +187,20 @@ class TritonLowering:
     def gluon_unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_kpm: bool,
                           *more: torch.Tensor) -> str | None:
         """None if the Gluon kernels (:mod:`.gluon_hopper`) run this call (contiguous q, k, v and, for the
-        backward, out and its gradient in ``more``), else why not."""
+        backward, out and its gradient in ``more``), else why not. The backward's reasons include the forward's."""
         if not USE_GLUON:
             return "turned off (DILATED_COMPILER_GLUON=0)"
         if any(t.data_ptr() % 16 for t in (q, k, v, *more)):
             return ("q, k and v must start on 16 bytes (tensor descriptors)" if not more else
                     "q, k, v, out and its gradient must start on 16 bytes (tensor descriptors)")
-        key = (q.device, tuple(q.shape), q.dtype, has_kpm)
+        backward = bool(more)
+        key = (q.device, tuple(q.shape), q.dtype, has_kpm, backward)
         if key not in self._gluon_reasons:
             self._gluon_reasons[key] = gluon_hopper.unsupported_reason(
                 spec=self.spec, seq_len=q.shape[1], heads=self.heads, kv_heads=self.kv_heads,
                 head_dim=self.head_dim, dtype=q.dtype, device=q.device,
                 table=self._table("q", _GLUON_TILES, q.device).cpu(), has_kpm=has_kpm,
-                triton_version=triton.__version__)
+                triton_version=triton.__version__, backward=backward)
         return self._gluon_reasons[key]
 
     def _launch_gluon_fwd(self, q, k, v, out, lse, zfill, consumer_regs=gluon_hopper.CONSUMER_REGS, stages=None):
@@ -211,9 +212,10 @@ class TritonLowering:
         lse_b = lse[0] if self.merge else lse
         return self.gluon_kernels.gluon_fwd[grid](
             q, k, v, out, lse, table, dilations, table.shape[0], B, N, H, self.scale * math.log2(math.e),
-            q.stride(0), og, lg, lse_b.stride(0), lse_b.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BLOCK_M,
-            BLOCK_N=gluon_hopper.BLOCK_N, STAGES=stages or gluon_hopper.FWD_STAGES[D], ZFILL=zfill,
-            CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4, MERGE=self.merge)
+            q.stride(0), k.stride(0), og, lg, lse_b.stride(0), lse_b.stride(1), HEAD_DIM=D,
+            BLOCK_M=gluon_hopper.BLOCK_M, BLOCK_N=gluon_hopper.BLOCK_N, STAGES=stages or gluon_hopper.FWD_STAGES[D],
+            ZFILL=zfill, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4, MERGE=self.merge,
+            GQA=self.gqa)
 
     def _gluon_launch_args(self, kind: str, tiles: TileConfig, q: torch.Tensor):
         """A Gluon kernel's tile table (in persistent order), persistent grid (at most one program per SM, then
@@ -606,27 +608,30 @@ class TritonLowering:
             lines.append(f"#   {name:<18} grid=({T} tiles, B={B})  tiles {cfg}")
         if self.merge:
             lines.append("#   dilated_merge      one program per 64 (row, head) pairs")
-        gluon = gluon_hopper.spec_reason(self.spec, heads=self.heads, kv_heads=self.kv_heads,
-                                         head_dim=self.head_dim, dtype=self.dtype) is None
+        facts = dict(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=self.dtype)
+        gluon = gluon_hopper.spec_reason(self.spec, **facts) is None
         if gluon and not USE_GLUON:
             gluon = False
             lines.append("#   the Hopper (Gluon) kernels are turned off (DILATED_COMPILER_GLUON=0): the tl kernels "
                          "below run on every GPU")
         if gluon:
+            bwd_reason = gluon_hopper.spec_reason(self.spec, **facts, backward=True)
+            if bwd_reason is not None:
+                backward = f"; the backward runs dilated_bwd_dq and dilated_bwd_dkdv ({bwd_reason})"
+            elif self.merge:
+                backward = ("; gluon_bwd_dq and gluon_bwd_dkdv (one launch each, a phase per branch adding into "
+                            "float32 buffers; "
+                            + ("a dilation-1 branch last, writing the gradients in the inputs' dtype) "
+                               if self._final_phase() else "then cast) ")
+                            + "run instead of dilated_bwd_dq and dilated_bwd_dkdv"
+                            + ("" if gluon_hopper.ALL_MODE_BACKWARD else " (off here)"))
+            else:
+                backward = ("; gluon_bwd_dq and gluon_bwd_dkdv run instead of dilated_bwd_dq and dilated_bwd_dkdv "
+                            "(the backward also needs out and its gradient on 16 bytes)")
             lines.append(f"#   on a Hopper GPU (compute capability 9.0, triton {gluon_hopper.CHECKED_TRITON[0]}x), "
                          f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
                          f"{gluon_hopper.BLOCK_N}, q, k and v start on 16 bytes and no key padding mask is given, "
-                         + ("gluon_fwd (after the tl kernels) runs instead of dilated_fwd, and gluon_bwd_dq and "
-                            "gluon_bwd_dkdv (one launch each, a phase per branch adding into float32 buffers; "
-                            + ("a dilation-1 branch last, writing the gradients in the inputs' dtype) "
-                               if self._final_phase() else "then cast) ")
-                            + 
-                            "instead of dilated_bwd_dq "
-                            "and dilated_bwd_dkdv" + ("" if gluon_hopper.ALL_MODE_BACKWARD else " (off here)")
-                            if self.merge else
-                            "gluon_fwd, gluon_bwd_dq and gluon_bwd_dkdv (after the tl kernels) run instead of "
-                            "dilated_fwd, dilated_bwd_dq and dilated_bwd_dkdv (the backward also needs out and its "
-                            "gradient on 16 bytes)"))
+                         "gluon_fwd (after the tl kernels) runs instead of dilated_fwd" + backward)
         lines.append("")
         text = "\n".join(lines) + "\n" + self._text
         return text + ("\n\n" + self._gluon_text if gluon else "")
