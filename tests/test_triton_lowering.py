@@ -1239,8 +1239,9 @@ def test_gpu_gluon_gqa_forward(mode, causal, dtype, head_dim, kv_heads, poisoned
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
         pytest.skip("the Gluon forward runs on compute capability 9.0 with the checked triton only")
     calls = record_gluon_calls(poisoned, monkeypatch)
-    spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1), Branch(1024, 4)), head_assignment=mode,
-                         causal=causal)
+    # an explicit offset in grouped mode only ("all" mode gives head h the offset h % r)
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1 if mode == "grouped" else None), Branch(1024, 4)),
+                         head_assignment=mode, causal=causal)
     attn = compile_attention(spec, backend="triton")
     q, k, v = make_qkv(2, 4096, 8, head_dim, dtype=dtype, device="cuda", kv_heads=kv_heads, requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
