@@ -45,13 +45,17 @@ Adopted: lse early (``gluon_hopper._dkdv_consumer``). The other forms stay as me
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
+import sys
+from pathlib import Path
 
 import torch
 
 from dilated_compiler import AttentionSpec, Branch, build_plan
 from dilated_compiler.lowering.triton import lowering as tl_lowering
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gluon_patch import patch_gluon  # noqa: E402
 
 H, D, N = 16, 128, 65536
 FOUR = tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8)))
@@ -99,13 +103,7 @@ def variant(low, form: str):
     """``low`` with its Gluon module's dk/dv consumers reading lse and delta as the form says."""
     if form == BASE:
         return low
-    text = low._gluon_text
-    for old, new in patches(form):
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    low._gluon_text = text
-    low._gluon_key = hashlib.sha256((low._gluon_key + form).encode()).hexdigest()[:24]
-    low._gluon_module = None
+    patch_gluon(low, form, patches(form))
     if form == SCALED:
         # the backward's lse/delta buffer scaled before the dk/dv launch (after the dq kernel has read lse from it)
         def launch(q, k, v, dout, dk, dv, ld, *args, _launch=low._launch_gluon_dkdv, **kwargs):

@@ -35,13 +35,17 @@ kernel, whose end-of-step product has the same shape (64 x 128 x 64), gained not
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
+import sys
+from pathlib import Path
 
 import torch
 
 from dilated_compiler import AttentionSpec, Branch, build_plan
 from dilated_compiler.lowering.triton import lowering as tl_lowering
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gluon_patch import patch_gluon  # noqa: E402
 
 H, D, N = 16, 128, 65536
 FOUR = tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8)))
@@ -112,14 +116,7 @@ def variant(low, form: str):
     """``low`` with its Gluon module's dk/dv consumers issuing their products as the form says."""
     if form == FORMS[0]:
         return low
-    text = low._gluon_text
-    for old, new in patches(form):
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    low._gluon_text = text
-    low._gluon_key = hashlib.sha256((low._gluon_key + form).encode()).hexdigest()[:24]
-    low._gluon_module = None
-    return low
+    return patch_gluon(low, form, patches(form))
 
 
 def check_compile():

@@ -37,14 +37,18 @@ At the power limit the step does not follow the dq kernel's 2%. Not adopted.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
+import sys
+from pathlib import Path
 
 import torch
 
 from dilated_compiler import AttentionSpec, Branch, build_plan
 from dilated_compiler.lowering.triton import gluon_hopper
 from dilated_compiler.lowering.triton import lowering as tl_lowering
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gluon_patch import patch_gluon  # noqa: E402
 
 H, D, N = 16, 128, 65536
 FOUR = tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8)))
@@ -99,15 +103,10 @@ def variant(low, form: str):
     """``low`` with its Gluon module's dq consumer in the form's operands."""
     if form == FORMS[0]:
         return low
-    text = low._gluon_text
     level = FORMS.index(form)
-    for old, new in [*PATCHES, *(FWD_PATCHES if level >= 2 else []), *(DKDV_PATCHES if level >= 3 else [])]:
-        assert text.count(old) == (2 if old.startswith("s_tok = warpgroup_mma(q_half, k_smem") else 1), old
-        text = text.replace(old, new)
-    low._gluon_text = text
-    low._gluon_key = hashlib.sha256((low._gluon_key + form).encode()).hexdigest()[:24]
-    low._gluon_module = None
-    return low
+    patches = [*PATCHES, *(FWD_PATCHES if level >= 2 else []), *(DKDV_PATCHES if level >= 3 else [])]
+    return patch_gluon(low, form, patches,
+                       expected=lambda old: 2 if old.startswith("s_tok = warpgroup_mma(q_half, k_smem") else 1)
 
 
 def check_compile():

@@ -25,13 +25,17 @@ forward + backward, the forms alternating over --rounds rounds.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import sys
+from pathlib import Path
 
 import torch
 
 from dilated_compiler import AttentionSpec, Branch, build_plan
 from dilated_compiler.lowering.triton import gluon_hopper
 from dilated_compiler.lowering.triton import lowering as tl_lowering
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gluon_patch import patch_gluon  # noqa: E402
 
 H, D, N = 16, 128, 65536
 FOUR = tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8)))
@@ -65,12 +69,7 @@ def variant(low, form: str):
     """``low`` with its Gluon module replaced by the form's."""
     if form == "load+store":
         return low
-    text = low._gluon_text
-    assert OLD in text and ANCHOR in text
-    low._gluon_text = text.replace(OLD, NEW[form]).replace(ANCHOR, HELPERS + ANCHOR)
-    low._gluon_key = hashlib.sha256((low._gluon_key + form).encode()).hexdigest()[:24]
-    low._gluon_module = None
-    return low
+    return patch_gluon(low, form, [(OLD, NEW[form]), (ANCHOR, HELPERS + ANCHOR)])
 
 
 def check_compile():
