@@ -65,7 +65,8 @@ def attention_cases(draw, max_dilation=6, max_kv_heads=3, max_seq=70, head_dims=
 def gluon_cases(draw, modes=("grouped",)):
     """Specs whose every segment is whole 128-row tiles, which the Hopper kernels take: 1 to 4 branches, dilations
     1 to 8 (3 among them: in "all" mode its rows and those of r = 2 do not include one another), offsets (grouped),
-    causal or not, batch 1 or 2. Segment lengths are 128 * r * (1 or 2), and N is a multiple of their least
+    causal or not, batch 1 or 2, kv heads any divisor of the heads (grouped-query attention: the Gluon forward
+    only, :func:`gluon_kernels_for`). Segment lengths are 128 * r * (1 or 2), and N is a multiple of their least
     common multiple (so of each). ``modes``: head assignments to draw from."""
     mode = draw(st.sampled_from(modes)) if len(modes) > 1 else modes[0]
     branches = []
@@ -77,9 +78,16 @@ def gluon_cases(draw, modes=("grouped",)):
     spec = AttentionSpec(tuple(branches), head_assignment=mode, causal=draw(st.booleans()))
     period = math.lcm(*(b.segment_length for b in branches))
     heads = draw(st.integers(len(branches) if mode == "grouped" else 1, 6))
+    kv_heads = draw(st.sampled_from([d for d in range(heads, 0, -1) if heads % d == 0]))
     return dict(spec=spec, batch=draw(st.integers(1, 2)), seq=period * draw(st.integers(1, 3 if period <= 4096 else 1)),
-                heads=heads, kv_heads=heads, head_dim=draw(st.sampled_from([64, 128])), mask=False,
+                heads=heads, kv_heads=kv_heads, head_dim=draw(st.sampled_from([64, 128])), mask=False,
                 lse_grad=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+def gluon_kernels_for(case) -> tuple[str, ...]:
+    """The Gluon kernels (record_gluon_calls' names) that run a :func:`gluon_cases` case on Hopper: all three, or
+    the forward alone under grouped-query attention (its backward runs the tl kernels)."""
+    return ("fwd", "dq", "dkdv") if case["kv_heads"] == case["heads"] else ("fwd",)
 
 
 def case_inputs(case, dtype=torch.float32, device="cpu"):

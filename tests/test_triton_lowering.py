@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from dilated_compiler import AttentionSpec, Branch, compile_attention, reference
 from dilated_compiler.lowering import BackendError, triton_available, triton_unavailable_reason
 from conftest import (assert_close, assert_lse_close, attention_cases, check_against_reference, cuda, gluon_cases,
-                      make_qkv, poison_uninitialized, record_gluon_calls, rounding_terms, run_case,
+                      gluon_kernels_for, make_qkv, poison_uninitialized, record_gluon_calls, rounding_terms, run_case,
                       score_roundoff)
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason=f"triton unavailable: {triton_unavailable_reason()}")
@@ -122,6 +122,34 @@ def test_gluon_forward_selection_without_gpu():
     assert "16 bytes" in low.gluon_unsupported(x, unaligned, x, False)
     compile(low._gluon_text, "gluon_fwd", "exec")
     assert "gluon_fwd" in low.source() and "def gluon_fwd(" in low.source()
+
+
+@given(case=gluon_cases(modes=("grouped", "all")))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_gluon_cases_are_what_the_gluon_kernels_take(case):
+    """The GPU tests' and the soak's Gluon strategy draws only cases the Hopper kernels take (on a CPU the one
+    reason left is the device), and gluon_kernels_for names the kernels the lowering's own checks pick: the
+    backward's too where kv heads equal heads, else the forward alone."""
+    from dilated_compiler import build_plan
+    from dilated_compiler.lowering.triton import gluon_hopper
+    from dilated_compiler.lowering.triton.tables import tile_table
+    spec, N, H, Hkv, D = case["spec"], case["seq"], case["heads"], case["kv_heads"], case["head_dim"]
+    assert H % Hkv == 0
+    table = tile_table(build_plan(spec, N, H, D, kv_heads=Hkv), "q", gluon_hopper.BLOCK_M, gluon_hopper.BLOCK_N)
+    reasons = [gluon_hopper.unsupported_reason(spec=spec, seq_len=N, heads=H, kv_heads=Hkv, head_dim=D,
+                                               dtype=torch.bfloat16, device=torch.device("cpu"), table=table,
+                                               has_kpm=False, triton_version=gluon_hopper.CHECKED_TRITON[0],
+                                               backward=backward) for backward in (False, True)]
+    taken = ["fwd"] if reasons[0] == "not a CUDA device" else []
+    if reasons[1] == "not a CUDA device":
+        taken += ["dq", "dkdv"]
+    assert tuple(taken) == gluon_kernels_for(case), (case, reasons)
+
+
+def test_gluon_cases_draw_grouped_query_attention():
+    from hypothesis import find
+    case = find(gluon_cases(modes=("grouped", "all")), lambda c: c["kv_heads"] < c["heads"])
+    assert gluon_kernels_for(case) == ("fwd",)
 
 
 def test_gluon_gqa_forward_wiring_without_gpu(monkeypatch):
@@ -1450,15 +1478,17 @@ def gluon_calls(poisoned, monkeypatch):
 @given(case=gluon_cases(modes=("grouped", "all")), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_gpu_random_gluon_specs(case, dtype, gluon_calls):
-    """Random specs of whole 128-row tiles, both modes: the Hopper (Gluon) kernels run them, forward and backward,
-    and agree with the reference; outputs the kernels fill by themselves start as NaN."""
+    """Random specs of whole 128-row tiles, both modes, kv heads dividing the heads: the Hopper (Gluon) kernels run
+    them, forward and backward (the forward alone under grouped-query attention), and agree with the reference;
+    outputs the kernels fill by themselves start as NaN."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
         pytest.skip("the Gluon kernels run on compute capability 9.0 with the checked triton only")
     before = {name: len(c) for name, c in gluon_calls.items()}
     run_case(case, "triton", dtype=dtype, device="cuda")
-    assert all(len(c) > before[name] for name, c in gluon_calls.items()), gluon_calls
+    ran = tuple(name for name, c in gluon_calls.items() if len(c) > before[name])
+    assert ran == gluon_kernels_for(case), (case, gluon_calls)
 
 
 @pytest.mark.gpu
