@@ -38,7 +38,7 @@ from dilated_compiler import AttentionSpec, Branch, build_plan
 from dilated_compiler.lowering.triton import lowering as tl_lowering
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gluon_patch import patch_gluon  # noqa: E402
+from gluon_variants import patch_gluon, print_results  # noqa: E402
 
 H, D, N = 16, 128, 65536
 FOUR = tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8)))
@@ -208,12 +208,7 @@ def main():
             rows.append((f"causal={causal}", p, f, sorted(ts)[len(ts) // 2], equal[f], ts))
         del q, k, v, dout, out, lse, aux, ref, lows, base
         torch.cuda.empty_cache()
-    print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={H}, D={D}; median of {args.rounds} "
-          "alternating rounds")
-    print("| case | pass | form | ms | bitwise equal | rounds |")
-    print("|---|---|---|---|---|---|")
-    for case, p, f, ms, eq, ts in rows:
-        print(f"| {case} | {p} | {f} | {ms:.3f} | {eq} | {', '.join(f'{t:.3f}' for t in ts)} |")
+    print_results(rows, args.rounds, H, D)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from dilated_compiler.lowering.triton import gluon_hopper
 from dilated_compiler.lowering.triton import lowering as tl_lowering
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gluon_patch import patch_gluon  # noqa: E402
+from gluon_variants import patch_gluon  # noqa: E402
 
 H, D, N = 16, 128, 65536
 FOUR = tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8)))

@@ -1,4 +1,5 @@
-"""What the Gluon experiment scripts share: a lowering whose Gluon kernels' source text is patched into a variant."""
+"""What the Gluon experiment scripts share: a lowering whose Gluon kernels' source text is patched into a variant,
+and the table of the variants' times."""
 
 from __future__ import annotations
 
@@ -20,3 +21,15 @@ def patch_gluon(low, label: str, patches, expected=lambda old: 1):
     low._gluon_key = hashlib.sha256((low._gluon_key + label).encode()).hexdigest()[:24]
     low._gluon_module = None
     return low
+
+
+def print_results(rows, rounds: int, heads: int, head_dim: int) -> None:
+    """The experiments' table over the four-branch grouped 64K case: ``rows`` of (case, pass, form, median ms,
+    bitwise equal, each round's ms)."""
+    import torch
+    print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={heads}, D={head_dim}; median of "
+          f"{rounds} alternating rounds")
+    print("| case | pass | form | ms | bitwise equal | rounds |")
+    print("|---|---|---|---|---|---|")
+    for case, p, f, ms, eq, ts in rows:
+        print(f"| {case} | {p} | {f} | {ms:.3f} | {eq} | {', '.join(f'{t:.3f}' for t in ts)} |")
