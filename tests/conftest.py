@@ -86,8 +86,17 @@ def gluon_cases(draw, modes=("grouped",)):
 
 def gluon_kernels_for(case) -> tuple[str, ...]:
     """The Gluon kernels (record_gluon_calls' names) that run a :func:`gluon_cases` case on Hopper: all three, or
-    the forward alone under grouped-query attention (its backward runs the tl kernels)."""
-    return ("fwd", "dq", "dkdv") if case["kv_heads"] == case["heads"] else ("fwd",)
+    the forward alone where grouped-query attention in grouped mode splits a kv head's query heads between branches
+    (the backward then runs the tl kernels). Grouped mode gives branch i of G a contiguous run of H // G heads, the
+    first H % G branches one more."""
+    H, gqa, spec = case["heads"], case["heads"] // case["kv_heads"], case["spec"]
+    if gqa > 1 and spec.head_assignment == "grouped":
+        G = spec.num_branches
+        counts = [H // G + (i < H % G) for i in range(G)]
+        starts = [sum(counts[:i]) for i in range(G)]
+        if any(c and (s % gqa or c % gqa) for s, c in zip(starts, counts)):
+            return ("fwd",)
+    return ("fwd", "dq", "dkdv")
 
 
 def case_inputs(case, dtype=torch.float32, device="cpu"):

@@ -74,6 +74,21 @@ def test_gluon_fwd_gqa_compiles_without_spills(gqa, merge, causal):
     _check(compile_sm90(_kernels(128, causal).gluon_fwd, consts))
 
 
+@pytest.mark.parametrize("kernel,gqa,acc,causal,head_dim", [
+    ("gluon_bwd_dq", 2, 0, False, 128), ("gluon_bwd_dq", 4, 0, True, 128), ("gluon_bwd_dq", 8, 3, True, 128),
+    ("gluon_bwd_dkdv", 2, 0, False, 128), ("gluon_bwd_dkdv", 4, 0, True, 128), ("gluon_bwd_dkdv", 8, 0, False, 64),
+    ("gluon_bwd_dkdv", 2, 3, False, 128), ("gluon_bwd_dkdv", 4, 1, True, 128), ("gluon_bwd_dkdv", 4, 4, True, 64)])
+def test_gluon_bwd_gqa_compiles_without_spills(kernel, gqa, acc, causal, head_dim):
+    """Grouped-query attention's backward: dq reads K and V at kv head h // GQA; dk/dv walks its tile's query heads
+    in turn (grouped, zero fill; or "all" mode's phases, ACC > 0)."""
+    consts = {**launch_constexprs(kernel, head_dim, causal, True), "GQA": gqa}
+    pointers = {}
+    if acc:
+        consts.update(ACC=acc, ZFILL=False, PHASED=True)
+        pointers = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
+    _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, pointers=pointers))
+
+
 def _int64_offsets(ir: str, name: str) -> bool:
     """Whether the IR widens the int32 argument ``name`` to int64 before using it."""
     import re

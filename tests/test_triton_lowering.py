@@ -102,9 +102,16 @@ def test_gluon_forward_selection_without_gpu():
     assert reason(AttentionSpec(four, head_assignment="all"), device="cpu") == "not a CUDA device"
     assert reason(AttentionSpec(four, causal=True), device="cpu") == "not a CUDA device"  # causal: both forms
     assert "padding" in reason(AttentionSpec(four), kpm=True)
-    # grouped-query attention: the forward only (dk and dv would add over a kv head's query heads)
+    # grouped-query attention: the backward too where each branch's heads (2 of 8 here) are whole groups of the
+    # query heads sharing a kv head (dk and dv of a kv head would otherwise add over tiles of two branches)
     assert reason(AttentionSpec(four), Hkv=4, device="cpu") == "not a CUDA device"
-    assert "grouped-query" in reason(AttentionSpec(four), Hkv=4, backward=True)
+    assert reason(AttentionSpec(four), Hkv=4, backward=True, device="cpu") == "not a CUDA device"
+    assert reason(AttentionSpec(four), Hkv=2, device="cpu") == "not a CUDA device"
+    assert reason(AttentionSpec(four), Hkv=2, backward=True) == (
+        "grouped-query attention in the backward needs whole groups per branch: branch 0 has query heads 0..1, "
+        "not whole groups of the 4 query heads that share a kv head")
+    assert reason(AttentionSpec(four, head_assignment="all"), Hkv=1, backward=True, device="cpu") == \
+        "not a CUDA device"
     assert reason(AttentionSpec(four), backward=True, device="cpu") == "not a CUDA device"
     assert "head_dim" in reason(AttentionSpec(four), D=96)
     assert reason(AttentionSpec(four), D=64, device="cpu") == "not a CUDA device"
@@ -129,7 +136,7 @@ def test_gluon_forward_selection_without_gpu():
 def test_gluon_cases_are_what_the_gluon_kernels_take(case):
     """The GPU tests' and the soak's Gluon strategy draws only cases the Hopper kernels take (on a CPU the one
     reason left is the device), and gluon_kernels_for names the kernels the lowering's own checks pick: the
-    backward's too where kv heads equal heads, else the forward alone."""
+    backward's too unless grouped mode splits a kv head's query heads between branches."""
     from dilated_compiler import build_plan
     from dilated_compiler.lowering.triton import gluon_hopper
     from dilated_compiler.lowering.triton.tables import tile_table
@@ -147,23 +154,20 @@ def test_gluon_cases_are_what_the_gluon_kernels_take(case):
 
 
 def test_gluon_cases_draw_grouped_query_attention():
+    """The strategy draws grouped-query cases of both kinds: a Gluon backward, and (a kv head's query heads split
+    between branches in grouped mode) the forward alone."""
     from hypothesis import find
-    case = find(gluon_cases(modes=("grouped", "all")), lambda c: c["kv_heads"] < c["heads"])
-    assert gluon_kernels_for(case) == ("fwd",)
+    for kernels in (("fwd", "dq", "dkdv"), ("fwd",)):
+        case = find(gluon_cases(modes=("grouped", "all")),
+                    lambda c: c["kv_heads"] < c["heads"] and gluon_kernels_for(c) == kernels)
+        assert case["heads"] % case["kv_heads"] == 0
 
 
-def test_gluon_gqa_forward_wiring_without_gpu(monkeypatch):
-    """Grouped-query attention: gluon_fwd reads kv head h // GQA (K and V with Hkv heads and their own batch
-    stride); the backward runs the tl kernels (dk and dv of a kv head add over its query heads), and
-    kernel_source() says so. The kernel itself runs on a Hopper GPU only (test_gpu_gluon_gqa_forward)."""
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+def _record_gluon_launches(low, monkeypatch, tl_calls):
+    """Replace the Gluon kernels with recorders of (name, bound arguments), and the tl backward's launchers with
+    ``tl_calls.append``; a Hopper GPU's answers from the spec and the call's facts (device checks aside)."""
     import inspect
-    from dilated_compiler import build_plan
     from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
-    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)))
-    B, N, H, Hkv, D = 2, 1024, 6, 2, 128
-    low = triton_lowering.TritonLowering(build_plan(spec, N, H, D, kv_heads=Hkv), torch.device("cpu"),
-                                         torch.bfloat16)
     launches = []
 
     def recorder(name):
@@ -171,24 +175,43 @@ def test_gluon_gqa_forward_wiring_without_gpu(monkeypatch):
 
         class Recorder:
             def __getitem__(self, grid):
-                return lambda *a, **kw: launches.append((name, inspect.signature(kernel.fn).bind(*a, **kw)))
+                def launch(*a, **kw):
+                    kw.pop("launch_cooperative_grid", None)
+                    launches.append((name, inspect.signature(kernel.fn).bind(*a, **kw)))
+                return launch
         return Recorder()
     for name in ("gluon_fwd", "gluon_bwd_dq", "gluon_bwd_dkdv"):
         monkeypatch.setattr(low.gluon_kernels, name, recorder(name))
-    tl_calls = []
     monkeypatch.setattr(low, "_launch_dq", lambda *a, **kw: tl_calls.append("dq"))
     monkeypatch.setattr(low, "_launch_dkdv", lambda *a, **kw: tl_calls.append("dkdv"))
     monkeypatch.setattr(low, "_config", lambda *a, **kw: None)
-    monkeypatch.setattr(low, "_zfill", lambda *a, **kw: False)
 
-    # what a Hopper GPU would answer, from the spec and the call's facts (device checks aside)
     def unsupported(q, k, v, has_kpm, *more):
-        return gluon_hopper.spec_reason(low.spec, heads=H, kv_heads=Hkv, head_dim=D, dtype=q.dtype,
-                                        backward=bool(more))
+        return gluon_hopper.spec_reason(low.spec, heads=low.heads, kv_heads=low.kv_heads, head_dim=low.head_dim,
+                                        dtype=q.dtype, backward=bool(more))
     monkeypatch.setattr(low, "gluon_unsupported", unsupported)
     monkeypatch.setattr(triton_lowering, "_sm_count", lambda device: 5)
     monkeypatch.setattr(triton_lowering, "_ensure_allocator", lambda: None)
     monkeypatch.setattr(triton_lowering.TritonLowering, "_check_device", lambda self, t: None)
+    return launches
+
+
+def test_gluon_gqa_wiring_without_gpu(monkeypatch):
+    """Grouped-query attention on the Gluon kernels: gluon_fwd and gluon_bwd_dq read kv head h // GQA (K and V
+    with Hkv heads and their own batch stride); gluon_bwd_dkdv walks the kv heads' key tiles (kv_tile_table: a row
+    per kv head, its query heads in turn) and writes dK and dV of Hkv heads, zero fill included. Where grouped mode
+    splits a kv head's query heads between branches, the backward runs the tl kernels, and kernel_source() says
+    so. The kernels themselves run on a Hopper GPU only (test_gpu_gluon_gqa)."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from dilated_compiler import build_plan
+    from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
+    from dilated_compiler.lowering.triton.tables import kv_tile_table, persistent_order
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2)))
+    B, N, H, Hkv, D = 2, 1024, 6, 2, 128   # branch 0: heads 0-2 (kv head 0), branch 1: heads 3-5 (kv head 1)
+    low = triton_lowering.TritonLowering(build_plan(spec, N, H, D, kv_heads=Hkv), torch.device("cpu"),
+                                         torch.bfloat16)
+    tl_calls = []
+    launches = _record_gluon_launches(low, monkeypatch, tl_calls)
     q = torch.randn(B, N, H, D, dtype=torch.bfloat16)
     k, v = (torch.randn(B, N, Hkv, D, dtype=torch.bfloat16) for _ in range(2))
     out, lse, aux = low.forward(q, k, v)
@@ -197,12 +220,71 @@ def test_gluon_gqa_forward_wiring_without_gpu(monkeypatch):
     assert name == "gluon_fwd" and a["GQA"] == H // Hkv == 3
     assert a["K"] is k and a["V"] is v and a["stride_b"] == N * H * D and a["stride_kb"] == N * Hkv * D
     launches.clear()
+    dq, dk, dv = low.backward(torch.randn_like(q), None, q, k, v, out, lse, aux)
+    assert tl_calls == [] and [n for n, _ in launches] == ["gluon_bwd_dq", "gluon_bwd_dkdv"]
+    a1, a2 = (b.arguments for _, b in launches)
+    for a in (a1, a2):
+        assert a["GQA"] == 3 and a["K"] is k and a["V"] is v and a["H"] == H
+        assert a["stride_b"] == N * H * D and a["stride_kb"] == N * Hkv * D
+    assert a2["DK"] is dk and a2["DV"] is dv and dk.shape == dv.shape == k.shape
+    table = kv_tile_table(low.plan, gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP, 3)
+    assert sorted(set(table[:, 0].tolist())) == [0, 3]   # the first query head of each kv head
+    assert torch.equal(a2["TABLE"].cpu(), persistent_order(table, 5, gluon_hopper.BWD_STEP))
+    assert a2["ZFILL"] is True   # the kv heads' tiles cover every row of dK and dV
+    text = low.source()
+    assert "gluon_bwd_dq and gluon_bwd_dkdv run instead of dilated_bwd_dq and dilated_bwd_dkdv" in text
+
+    # three kv heads of 6 query heads: kv head 1 (query heads 2, 3) spans both branches, so dK and dV of its rows
+    # would add over tiles of two branches: the tl backward
+    low = triton_lowering.TritonLowering(build_plan(spec, N, H, D, kv_heads=3), torch.device("cpu"), torch.bfloat16)
+    tl_calls = []
+    launches = _record_gluon_launches(low, monkeypatch, tl_calls)
+    monkeypatch.setattr(low, "_zfill", lambda *a, **kw: False)
+    k, v = (torch.randn(B, N, 3, D, dtype=torch.bfloat16) for _ in range(2))
+    out, lse, aux = low.forward(q, k, v)
     low.backward(torch.randn_like(q), None, q, k, v, out, lse, aux)
-    assert launches == [] and tl_calls == ["dq", "dkdv"]
+    assert [n for n, _ in launches] == ["gluon_fwd"] and tl_calls == ["dq", "dkdv"]
     text = low.source()
     assert "gluon_fwd (after the tl kernels) runs instead of dilated_fwd; the backward runs dilated_bwd_dq" in text
-    assert "no grouped-query attention in the backward" in text
+    assert ("grouped-query attention in the backward needs whole groups per branch: branch 0 has query heads 0..2, "
+            "not whole groups of the 2 query heads that share a kv head") in text
     assert "def gluon_fwd(" in text
+
+
+def test_gluon_gqa_all_mode_wiring_without_gpu(monkeypatch):
+    """"all" mode under grouped-query attention: the phased backward's dk/dv launch walks kv_tile_table (a kv
+    head's query heads of one offset per tile), adds into float32 buffers of Hkv heads, and its last phase reads
+    the kv heads' SEL."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from dilated_compiler import build_plan
+    from dilated_compiler.lowering.triton import lowering as triton_lowering
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4)), head_assignment="all")
+    B, N, H, Hkv, D = 1, 4096, 8, 2, 64
+    low = triton_lowering.TritonLowering(build_plan(spec, N, H, D, kv_heads=Hkv), torch.device("cpu"),
+                                         torch.bfloat16)
+    tl_calls = []
+    launches = _record_gluon_launches(low, monkeypatch, tl_calls)
+    monkeypatch.setattr(low, "_merge", lambda dest, aux: (torch.zeros(B, N, H, D, dtype=torch.bfloat16),
+                                                          torch.zeros(B, H, N)))
+    q = torch.randn(B, N, H, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, N, Hkv, D, dtype=torch.bfloat16) for _ in range(2))
+    out, lse, aux = low.forward(q, k, v)
+    launches.clear()
+    dq, dk, dv = low.backward(torch.randn_like(q), None, q, k, v, out, lse, aux)
+    assert tl_calls == [] and [n for n, _ in launches] == ["gluon_bwd_dq", "gluon_bwd_dkdv"]
+    a1, a2 = (b.arguments for _, b in launches)
+    order, acc, sel, sel_kv = low._all_mode_phases(q.device)
+    assert acc == 3 and a2["ACC"] == 3 and a2["PHASED"] is True and a2["GQA"] == 4
+    assert a1["SEL"] is sel and a2["SEL"] is sel_kv and sel_kv.shape == (Hkv, N)
+    assert a2["DK"].dtype == torch.float32 and a2["DK"].shape == k.shape and a2["DKF"] is dk
+    assert a2["stride_kb"] == N * Hkv * D
+    # per branch (phase), the kv heads' tiles: a tile per kv head and offset (r of them where r <= GQA), each of
+    # its N / r rows in 128-row tiles once
+    table = a2["TABLE"].cpu()
+    for branch, r in enumerate((1, 2, 4)):
+        rows = table[table[:, 1] == branch]
+        assert rows.shape[0] == Hkv * r * (N // r // 128)
+        assert sorted(set(rows[:, 0].tolist())) == [h for h in range(H) if h % 4 < r]
 
 
 def test_gluon_launch_wiring_without_gpu(monkeypatch):
@@ -370,26 +452,31 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
     ((2, 4), 4096, ([(0, False), (1, False)], 1)),
     ((1,), 4096, ([(0, True)], 2)),
 ])
-def test_all_mode_backward_phases(dils, n, phases):
-    """"all" mode's backward phases (order, ACC) and SEL, the rows the final phase reads, from the tables."""
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_all_mode_backward_phases(dils, n, phases, kv_heads):
+    """"all" mode's backward phases (order, ACC) and SEL, the rows the final phase reads, from the tables: per query
+    head for dq, per kv head for dk and dv (those of any of its query heads, 4 // kv_heads of them)."""
     from dilated_compiler import build_plan
     from dilated_compiler.lowering.triton import lowering as triton_lowering
     branches = tuple(Branch(256 * r if r != 3 else 1152, r) for r in dils)
-    plan = build_plan(AttentionSpec(branches, head_assignment="all"), n, 4, 64)
+    plan = build_plan(AttentionSpec(branches, head_assignment="all"), n, 4, 64, kv_heads=kv_heads)
     low = triton_lowering.TritonLowering(plan, torch.device("cpu"), torch.bfloat16)
-    order, acc, sel = low._all_mode_phases(torch.device("cpu"))
+    order, acc, sel, sel_kv = low._all_mode_phases(torch.device("cpu"))
     assert (order, acc) == phases
     if acc < 3:
-        assert sel is None
+        assert sel is None and sel_kv is None
         return
-    # SEL: the rows any phase before the last selects, per head
+    # SEL: the rows any phase before the last selects, per head (head h has offset h % r in "all" mode)
     rows = torch.zeros(4, n, dtype=torch.bool)
-    h = torch.arange(4)[:, None]
-    pos = torch.arange(n)[None, :]
+    rows_kv = torch.zeros(kv_heads, n, dtype=torch.bool)
+    pos = torch.arange(n)
     for branch, _ in order[:-1]:
         r = dils[branch]
-        rows |= pos % r == h % r
+        for h in range(4):
+            rows[h] |= pos % r == h % r
+            rows_kv[h // (4 // kv_heads)] |= pos % r == h % r
     assert sel.dtype == torch.uint8 and torch.equal(sel.bool(), rows)
+    assert sel_kv.dtype == torch.uint8 and torch.equal(sel_kv.bool(), rows_kv)
 
 
 def test_unsupported_dtype_and_head_dim():
@@ -537,6 +624,53 @@ def test_zero_fill_spans_not_in_all_mode():
     from dilated_compiler.planner import build_plan
     plan = build_plan(AttentionSpec((Branch(8, 1), Branch(16, 2)), head_assignment="all"), 64, 4, 16)
     assert not spans_cover(plan, tile_table(plan, "q", 16, 16))
+
+
+@given(grouped_tables(), st.sampled_from(["grouped", "all"]), st.integers(1, 4), st.integers(1, 3))
+@settings(max_examples=300, deadline=None)
+def test_kv_tile_table(case, assignment, kv_heads, gqa):
+    """kv_tile_table (the Gluon dk/dv kernel's table under grouped-query attention): each row, with the query heads
+    the kernel walks for it (gluon_hopper._query_heads: h0, h0 + s, ... below the end of h0's group of gqa, s = 1
+    in grouped mode, r in "all" mode), stands for exactly the key tiles of the kind "k" table that write its kv
+    head's rows: every (query head, tile) once. All those heads map to the row's kv head, and the row is one of
+    them. In grouped mode it needs every branch's heads to be whole groups (else ValueError, and
+    whole_groups_reason says why), and its zero-fill spans cover each kv head's rows as the query heads' do."""
+    import dataclasses
+    from dilated_compiler.lowering.triton.tables import kv_tile_table, spans_cover, tile_table, whole_groups_reason
+    from dilated_compiler.planner import build_plan
+    spec, _, seq, _, block, partner = case
+    if assignment == "all":
+        spec = dataclasses.replace(spec, head_assignment="all",
+                                   branches=tuple(dataclasses.replace(b, offset=None) for b in spec.branches))
+    heads = kv_heads * gqa
+    if assignment == "grouped" and heads < spec.num_branches:
+        return
+    plan = build_plan(spec, seq, heads, 8, kv_heads=kv_heads)
+    G = spec.num_branches
+    counts = [heads // G + (i < heads % G) for i in range(G)]
+    whole = assignment == "all" or all(c % gqa == 0 and sum(counts[:i]) % gqa == 0 for i, c in enumerate(counts))
+    reason = whole_groups_reason(plan, gqa)
+    assert (reason is None) == whole or gqa == 1
+    k_table = tile_table(plan, "k", block, partner)
+    if gqa > 1 and not whole:
+        assert "not whole groups" in reason
+        if k_table.shape[0]:
+            with pytest.raises(ValueError, match="not whole groups"):
+                kv_tile_table(plan, block, partner, gqa)
+        return
+    kv = kv_tile_table(plan, block, partner, gqa)
+    expanded = []
+    for row in kv.tolist():
+        h0, r = row[0], spec.branches[row[1]].dilation
+        step = r if assignment == "all" else 1
+        hs = list(range(h0, (h0 // gqa + 1) * gqa, step))
+        assert len(hs) == -(-(gqa - h0 % gqa) // step) >= 1   # the kernel's count
+        if assignment == "all":
+            assert len({h % r for h in hs}) == 1   # one offset: the same selected rows
+        expanded += [[h] + row[1:] for h in hs]
+    assert sorted(expanded) == sorted(k_table.tolist())
+    if assignment == "grouped":
+        assert spans_cover(plan, kv, gqa) == spans_cover(plan, k_table)
 
 
 def _lowering(spec, dtype=torch.float16, n=64, h=4, d=32):
@@ -1254,26 +1388,31 @@ def test_gpu_gluon_all_mode_backward(dtype, batch, causal, head_dim, dilations, 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("mode,causal,dtype,head_dim,kv_heads", [
-    ("grouped", False, torch.bfloat16, 128, 2), ("grouped", True, torch.float16, 64, 4),
-    ("grouped", False, torch.bfloat16, 64, 1), ("all", False, torch.bfloat16, 128, 2),
-    ("all", True, torch.float16, 128, 1)])
-def test_gpu_gluon_gqa_forward(mode, causal, dtype, head_dim, kv_heads, poisoned, monkeypatch):
-    """Grouped-query attention on Hopper: gluon_fwd, query head h reading kv head h // (H // Hkv) (8 query heads;
-    in grouped mode a kv head's query heads span branches), then the tl backward. Same results as the reference
-    (out, lse, gradients)."""
+@pytest.mark.parametrize("mode,causal,dtype,head_dim,kv_heads,batch", [
+    ("grouped", False, torch.bfloat16, 128, 6, 2), ("grouped", True, torch.float16, 64, 3, 1),
+    ("grouped", False, torch.bfloat16, 128, 4, 1), ("grouped", True, torch.bfloat16, 128, 3, 2),
+    ("all", False, torch.bfloat16, 128, 3, 1), ("all", True, torch.float16, 64, 4, 2),
+    ("all", False, torch.bfloat16, 64, 1, 1)])
+def test_gpu_gluon_gqa(mode, causal, dtype, head_dim, kv_heads, batch, poisoned, monkeypatch):
+    """Grouped-query attention on Hopper (12 query heads): gluon_fwd and gluon_bwd_dq read kv head h // (H // Hkv),
+    gluon_bwd_dkdv walks each kv head's key tiles over the query heads that read them ("all" mode: those of one
+    offset, in phases). In grouped mode (4 heads per branch) 4 kv heads split a kv head's 3 query heads between
+    branches, and the backward runs the tl kernels. Same results as the reference (out, lse, gradients), outputs
+    starting as NaN."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
-        pytest.skip("the Gluon forward runs on compute capability 9.0 with the checked triton only")
+        pytest.skip("the Gluon kernels run on compute capability 9.0 with the checked triton only")
     calls = record_gluon_calls(poisoned, monkeypatch)
     # an explicit offset in grouped mode only ("all" mode gives head h the offset h % r)
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1 if mode == "grouped" else None), Branch(1024, 4)),
                          head_assignment=mode, causal=causal)
     attn = compile_attention(spec, backend="triton")
-    q, k, v = make_qkv(2, 4096, 8, head_dim, dtype=dtype, device="cuda", kv_heads=kv_heads, requires_grad=True)
+    q, k, v = make_qkv(batch, 4096, 12, head_dim, dtype=dtype, device="cuda", kv_heads=kv_heads, requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
-    assert calls == {"fwd": [(2, 4096, 8, head_dim)], "dq": [], "dkdv": []}
+    shape = (batch, 4096, 12, head_dim)
+    backward = [shape] if mode == "all" or kv_heads != 4 else []
+    assert calls == {"fwd": [shape], "dq": backward, "dkdv": backward}
 
 
 @pytest.mark.gpu

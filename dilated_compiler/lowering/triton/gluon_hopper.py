@@ -12,12 +12,13 @@ full (benchmarks/results/H100-triton.md). This kernel is FA3's structure over th
 * tensor descriptors made once per program (not per tile), one per branch and tensor, over x (B, N, H, D)
   viewed as (B, r*H, N/r, D) with strides (N*H*D, D, r*H*D, 1): selected row j of the segment whose row 0 sits
   at position pos0 is [b, (pos0 % r)*H + h, pos0 // r + j, :]. Each copy picks its tile's branch's descriptor.
-  With grouped-query attention (the forward only) K's and V's views have Hkv heads, and query head h reads kv head
-  h // (H // Hkv).
+  With grouped-query attention K's and V's views have Hkv heads, and query head h reads kv head h // (H // Hkv).
 
 The backward has the same structure: ``gluon_bwd_dq`` (persistent over 128-row query tiles; it also writes delta)
 and then ``gluon_bwd_dkdv`` (persistent over 128-row key tiles, each consumer owning 64 keys and stepping over 64
-query rows at a time with transposed products, as FA3 does).
+query rows at a time with transposed products, as FA3 does). With grouped-query attention a dk/dv tile belongs to
+a kv head and walks, one after another, the query heads that read its rows (the lowering's table, from
+``tables.kv_tile_table``), so dK and dV are each written once, as without it.
 
 In "all" mode (every head in every branch) the forward writes each branch's out and lse (MERGE) for the
 lowering's ``dilated_merge``. That mode's backward runs each backward kernel once, over every branch's tiles in
@@ -38,6 +39,9 @@ import hashlib
 from pathlib import Path
 
 import torch
+
+from ...planner import build_plan
+from .tables import whole_groups_reason
 
 __all__ = ["BLOCK_M", "BLOCK_N", "BWD_BLOCK", "BWD_STEP", "CHECKED_TRITON", "MAX_BRANCHES", "gluon_source",
            "spec_reason", "unsupported_reason", "padded_dilations"]
@@ -72,8 +76,12 @@ def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.
     """None if the spec and the shape-independent facts of a call allow the Gluon forward (``backward``: the Gluon
     backward), else why not."""
     if backward and heads != kv_heads:
-        # dk and dv of a kv head would add over its query heads, whose rows other tiles own
-        return "no grouped-query attention in the backward"
+        # a dk/dv tile of a kv head walks the query heads that share its rows (tables.kv_tile_table); in grouped
+        # mode they must all be in its branch (the head sets do not depend on the sequence length)
+        plan = build_plan(spec, max(b.segment_length for b in spec.branches), heads, head_dim, kv_heads=kv_heads)
+        reason = whole_groups_reason(plan, heads // kv_heads)
+        if reason is not None:
+            return f"grouped-query attention in the backward needs whole groups per branch: {reason}"
     if head_dim not in HEAD_DIMS:
         return f"head_dim {' or '.join(map(str, HEAD_DIMS))} only"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -134,7 +142,7 @@ _KERNEL = r'''#
 #   q*, k*, v*, o*    tensor descriptors made once per program, one per branch (index = branch id): x (B, N, H, D)
 #                     viewed as (B, r*H, N/r, D); selected row j of a segment with row 0 at position pos0 is
 #                     [b, (pos0 % r)*H + h, pos0 // r + j, :]. Blocks: Q, K, V 128 rows; out 64 rows
-#   GQA               H // Hkv (grouped-query attention, forward only): k, v are (B, N, Hkv, D), batch stride
+#   GQA               H // Hkv (grouped-query attention): k, v are (B, N, Hkv, D), batch stride
 #                     stride_kb, and query head h reads kv head h // GQA: kv_combo = (pos0 % r)*Hkv + h // GQA
 #   TABLE             the forward's tile table (dilated_fwd's; 128-row tiles); a program walks rows pid, pid+G, ..
 #   combo, rbase      the tile's [ , combo, rbase + j, ] coordinates in its branch's view
@@ -378,6 +386,20 @@ def _kv_combo(row, RB, H, combo, GQA: gl.constexpr):
 
 
 @gluon.jit
+def _query_heads(row, r, GQA: gl.constexpr, PHASED: gl.constexpr):
+    # gluon_bwd_dkdv under grouped-query attention: the query heads of a key tile, h0, h0 + step, ... (n of them),
+    # h0 its table head. Grouped mode: all GQA heads of its kv head (step 1; the lowering runs it only where each
+    # branch's heads are whole groups). "All" mode (PHASED): those of them that share h0's offset, h0 % r (step r)
+    n = 1
+    step = 1
+    if GQA > 1:
+        if PHASED:
+            step = r
+        n = gl.cdiv(GQA - gl.load(row + 0) % GQA, step)
+    return n, step
+
+
+@gluon.jit
 def _producer(q0, q1, q2, q3, k0, k1, k2, k3, v0, v1, v2, v3, o0, o1, o2, o3, TABLE, RB, T, H, q_smem, k_smem,
               v_smem, z_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr, GQA: gl.constexpr):
@@ -606,6 +628,11 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #                     and 4 (it adds): the last phase, a branch that selects every row, writes the results in the
 #                     inputs' dtype to DQF (DKF, DVF), reading DQ only at the rows an earlier phase wrote (SEL (H, N)
 #                     nonzero; _final_rows), so no float32 buffer needs a cast afterwards
+#   GQA               as in the forward: K and V (and dK, dV) have H // GQA heads, batch stride stride_kb. dq: the
+#                     producer copies kv head h // GQA. dk/dv: TABLE's tiles belong to kv heads; a tile's head column
+#                     is the first of the query heads that read its rows (_query_heads: the kv head's GQA query
+#                     heads; in "all" mode those of the first's offset, h % r, step r), and the producer runs the
+#                     query steps of each in turn into the same dK, dV accumulators (n_h * steps in all)
 #   PHASED            [Note: phases] "all" mode's one launch per pass: TABLE holds the branches' tiles one branch
 #                     after another, phase ph in rows [PHASES[ph], PHASES[ph + 1]), the batch folded into the walk.
 #                     A row is in one tile of a branch, so no two tiles of a phase touch it; across phases, a
@@ -619,7 +646,7 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE, RB,
                  T, B, H, PHASES, NPH, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready, kv_empty,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
-                 PHASED: gl.constexpr):
+                 PHASED: gl.constexpr, GQA: gl.constexpr):
     b0 = gl.program_id(1)
     pid = gl.program_id(0)
     G = gl.num_programs(0)
@@ -630,6 +657,7 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2,
         for i in range(n_mine):
             b, row = _walk_tile(TABLE, start, count, pid, i, G, b0, PHASED)
             br, combo, rbase = _tile_coords(row, RB, H)
+            kv_combo = _kv_combo(row, RB, H, combo, GQA)
             row0 = gl.load(row + 4)
             n_k, _ = _key_walk(row, BLOCK_N, CAUSAL)
             mbarrier.wait(t_empty, ((it if PHASED else i) & 1) ^ 1)
@@ -639,10 +667,10 @@ def _dq_producer(q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2,
                 g = c + j
                 st = g % STAGES
                 mbarrier.wait(kv_empty.index(st), ((g // STAGES) & 1) ^ 1)
-                _copy_in(k0, k1, k2, k3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), k_smem.index(st),
-                         True)
-                _copy_in(v0, v1, v2, v3, br, b, combo, rbase + j * BLOCK_N, kv_ready.index(st), v_smem.index(st),
-                         True)
+                _copy_in(k0, k1, k2, k3, br, b, kv_combo, rbase + j * BLOCK_N, kv_ready.index(st),
+                         k_smem.index(st), True)
+                _copy_in(v0, v1, v2, v3, br, b, kv_combo, rbase + j * BLOCK_N, kv_ready.index(st),
+                         v_smem.index(st), True)
             c += n_k
             it += 1
             if ZFILL:
@@ -743,17 +771,21 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, DQF, SEL, N, OUT, LSE, DELTA, DLSE, TAB
 # constant 1 ("all" mode with one branch; tests/test_gluon_compile.py)
 @gluon.jit(do_not_specialize=["NPH"])
 def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, PHASES, NPH, BAR, qk_scale, sm_scale,
-                 stride_b, stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
-                 CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr, PHASED: gl.constexpr,
-                 DQF=None, SEL=None):
-    # DQF, SEL: ACC 3 and 4 only (_final_rows)
+                 stride_b, stride_lb, stride_lh, stride_kb, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr,
+                 CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr,
+                 PHASED: gl.constexpr, DQF=None, SEL=None, GQA: gl.constexpr = 1):
+    # DQF, SEL: ACC 3 and 4 only (_final_rows). GQA > 1: K and V have H // GQA heads, batch stride stride_kb
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
     do0, do1, do2, do3 = _branch_descs(DO, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+    if GQA > 1:
+        k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H // GQA, stride_kb, BLOCK_N, HEAD_DIM)
+        v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H // GQA, stride_kb, BLOCK_N, HEAD_DIM)
+    else:
+        k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+        v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
     dq0, dq1, dq2, dq3 = _branch_descs(DQ, RB, B, N, H, stride_b, HALF, HEAD_DIM)
     m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     n_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
@@ -787,7 +819,7 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
                         CAUSAL, ACC, PHASED)),
         (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE,
                         RB, T, B, H, PHASES, NPH, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready,
-                        kv_empty, BLOCK_N, STAGES, ZFILL, CAUSAL, PHASED)),
+                        kv_empty, BLOCK_N, STAGES, ZFILL, CAUSAL, PHASED, GQA)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 
 
@@ -796,7 +828,7 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
                    dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, B, H, PHASES, NPH, k_smem, v_smem, q_smem,
                    do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M: gl.constexpr,
                    HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
-                   PHASED: gl.constexpr):
+                   PHASED: gl.constexpr, GQA: gl.constexpr):
     # per step: the 64 queries' lse and delta (strided by r: no TMA) by cp.async into the step's ld_smem slot, one
     # element per thread, each thread arriving on qd_ready when its copy lands; then Q and dO by TMA
     ld_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
@@ -820,28 +852,38 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
             else:
                 j0 = 0
             r = gl.load(RB + br)
+            kv_combo = _kv_combo(row, RB, H, combo, GQA)
+            n_h, h_step = _query_heads(row, r, GQA, PHASED)
             ld_base = LD + b.to(gl.int64) * stride_lb + gl.load(row + 0).to(gl.int64) * stride_lh + gl.load(row + 2)
             mbarrier.wait(kv_empty, ((it if PHASED else i) & 1) ^ 1)
-            _copy_in(k0, k1, k2, k3, br, b, combo, rbase + row0, kv_ready, k_smem, True)
-            _copy_in(v0, v1, v2, v3, br, b, combo, rbase + row0, kv_ready, v_smem, True)
-            for j in range(j0, n_m):
-                g = c + j - j0
-                st = g % STAGES
-                mbarrier.wait(qd_empty.index(st), ((g // STAGES) & 1) ^ 1)
-                async_copy.async_copy_global_to_shared(ld_smem.index(st),
-                                                       ld_base + which * stride_ld + (j * BLOCK_M + steps) * r)
-                async_copy.mbarrier_arrive(qd_ready.index(st), increment_count=False)
-                _copy_in(q0, q1, q2, q3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), q_smem.index(st), True)
-                _copy_in(o0, o1, o2, o3, br, b, combo, rbase + j * BLOCK_M, qd_ready.index(st), do_smem.index(st),
-                         True)
-            c += n_m - j0
+            _copy_in(k0, k1, k2, k3, br, b, kv_combo, rbase + row0, kv_ready, k_smem, True)
+            _copy_in(v0, v1, v2, v3, br, b, kv_combo, rbase + row0, kv_ready, v_smem, True)
+            # GQA: the steps of each of the tile's query heads in turn (one head where GQA is 1)
+            q_combo = combo
+            for t in range(n_h):
+                for j in range(j0, n_m):
+                    g = c + j - j0
+                    st = g % STAGES
+                    mbarrier.wait(qd_empty.index(st), ((g // STAGES) & 1) ^ 1)
+                    async_copy.async_copy_global_to_shared(ld_smem.index(st),
+                                                           ld_base + which * stride_ld + (j * BLOCK_M + steps) * r)
+                    async_copy.mbarrier_arrive(qd_ready.index(st), increment_count=False)
+                    _copy_in(q0, q1, q2, q3, br, b, q_combo, rbase + j * BLOCK_M, qd_ready.index(st),
+                             q_smem.index(st), True)
+                    _copy_in(o0, o1, o2, o3, br, b, q_combo, rbase + j * BLOCK_M, qd_ready.index(st),
+                             do_smem.index(st), True)
+                c += n_m - j0
+                if GQA > 1:
+                    q_combo += h_step
+                    ld_base += h_step * stride_lh
             it += 1
             if ZFILL:
-                # _zero_gaps for dK and dV in one pass (two calls: the producer's 32 registers spill more)
+                # _zero_gaps for dK and dV in one pass (two calls: the producer's 32 registers spill more), over
+                # the kv heads' combos
                 own = gl.load(row + 2) % r
                 for o in range(0, r):
                     if o != own:
-                        zc = o * H + gl.load(row + 0)
+                        zc = o * (H // GQA) + gl.load(row + 0) // GQA
                         for half in gl.static_range(2):
                             _copy_out(dk0, dk1, dk2, dk3, br, b, zc, rbase + row0 + half * HALF, z_smem)
                             _copy_out(dv0, dv1, dv2, dv3, br, b, zc, rbase + row0 + half * HALF, z_smem)
@@ -853,7 +895,8 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL
                    PHASES, NPH, BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem,
                    kv_ready, kv_empty, qd_ready, qd_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr,
-                   PHASED: gl.constexpr):
+                   PHASED: gl.constexpr, GQA: gl.constexpr):
+    # stride_b: that of DK and DV (the kv heads' under GQA)
     dtype: gl.constexpr = k_smem.dtype
     # S^T, dP^T: (HALF keys, BLOCK_M queries); dK, dV: (HALF keys, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -884,11 +927,22 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL
                 k_rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_l))
             else:
                 j0 = 0
+            if GQA > 1:
+                n_h, _ = _query_heads(row, gl.load(RB + br), GQA, PHASED)
+                jj_end = j0 + n_h * (n_m - j0)
+            else:
+                n_h = 1
+                jj_end = n_m
             dk = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
             dv = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
             mbarrier.wait(kv_ready, (it if PHASED else i) & 1)
-            for j in range(j0, n_m):
-                g = c + j - j0
+            for jj in range(j0, jj_end):
+                # GQA: query head jj // (n_m - j0) of the tile's, step j (the same walk for each head)
+                if GQA > 1:
+                    j = j0 + (jj - j0) % (n_m - j0)
+                else:
+                    j = jj
+                g = c + jj - j0
                 st = g % STAGES
                 mbarrier.wait(qd_ready.index(st), (g // STAGES) & 1)
                 q_t = q_smem.index(st)
@@ -915,33 +969,35 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL
                 dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
                 mbarrier.arrive(qd_empty.index(st), count=1)
             mbarrier.arrive(kv_empty, count=1)
-            c += n_m - j0
+            c += n_h * (n_m - j0)
             it += 1
             if ACC:
-                head = gl.load(row + 0)
+                head = gl.load(row + 0) // GQA   # DK's and DV's head
                 pos0 = gl.load(row + 2)
                 r = gl.load(RB + br)
                 _phase_wait(BAR, ph, i, G, PHASED)
                 # both writes under one branch (two _acc_rows calls spill more in the causal form)
+                HK = H // GQA
                 if PHASED:
                     if ph == 0:
-                        _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF,
+                        _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, HK, stride_b, HEAD_DIM, HALF,
                                   ACC == 2 or ACC == 3)
-                        _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2 or ACC == 3)
+                        _add_rows(DV, dv, b, head, pos0, row0, r, HK, stride_b, HEAD_DIM, HALF, ACC == 2 or ACC == 3)
                     elif ACC >= 3 and ph == NPH - 1:
-                        _final_rows(DK, DKF, SEL, N, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM,
+                        _final_rows(DK, DKF, SEL, N, dk * sm_scale, b, head, pos0, row0, r, HK, stride_b, HEAD_DIM,
                                     HALF)
-                        _final_rows(DV, DVF, SEL, N, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF)
+                        _final_rows(DV, DVF, SEL, N, dv, b, head, pos0, row0, r, HK, stride_b, HEAD_DIM, HALF)
                     else:
-                        _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, False)
-                        _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, False)
+                        _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, HK, stride_b, HEAD_DIM, HALF, False)
+                        _add_rows(DV, dv, b, head, pos0, row0, r, HK, stride_b, HEAD_DIM, HALF, False)
                 else:
-                    _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
-                    _add_rows(DV, dv, b, head, pos0, row0, r, H, stride_b, HEAD_DIM, HALF, ACC == 2)
+                    _add_rows(DK, dk * sm_scale, b, head, pos0, row0, r, HK, stride_b, HEAD_DIM, HALF, ACC == 2)
+                    _add_rows(DV, dv, b, head, pos0, row0, r, HK, stride_b, HEAD_DIM, HALF, ACC == 2)
             else:
                 # dK, then dV, through this consumer's one buffer (which leaves room for a third Q/dO stage)
-                _store_out(dk0, dk1, dk2, dk3, br, b, combo, rbase + row0, out, (dk * sm_scale).to(dtype))
-                _store_out(dv0, dv1, dv2, dv3, br, b, combo, rbase + row0, out, dv.to(dtype))
+                kv_combo = _kv_combo(row, RB, H, combo, GQA)
+                _store_out(dk0, dk1, dk2, dk3, br, b, kv_combo, rbase + row0, out, (dk * sm_scale).to(dtype))
+                _store_out(dv0, dv1, dv2, dv3, br, b, kv_combo, rbase + row0, out, dv.to(dtype))
         if PHASED:
             _grid_arrive(BAR + ph)
     tma.store_wait(0)
@@ -951,20 +1007,30 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL
 # constant 1 ("all" mode with one branch; tests/test_gluon_compile.py)
 @gluon.jit(do_not_specialize=["NPH"])
 def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, PHASES, NPH, BAR, qk_scale, sm_scale, stride_b,
-                   stride_ld, stride_lb, stride_lh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                   stride_ld, stride_lb, stride_lh, stride_kb, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr, PHASED: gl.constexpr,
-                   DKF=None, DVF=None, SEL=None):
+                   DKF=None, DVF=None, SEL=None, GQA: gl.constexpr = 1):
     # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer). DKF, DVF, SEL: ACC 3
-    # and 4 only (_final_rows)
+    # and 4 only (_final_rows). GQA > 1: K, V, DK, DV (and DKF, DVF, SEL) have H // GQA heads, batch stride
+    # stride_kb, and TABLE is the lowering's key table for it (a row per key tile of a kv head and a set of its
+    # query heads, _query_heads; its head column the set's first query head)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
     o0, o1, o2, o3 = _branch_descs(DO, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
-    k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
-    dk0, dk1, dk2, dk3 = _branch_descs(DK, RB, B, N, H, stride_b, HALF, HEAD_DIM)
-    dv0, dv1, dv2, dv3 = _branch_descs(DV, RB, B, N, H, stride_b, HALF, HEAD_DIM)
+    if GQA > 1:
+        skb = stride_kb
+        k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H // GQA, stride_kb, BLOCK_N, HEAD_DIM)
+        v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H // GQA, stride_kb, BLOCK_N, HEAD_DIM)
+        dk0, dk1, dk2, dk3 = _branch_descs(DK, RB, B, N, H // GQA, stride_kb, HALF, HEAD_DIM)
+        dv0, dv1, dv2, dv3 = _branch_descs(DV, RB, B, N, H // GQA, stride_kb, HALF, HEAD_DIM)
+    else:
+        skb = stride_b
+        k0, k1, k2, k3 = _branch_descs(K, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+        v0, v1, v2, v3 = _branch_descs(V, RB, B, N, H, stride_b, BLOCK_N, HEAD_DIM)
+        dk0, dk1, dk2, dk3 = _branch_descs(DK, RB, B, N, H, stride_b, HALF, HEAD_DIM)
+        dv0, dv1, dv2, dv3 = _branch_descs(DV, RB, B, N, H, stride_b, HALF, HEAD_DIM)
     n_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     m_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     h_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, HEAD_DIM], dtype)
@@ -990,17 +1056,17 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, PHASES, NPH, 
         mbarrier.init(qd_ready.index(st), count=2 + 4 * 32)
         mbarrier.init(qd_empty.index(st), count=2)
     gl.warp_specialize([
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL, N, stride_b, TABLE, RB, T,
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL, N, skb, TABLE, RB, T,
                           B, H, PHASES, NPH, BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem,
                           out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES,
-                          CAUSAL, ACC, PHASED)),
-        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL, N, stride_b, TABLE, RB, T,
+                          CAUSAL, ACC, PHASED, GQA)),
+        (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL, N, skb, TABLE, RB, T,
                           B, H, PHASES, NPH, BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem,
                           out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES,
-                          CAUSAL, ACC, PHASED)),
+                          CAUSAL, ACC, PHASED, GQA)),
         (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0,
                           dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, B, H, PHASES, NPH, k_smem,
                           v_smem, q_smem, do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M,
-                          HALF, STAGES, ZFILL, CAUSAL, PHASED)),
+                          HALF, STAGES, ZFILL, CAUSAL, PHASED, GQA)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 '''

@@ -42,7 +42,7 @@ from . import autotune, gluon_hopper
 from .autotune import TileConfig, candidates, interpreting
 from .diskcache import load_module
 from .generator import generate_source, generator_fingerprint
-from .tables import persistent_order, selected_rows, spans_cover, tile_table
+from .tables import kv_tile_table, persistent_order, selected_rows, spans_cover, tile_table
 
 __all__ = ["TritonLowering"]
 
@@ -239,12 +239,13 @@ class TritonLowering:
         return self._tables[key]
 
     def _all_mode_phases(self, device: torch.device):
-        """"all" mode's backward phases: (order, ACC, SEL). With gluon_hopper.ALL_MODE_FINAL_PHASE and a branch of
-        dilation 1 among two or more, that branch goes last and writes the gradients in the inputs' dtype (ACC 3 or
-        4), reading the float32 buffers where an earlier phase wrote (SEL, (H, N) uint8). The earlier phases: first
-        a branch whose rows include every other earlier branch's, storing (ACC 3; then the buffers need no
-        zeroing), else all adding into zeros (ACC 4); the rest in spec order. Otherwise :meth:`_all_mode_order`
-        (ACC 2 where its first phase stores, else 1) and SEL None."""
+        """"all" mode's backward phases: (order, ACC, SEL, SEL_KV). With gluon_hopper.ALL_MODE_FINAL_PHASE and a
+        branch of dilation 1 among two or more, that branch goes last and writes the gradients in the inputs' dtype
+        (ACC 3 or 4), reading the float32 buffers where an earlier phase wrote (SEL, (H, N) uint8, for dq; SEL_KV,
+        (Hkv, N), for dk and dv). The earlier phases: first a branch whose rows include every other earlier
+        branch's, storing (ACC 3; then the buffers need no zeroing), else all adding into zeros (ACC 4); the rest in
+        spec order. Otherwise :meth:`_all_mode_order` (ACC 2 where its first phase stores, else 1) and both SELs
+        None."""
         key = ("all mode phases", device)
         if key not in self._tables:
             dil = [int(b.dilation) for b in self.spec.branches]
@@ -259,10 +260,13 @@ class TritonLowering:
                     order, acc = [(i, False) for i in earlier], 4
                 else:
                     order, acc = [(first, True)] + [(i, False) for i in earlier if i != first], 3
-                self._tables[key] = (order + [(last, False)], acc, union.to(torch.uint8).contiguous().to(device))
+                sel = union.to(torch.uint8).contiguous()
+                # dK and dV of kv head h // GQA: written earlier where any of its query heads' rows were
+                sel_kv = union.view(self.kv_heads, self.gqa, -1).any(dim=1).to(torch.uint8).contiguous()
+                self._tables[key] = (order + [(last, False)], acc, sel.to(device), sel_kv.to(device))
             else:
                 order = self._all_mode_order()
-                self._tables[key] = (order, 2 if order[0][1] else 1, None)
+                self._tables[key] = (order, 2 if order[0][1] else 1, None, None)
         return self._tables[key]
 
     def _final_phase(self) -> bool:
@@ -296,12 +300,13 @@ class TritonLowering:
 
     def _backward_launch(self, kind: str, q: torch.Tensor, phased):
         """(table, grid, dilations, phases, phase count, phase counters, ACC, SEL, launch options) of a Gluon
-        backward launch: grouped (``phased`` None) or "all" mode's phased one (``phased`` from
-        :meth:`_all_mode_phases`; tables from :meth:`_gluon_phased_args`)."""
+        backward launch (``kind`` "q": dq; "kv": dk/dv, :func:`kv_tile_table`): grouped (``phased`` None) or "all"
+        mode's phased one (``phased`` from :meth:`_all_mode_phases`; tables from :meth:`_gluon_phased_args`)."""
         if phased is None:
             table, grid, dilations = self._gluon_launch_args(kind, _GLUON_BWD_TILES, q)
             return table, grid, dilations, table, 1, table, 0, None, {}  # phases, counters: unread placeholders
-        order, acc, sel = phased
+        order, acc, sel_q, sel_kv = phased
+        sel = sel_q if kind == "q" else sel_kv
         table, phases, programs = self._gluon_phased_args(kind, _GLUON_BWD_TILES, q, order)
         counters = torch.zeros(len(order), dtype=torch.int32, device=q.device)
         return (table, (programs, 1), self._gluon_dilations(q.device), phases, len(order), counters, acc, sel,
@@ -321,16 +326,16 @@ class TritonLowering:
         return self.gluon_kernels.gluon_bwd_dq[grid](
             q, k, v, dout, out, dq, lse, delta, dlse if dlse is not None else lse, table, dilations, table.shape[0],
             B, N, H, phases, nph, bar, self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0),
-            lse.stride(1), HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
+            lse.stride(1), k.stride(0), HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DQ_STAGES[D], ZFILL=zfill,
             HAS_DLSE=dlse is not None, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4,
-            ACC=acc, PHASED=phased is not None, **options)
+            ACC=acc, PHASED=phased is not None, GQA=self.gqa, **options)
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS,
                            stages=None, phased=None, dk_final=None, dv_final=None):
         """``ld``: lse and delta in one (2, B, H, N) buffer. ``phased``: as for :meth:`_launch_gluon_dq`, into
-        ``dk`` and ``dv`` (and ``dk_final``, ``dv_final``)."""
-        table, grid, dilations, phases, nph, bar, acc, sel, options = self._backward_launch("k", q, phased)
+        ``dk`` and ``dv`` (and ``dk_final``, ``dv_final``). Tiles of kv heads (:func:`kv_tile_table`)."""
+        table, grid, dilations, phases, nph, bar, acc, sel, options = self._backward_launch("kv", q, phased)
         if acc >= 3:
             options = {**options, "DKF": dk_final, "DVF": dv_final, "SEL": sel}
         if table.shape[0] == 0:
@@ -339,9 +344,9 @@ class TritonLowering:
         return self.gluon_kernels.gluon_bwd_dkdv[grid](
             q, k, v, dout, dk, dv, ld, table, dilations, table.shape[0], B, N, H, phases, nph, bar,
             self.scale * math.log2(math.e), self.scale, q.stride(0), ld.stride(0), ld.stride(1), ld.stride(2),
-            HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
+            k.stride(0), HEAD_DIM=D, BLOCK_N=gluon_hopper.BWD_BLOCK, BLOCK_M=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DKDV_STAGES[D], ZFILL=zfill, CAUSAL=self.causal,
-            CONSUMER_REGS=consumer_regs, num_warps=4, ACC=acc, PHASED=phased is not None, **options)
+            CONSUMER_REGS=consumer_regs, num_warps=4, ACC=acc, PHASED=phased is not None, GQA=self.gqa, **options)
 
     def _check_device(self, t: torch.Tensor) -> None:
         if t.device.type == "cuda":
@@ -361,17 +366,22 @@ class TritonLowering:
             "Use backend='torch' or 'auto' on CPU.")
 
     def _table(self, kind: str, cfg: TileConfig, device: torch.device) -> torch.Tensor:
+        """kind "q", "k" (:func:`tile_table`) or "kv" (the Gluon dk/dv kernel's, :func:`kv_tile_table`)."""
         key = (kind, cfg.block, cfg.partner, device)
         t = self._tables.get(key)
         if t is None:
-            t = tile_table(self.plan, kind, cfg.block, cfg.partner).to(device)
+            if kind == "kv":
+                t = kv_tile_table(self.plan, cfg.block, cfg.partner, self.gqa).to(device)
+            else:
+                t = tile_table(self.plan, kind, cfg.block, cfg.partner).to(device)
             self._tables[key] = t
         return t
 
     def _zfill(self, kind: str, cfg: TileConfig, device: torch.device) -> bool:
         key = (kind, cfg.block, cfg.partner)
         if key not in self._covers:
-            self._covers[key] = spans_cover(self.plan, self._table(kind, cfg, device).cpu())
+            self._covers[key] = spans_cover(self.plan, self._table(kind, cfg, device).cpu(),
+                                            self.gqa if kind == "kv" else 1)
         return self._covers[key]
 
     def _tma(self, *tensors: torch.Tensor) -> bool:
@@ -558,7 +568,7 @@ class TritonLowering:
             zfill_q = self._zfill("q", _GLUON_BWD_TILES, q.device)
             dq = (_uninitialized if zfill_q else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
             self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, zfill_q)
-            zfill_kv = self._zfill("k", _GLUON_BWD_TILES, q.device)
+            zfill_kv = self._zfill("kv", _GLUON_BWD_TILES, q.device)
             dk = (_uninitialized if zfill_kv else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
             dv = (_uninitialized if zfill_kv else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
             self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, zfill_kv)

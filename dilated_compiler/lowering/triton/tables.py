@@ -21,8 +21,8 @@ import torch
 
 from ...planner import Plan
 
-__all__ = ["COLUMNS", "tile_table", "persistent_order", "tile_work", "describe_columns", "spans_cover",
-           "selected_rows"]
+__all__ = ["COLUMNS", "tile_table", "kv_tile_table", "whole_groups_reason", "persistent_order", "tile_work",
+           "describe_columns", "spans_cover", "selected_rows"]
 
 # Columns of a tile table, in order.
 COLUMNS = (
@@ -49,17 +49,18 @@ def _heads(a) -> torch.Tensor:
     return torch.arange(int(a.head_count), dtype=torch.int64) * a.head_step + int(a.head_start)
 
 
-def spans_cover(plan: Plan, table: torch.Tensor) -> bool:
+def spans_cover(plan: Plan, table: torch.Tensor, gqa: int = 1) -> bool:
     """Whether the tiles' spans [zlo, zhi) cover every position 0..N-1 for every head of the plan (then the
     kernels' zero fill replaces a memset of the outputs). Spans never overlap within a head in grouped mode,
-    so comparing their total length per head with N decides it."""
+    so comparing their total length per head with N decides it. ``gqa`` > 1: ``table`` is a
+    :func:`kv_tile_table`, whose tiles write the kv head of their first query head (h // gqa)."""
     if plan.spec.head_assignment != "grouped":
         return False
-    H, N = int(plan.heads), int(plan.seq_len)
+    H, N = int(plan.heads) // gqa, int(plan.seq_len)
     if table.shape[0] == 0:
         return N == 0
     t = table.to(torch.int64)
-    per_head = torch.zeros(H, dtype=torch.int64).index_add_(0, t[:, 0], t[:, 10] - t[:, 9])
+    per_head = torch.zeros(H, dtype=torch.int64).index_add_(0, t[:, 0] // gqa, t[:, 10] - t[:, 9])
     return bool((per_head == N).all())
 
 
@@ -154,6 +155,41 @@ def tile_table(plan: Plan, kind: str, block: int, partner_block: int) -> torch.T
     if table.numel() and int(table.abs().max()) >= 2 ** 31:
         raise ValueError("sequence positions past 2^31 do not fit the int32 tile table")
     return table.to(torch.int32).contiguous()
+
+
+def whole_groups_reason(plan: Plan, gqa: int) -> str | None:
+    """None if, in grouped mode, every attend op's heads are whole groups of ``gqa`` query heads (those sharing
+    a kv head, h // gqa), as :func:`kv_tile_table` needs there; else why not. "All" mode always qualifies."""
+    if gqa == 1 or plan.spec.head_assignment != "grouped":
+        return None
+    for a in plan.attend_ops:
+        start, count = int(a.head_start), int(a.head_count)
+        if count > 0 and (start % gqa or count % gqa or a.head_step != 1):
+            return (f"branch {a.branch} has query heads {start}..{start + count - 1}, not whole groups of the "
+                    f"{gqa} query heads that share a kv head")
+    return None
+
+
+def kv_tile_table(plan: Plan, block: int, partner_block: int, gqa: int) -> torch.Tensor:
+    """The dk/dv table under grouped-query attention (``gqa`` = H // Hkv query heads per kv head): one row per key
+    tile of a kv head and the set of its query heads whose selected rows are the tile's, which add into the same
+    dK and dV rows. The head column holds the set's first query head h0; the set is h0, h0 + s, ... below
+    (h0 // gqa + 1) * gqa, with s the head step of the tile's attend op: 1 in grouped mode, where the set is the
+    whole group (each branch's heads must be whole groups: :func:`whole_groups_reason`), and the dilation r in
+    "all" mode, where head h has offset h % r (the group's heads of one offset). The rows are
+    :func:`tile_table`'s kind "k" rows of each set's first head, in its order; ``gqa`` 1 gives that table."""
+    table = tile_table(plan, "k", block, partner_block)
+    if gqa == 1 or table.shape[0] == 0:
+        return table
+    reason = whole_groups_reason(plan, gqa)
+    if reason is not None:
+        raise ValueError(f"no dk/dv table for grouped-query attention: {reason}")
+    t = table.to(torch.int64)
+    if plan.spec.head_assignment == "all":
+        step = torch.tensor([b.dilation for b in plan.spec.branches], dtype=torch.int64)[t[:, 1]]
+    else:
+        step = torch.ones_like(t[:, 1])
+    return table[t[:, 0] % gqa < step].contiguous()
 
 
 def tile_work(table: torch.Tensor, partner_block: int) -> torch.Tensor:
