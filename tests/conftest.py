@@ -65,8 +65,8 @@ def attention_cases(draw, max_dilation=6, max_kv_heads=3, max_seq=70, head_dims=
 def gluon_cases(draw, modes=("grouped",)):
     """Specs whose every segment is whole 128-row tiles, which the Hopper kernels take: 1 to 4 branches, dilations
     1 to 8 (3 among them: in "all" mode its rows and those of r = 2 do not include one another), offsets (grouped),
-    causal or not, batch 1 or 2, kv heads any divisor of the heads (grouped-query attention: the Gluon forward
-    only, :func:`gluon_kernels_for`). Segment lengths are 128 * r * (1 or 2), and N is a multiple of their least
+    causal or not, batch 1 or 2, kv heads any divisor of the heads (grouped-query attention; in grouped mode a kv
+    head's query heads may span branches, :func:`splits_kv_heads`). Segment lengths are 128 * r * (1 or 2), and N is a multiple of their least
     common multiple (so of each). ``modes``: head assignments to draw from."""
     mode = draw(st.sampled_from(modes)) if len(modes) > 1 else modes[0]
     branches = []
@@ -85,18 +85,21 @@ def gluon_cases(draw, modes=("grouped",)):
 
 
 def gluon_kernels_for(case) -> tuple[str, ...]:
-    """The Gluon kernels (record_gluon_calls' names) that run a :func:`gluon_cases` case on Hopper: all three, or
-    the forward alone where grouped-query attention in grouped mode splits a kv head's query heads between branches
-    (the backward then runs the tl kernels). Grouped mode gives branch i of G a contiguous run of H // G heads, the
-    first H % G branches one more."""
-    H, gqa, spec = case["heads"], case["heads"] // case["kv_heads"], case["spec"]
-    if gqa > 1 and spec.head_assignment == "grouped":
-        G = spec.num_branches
-        counts = [H // G + (i < H % G) for i in range(G)]
-        starts = [sum(counts[:i]) for i in range(G)]
-        if any(c and (s % gqa or c % gqa) for s, c in zip(starts, counts)):
-            return ("fwd",)
+    """The Gluon kernels (record_gluon_calls' names) that run a :func:`gluon_cases` case on Hopper: all three, with
+    grouped-query attention too (where grouped mode splits a kv head's query heads between branches, dk/dv runs in
+    phases)."""
     return ("fwd", "dq", "dkdv")
+
+
+def splits_kv_heads(case) -> bool:
+    """Whether grouped mode puts query heads of one kv head in two branches (branch i of G gets a contiguous run
+    of H // G heads, the first H % G branches one more)."""
+    H, gqa, spec = case["heads"], case["heads"] // case["kv_heads"], case["spec"]
+    if gqa == 1 or spec.head_assignment != "grouped":
+        return False
+    G = spec.num_branches
+    counts = [H // G + (i < H % G) for i in range(G)]
+    return any(c and (sum(counts[:i]) % gqa or c % gqa) for i, c in enumerate(counts))
 
 
 def case_inputs(case, dtype=torch.float32, device="cpu"):

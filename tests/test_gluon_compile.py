@@ -77,13 +77,19 @@ def test_gluon_fwd_gqa_compiles_without_spills(gqa, merge, causal):
 @pytest.mark.parametrize("kernel,gqa,acc,causal,head_dim", [
     ("gluon_bwd_dq", 2, 0, False, 128), ("gluon_bwd_dq", 4, 0, True, 128), ("gluon_bwd_dq", 8, 3, True, 128),
     ("gluon_bwd_dkdv", 2, 0, False, 128), ("gluon_bwd_dkdv", 4, 0, True, 128), ("gluon_bwd_dkdv", 8, 0, False, 64),
-    ("gluon_bwd_dkdv", 2, 3, False, 128), ("gluon_bwd_dkdv", 4, 1, True, 128), ("gluon_bwd_dkdv", 4, 4, True, 64)])
+    ("gluon_bwd_dkdv", 2, 3, False, 128), ("gluon_bwd_dkdv", 4, 1, True, 128), ("gluon_bwd_dkdv", 4, 4, True, 64),
+    ("gluon_bwd_dkdv", 2, "split", False, 128), ("gluon_bwd_dkdv", 8, "split", True, 128),
+    ("gluon_bwd_dkdv", 4, "split", True, 64)])
 def test_gluon_bwd_gqa_compiles_without_spills(kernel, gqa, acc, causal, head_dim):
     """Grouped-query attention's backward: dq reads K and V at kv head h // GQA; dk/dv walks its tile's query heads
-    in turn (grouped, zero fill; or "all" mode's phases, ACC > 0)."""
+    in turn (grouped, zero fill; "all" mode's phases, ACC > 0; or grouped mode's phases where a kv head's query
+    heads span branches: SPLIT, ACC 1)."""
     consts = {**launch_constexprs(kernel, head_dim, causal, True), "GQA": gqa}
     pointers = {}
-    if acc:
+    if acc == "split":
+        consts.update(ACC=1, ZFILL=False, PHASED=True, SPLIT=True)
+        pointers = {"DK": "*fp32", "DV": "*fp32"}
+    elif acc:
         consts.update(ACC=acc, ZFILL=False, PHASED=True)
         pointers = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
     _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, pointers=pointers))

@@ -21,7 +21,7 @@ from dilated_compiler import AttentionSpec, Branch, compile_attention, reference
 from dilated_compiler.lowering import BackendError, triton_available, triton_unavailable_reason
 from conftest import (assert_close, assert_lse_close, attention_cases, check_against_reference, cuda, gluon_cases,
                       gluon_kernels_for, make_qkv, poison_uninitialized, record_gluon_calls, rounding_terms, run_case,
-                      score_roundoff)
+                      score_roundoff, splits_kv_heads)
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason=f"triton unavailable: {triton_unavailable_reason()}")
 
@@ -102,14 +102,11 @@ def test_gluon_forward_selection_without_gpu():
     assert reason(AttentionSpec(four, head_assignment="all"), device="cpu") == "not a CUDA device"
     assert reason(AttentionSpec(four, causal=True), device="cpu") == "not a CUDA device"  # causal: both forms
     assert "padding" in reason(AttentionSpec(four), kpm=True)
-    # grouped-query attention: the backward too where each branch's heads (2 of 8 here) are whole groups of the
-    # query heads sharing a kv head (dk and dv of a kv head would otherwise add over tiles of two branches)
-    assert reason(AttentionSpec(four), Hkv=4, device="cpu") == "not a CUDA device"
-    assert reason(AttentionSpec(four), Hkv=4, backward=True, device="cpu") == "not a CUDA device"
-    assert reason(AttentionSpec(four), Hkv=2, device="cpu") == "not a CUDA device"
-    assert reason(AttentionSpec(four), Hkv=2, backward=True) == (
-        "grouped-query attention in the backward needs whole groups per branch: branch 0 has query heads 0..1, "
-        "not whole groups of the 4 query heads that share a kv head")
+    # grouped-query attention, forward and backward, whether a kv head's query heads lie in one branch (Hkv 4: 2 of
+    # 8 heads per branch) or in several (Hkv 2)
+    for Hkv in (4, 2):
+        for backward in (False, True):
+            assert reason(AttentionSpec(four), Hkv=Hkv, backward=backward, device="cpu") == "not a CUDA device"
     assert reason(AttentionSpec(four, head_assignment="all"), Hkv=1, backward=True, device="cpu") == \
         "not a CUDA device"
     assert reason(AttentionSpec(four), backward=True, device="cpu") == "not a CUDA device"
@@ -136,7 +133,7 @@ def test_gluon_forward_selection_without_gpu():
 def test_gluon_cases_are_what_the_gluon_kernels_take(case):
     """The GPU tests' and the soak's Gluon strategy draws only cases the Hopper kernels take (on a CPU the one
     reason left is the device), and gluon_kernels_for names the kernels the lowering's own checks pick: the
-    backward's too unless grouped mode splits a kv head's query heads between branches."""
+    backward's too, grouped-query attention included."""
     from dilated_compiler import build_plan
     from dilated_compiler.lowering.triton import gluon_hopper
     from dilated_compiler.lowering.triton.tables import tile_table
@@ -154,12 +151,13 @@ def test_gluon_cases_are_what_the_gluon_kernels_take(case):
 
 
 def test_gluon_cases_draw_grouped_query_attention():
-    """The strategy draws grouped-query cases of both kinds: a Gluon backward, and (a kv head's query heads split
-    between branches in grouped mode) the forward alone."""
+    """The strategy draws grouped-query cases of every kind: "all" mode, and grouped mode with each kv head's query
+    heads in one branch or (dk/dv in phases) in two."""
     from hypothesis import find
-    for kernels in (("fwd", "dq", "dkdv"), ("fwd",)):
+    for mode, split in (("all", False), ("grouped", False), ("grouped", True)):
         case = find(gluon_cases(modes=("grouped", "all")),
-                    lambda c: c["kv_heads"] < c["heads"] and gluon_kernels_for(c) == kernels)
+                    lambda c: c["kv_heads"] < c["heads"] and c["spec"].head_assignment == mode
+                    and splits_kv_heads(c) == split)
         assert case["heads"] % case["kv_heads"] == 0
 
 
@@ -200,8 +198,8 @@ def test_gluon_gqa_wiring_without_gpu(monkeypatch):
     """Grouped-query attention on the Gluon kernels: gluon_fwd and gluon_bwd_dq read kv head h // GQA (K and V
     with Hkv heads and their own batch stride); gluon_bwd_dkdv walks the kv heads' key tiles (kv_tile_table: a row
     per kv head, its query heads in turn) and writes dK and dV of Hkv heads, zero fill included. Where grouped mode
-    splits a kv head's query heads between branches, the backward runs the tl kernels, and kernel_source() says
-    so. The kernels themselves run on a Hopper GPU only (test_gpu_gluon_gqa)."""
+    splits a kv head's query heads between branches, it runs a phase per branch into float32 buffers, and
+    kernel_source() says so. The kernels themselves run on a Hopper GPU only (test_gpu_gluon_gqa)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from dilated_compiler import build_plan
     from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
@@ -234,20 +232,29 @@ def test_gluon_gqa_wiring_without_gpu(monkeypatch):
     text = low.source()
     assert "gluon_bwd_dq and gluon_bwd_dkdv run instead of dilated_bwd_dq and dilated_bwd_dkdv" in text
 
-    # three kv heads of 6 query heads: kv head 1 (query heads 2, 3) spans both branches, so dK and dV of its rows
-    # would add over tiles of two branches: the tl backward
+    # three kv heads of 6 query heads: kv head 1 (query heads 2, 3) spans both branches, so dK and dV of its rows add
+    # over tiles of two branches: dk/dv runs a phase per branch (SPLIT), adding into float32, then cast
     low = triton_lowering.TritonLowering(build_plan(spec, N, H, D, kv_heads=3), torch.device("cpu"), torch.bfloat16)
     tl_calls = []
     launches = _record_gluon_launches(low, monkeypatch, tl_calls)
-    monkeypatch.setattr(low, "_zfill", lambda *a, **kw: False)
     k, v = (torch.randn(B, N, 3, D, dtype=torch.bfloat16) for _ in range(2))
     out, lse, aux = low.forward(q, k, v)
-    low.backward(torch.randn_like(q), None, q, k, v, out, lse, aux)
-    assert [n for n, _ in launches] == ["gluon_fwd"] and tl_calls == ["dq", "dkdv"]
+    launches.clear()
+    dq, dk, dv = low.backward(torch.randn_like(q), None, q, k, v, out, lse, aux)
+    assert tl_calls == [] and [n for n, _ in launches] == ["gluon_bwd_dq", "gluon_bwd_dkdv"]
+    a1, a2 = (b.arguments for _, b in launches)
+    assert a1["GQA"] == a2["GQA"] == 2 and a1["PHASED"] is False and a1["DQ"] is dq
+    assert a2["PHASED"] is True and a2["ACC"] == 1 and a2["SPLIT"] is True and a2["NPH"] == 2
+    assert a2["HEAD_END"].tolist() == [3, 6, 0, 0] and a2["ZFILL"] is False
+    assert a2["DK"].dtype == torch.float32 and a2["DK"].shape == k.shape and dk.dtype == torch.bfloat16
+    # the phases: branch 0's tiles (kv heads 0 and 1: first query heads 0 and 2), then branch 1's (kv heads 1, 2:
+    # first query heads 3 and 4)
+    table, bounds = a2["TABLE"].cpu(), a2["PHASES"].cpu().tolist()
+    assert sorted(set(map(tuple, table[bounds[0]:bounds[1], :2].tolist()))) == [(0, 0), (2, 0)]
+    assert sorted(set(map(tuple, table[bounds[1]:bounds[2], :2].tolist()))) == [(3, 1), (4, 1)]
     text = low.source()
-    assert "gluon_fwd (after the tl kernels) runs instead of dilated_fwd; the backward runs dilated_bwd_dq" in text
-    assert ("grouped-query attention in the backward needs whole groups per branch: branch 0 has query heads 0..2, "
-            "not whole groups of the 2 query heads that share a kv head") in text
+    assert ("branch 0 has query heads 0..2, not whole groups of the 2 query heads that share a kv head, so "
+            "gluon_bwd_dkdv runs a phase per branch adding into float32 dk and dv, then cast") in text
     assert "def gluon_fwd(" in text
 
 
@@ -631,12 +638,14 @@ def test_zero_fill_spans_not_in_all_mode():
 def test_kv_tile_table(case, assignment, kv_heads, gqa):
     """kv_tile_table (the Gluon dk/dv kernel's table under grouped-query attention): each row, with the query heads
     the kernel walks for it (gluon_hopper._query_heads: h0, h0 + s, ... below the end of h0's group of gqa, s = 1
-    in grouped mode, r in "all" mode), stands for exactly the key tiles of the kind "k" table that write its kv
-    head's rows: every (query head, tile) once. All those heads map to the row's kv head, and the row is one of
-    them. In grouped mode it needs every branch's heads to be whole groups (else ValueError, and
-    whole_groups_reason says why), and its zero-fill spans cover each kv head's rows as the query heads' do."""
+    in grouped mode, r in "all" mode; in grouped mode also below the end of the branch's heads where a group spans
+    branches, SPLIT), stands for exactly the key tiles of the kind "k" table that write its kv head's rows: every
+    (query head, tile) once. All those heads map to the row's kv head and share its rows. whole_groups_reason says
+    whether a group spans branches; where none does, the zero-fill spans cover each kv head's rows as the query
+    heads' do."""
     import dataclasses
-    from dilated_compiler.lowering.triton.tables import kv_tile_table, spans_cover, tile_table, whole_groups_reason
+    from dilated_compiler.lowering.triton.tables import (branch_heads, kv_tile_table, spans_cover, tile_table,
+                                                         whole_groups_reason)
     from dilated_compiler.planner import build_plan
     spec, _, seq, _, block, partner = case
     if assignment == "all":
@@ -648,28 +657,32 @@ def test_kv_tile_table(case, assignment, kv_heads, gqa):
     plan = build_plan(spec, seq, heads, 8, kv_heads=kv_heads)
     G = spec.num_branches
     counts = [heads // G + (i < heads % G) for i in range(G)]
-    whole = assignment == "all" or all(c % gqa == 0 and sum(counts[:i]) % gqa == 0 for i, c in enumerate(counts))
+    starts = [sum(counts[:i]) for i in range(G)]
+    whole = assignment == "all" or all(c % gqa == 0 and s % gqa == 0 for s, c in zip(starts, counts))
     reason = whole_groups_reason(plan, gqa)
-    assert (reason is None) == whole or gqa == 1
-    k_table = tile_table(plan, "k", block, partner)
-    if gqa > 1 and not whole:
+    assert (reason is None) == (whole or gqa == 1)
+    if reason is not None:
         assert "not whole groups" in reason
-        if k_table.shape[0]:
-            with pytest.raises(ValueError, match="not whole groups"):
-                kv_tile_table(plan, block, partner, gqa)
-        return
+    if assignment == "grouped":   # a branch selecting no row at this length has no op, and (0, 0)
+        planned = {int(a.branch) for a in plan.attend_ops if int(a.head_count) > 0}
+        assert branch_heads(plan) == [(s, s + c) if i in planned else (0, 0)
+                                      for i, (s, c) in enumerate(zip(starts, counts))]
+    k_table = tile_table(plan, "k", block, partner)
     kv = kv_tile_table(plan, block, partner, gqa)
     expanded = []
     for row in kv.tolist():
-        h0, r = row[0], spec.branches[row[1]].dilation
-        step = r if assignment == "all" else 1
-        hs = list(range(h0, (h0 // gqa + 1) * gqa, step))
-        assert len(hs) == -(-(gqa - h0 % gqa) // step) >= 1   # the kernel's count
+        h0, branch = row[0], row[1]
+        r = spec.branches[branch].dilation
         if assignment == "all":
+            hs = list(range(h0, (h0 // gqa + 1) * gqa, r))
+            assert len(hs) == -(-(gqa - h0 % gqa) // r) >= 1   # the kernel's count
             assert len({h % r for h in hs}) == 1   # one offset: the same selected rows
+        else:
+            hs = list(range(h0, min((h0 // gqa + 1) * gqa, starts[branch] + counts[branch])))
+            assert hs and (h0 % gqa == 0 or h0 == starts[branch])
         expanded += [[h] + row[1:] for h in hs]
     assert sorted(expanded) == sorted(k_table.tolist())
-    if assignment == "grouped":
+    if assignment == "grouped" and whole:
         assert spans_cover(plan, kv, gqa) == spans_cover(plan, k_table)
 
 
@@ -1390,15 +1403,15 @@ def test_gpu_gluon_all_mode_backward(dtype, batch, causal, head_dim, dilations, 
 @cuda
 @pytest.mark.parametrize("mode,causal,dtype,head_dim,kv_heads,batch", [
     ("grouped", False, torch.bfloat16, 128, 6, 2), ("grouped", True, torch.float16, 64, 3, 1),
-    ("grouped", False, torch.bfloat16, 128, 4, 1), ("grouped", True, torch.bfloat16, 128, 3, 2),
+    ("grouped", False, torch.bfloat16, 128, 4, 1), ("grouped", True, torch.bfloat16, 128, 1, 2),
     ("all", False, torch.bfloat16, 128, 3, 1), ("all", True, torch.float16, 64, 4, 2),
     ("all", False, torch.bfloat16, 64, 1, 1)])
 def test_gpu_gluon_gqa(mode, causal, dtype, head_dim, kv_heads, batch, poisoned, monkeypatch):
     """Grouped-query attention on Hopper (12 query heads): gluon_fwd and gluon_bwd_dq read kv head h // (H // Hkv),
     gluon_bwd_dkdv walks each kv head's key tiles over the query heads that read them ("all" mode: those of one
-    offset, in phases). In grouped mode (4 heads per branch) 4 kv heads split a kv head's 3 query heads between
-    branches, and the backward runs the tl kernels. Same results as the reference (out, lse, gradients), outputs
-    starting as NaN."""
+    offset, in phases). In grouped mode (4 heads per branch) 4 and 1 kv heads put a kv head's query heads in two
+    branches or more, and dk/dv runs a phase per branch (SPLIT). Same results as the reference (out, lse,
+    gradients), outputs starting as NaN."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
@@ -1411,8 +1424,7 @@ def test_gpu_gluon_gqa(mode, causal, dtype, head_dim, kv_heads, batch, poisoned,
     q, k, v = make_qkv(batch, 4096, 12, head_dim, dtype=dtype, device="cuda", kv_heads=kv_heads, requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
     shape = (batch, 4096, 12, head_dim)
-    backward = [shape] if mode == "all" or kv_heads != 4 else []
-    assert calls == {"fwd": [shape], "dq": backward, "dkdv": backward}
+    assert calls == {"fwd": [shape], "dq": [shape], "dkdv": [shape]}
 
 
 @pytest.mark.gpu

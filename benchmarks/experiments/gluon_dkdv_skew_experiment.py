@@ -50,9 +50,15 @@ from gluon_variants import patch_gluon, print_results  # noqa: E402
 H, D, N = 16, 128, 65536
 FOUR = tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8)))
 
+# the step loop's head; its forms run without grouped-query attention (GQA 1: j is jj, the loop j0..n_m)
 HEAD = """            mbarrier.wait(kv_ready, (it if PHASED else i) & 1)
-            for j in range(j0, n_m):
-                g = c + j - j0
+            for jj in range(j0, jj_end):
+                # GQA: query head jj // (n_m - j0) of the tile's, step j (the same walk for each head)
+                if GQA > 1:
+                    j = j0 + (jj - j0) % (n_m - j0)
+                else:
+                    j = jj
+                g = c + jj - j0
                 st = g % STAGES
 """
 ST_ISSUE = """                dpt_tok = warpgroup_mma(v_half, do_t.permute((1, 0)),

@@ -7,8 +7,9 @@ which on the main case is about 1.5x slower than the Gluon one (benchmarks/resul
 of 16, fwd+bwd 5.189 ms against 3.720 without grouped-query attention).
 
 Four-branch grouped N = 64K (bf16, 16 query heads, D = 128, batch 1): Hkv = 16 (no grouped-query attention), 8, 4
-(GQA 2, 4: each branch's 4 heads are whole groups, so the Gluon backward runs) and 2 (GQA 8: a kv head's query
-heads span two branches, so the tl backward runs in both forms), causal or not: the module's forward + backward
+(GQA 2, 4: each branch's 4 heads are whole groups of the query heads sharing a kv head), 2 and 1 (GQA 8, 16: a kv
+head's query heads span two or four branches, so the Gluon dk/dv runs a phase per branch into float32, SPLIT;
+before stop 30's second change these ran the tl backward in both forms), causal or not: the module's forward + backward
 with the Gluon backward on and off (``TritonLowering.gluon_unsupported`` patched to refuse it; the forward is
 Gluon's in both), alternating over --rounds rounds, and the largest differences between the two forms' gradients (the GPU
 tests check each against the float64 reference).
@@ -23,9 +24,9 @@ import statistics
 
 import torch
 
-from dilated_compiler import AttentionSpec, Branch, compile_attention
-from dilated_compiler.lowering.triton import gluon_hopper
+from dilated_compiler import AttentionSpec, Branch, build_plan, compile_attention
 from dilated_compiler.lowering.triton.lowering import TritonLowering
+from dilated_compiler.lowering.triton.tables import whole_groups_reason
 
 H, D, N = 16, 128, 65536
 FOUR = tuple(Branch(w, r) for w, r in ((2048, 1), (4096, 2), (8192, 4), (16384, 8)))
@@ -42,7 +43,7 @@ def _tl_backward(self, q, k, v, has_kpm, *more):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--kv-heads", default="16,8,4,2")
+    ap.add_argument("--kv-heads", default="16,8,4,2,1")
     ap.add_argument("--causal", choices=("no", "yes", "both"), default="both")
     args = ap.parse_args()
     from triton.testing import do_bench
@@ -78,19 +79,19 @@ def main():
             use("gluon")
             diffs = [(a - b).abs().max().item() for a, b in zip(grads["gluon"], grads["tl"])]
             g_ms, t_ms = (statistics.median(times[f]) for f in ("gluon", "tl"))
-            gluon_bwd = gluon_hopper.spec_reason(spec, heads=H, kv_heads=hkv, head_dim=D, dtype=torch.bfloat16,
-                                     backward=True) is None
-            rows.append((causal, hkv, gluon_bwd, g_ms, t_ms, diffs, times["gluon"], times["tl"]))
+            split = whole_groups_reason(build_plan(spec, N, H, D, kv_heads=hkv), H // hkv) is not None
+            form = "no GQA" if hkv == H else "phase per branch (SPLIT)" if split else "one launch"
+            rows.append((causal, hkv, form, g_ms, t_ms, diffs, times["gluon"], times["tl"]))
             print(rows[-1], flush=True)
             del q, k, v, dout, qg, kg, vg, grads, forms, attn
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={H}, D={D}; fwd+bwd, median of "
           f"{args.rounds} alternating rounds; Gluon forward in both forms")
-    print("| causal | kv heads | Gluon backward runs | with it ms | tl backward ms | tl / Gluon | max abs diff dq, dk, dv "
+    print("| causal | kv heads | Gluon dk/dv | with it ms | tl backward ms | tl / Gluon | max abs diff dq, dk, dv "
           "| rounds (Gluon; tl) |")
     print("|---|---|---|---|---|---|---|---|")
-    for causal, hkv, gb, g_ms, t_ms, diffs, gs, ts in rows:
-        print(f"| {causal} | {hkv} | {'yes' if gb else 'no'} | {g_ms:.3f} | {t_ms:.3f} | {t_ms / g_ms:.2f}x | "
+    for causal, hkv, form, g_ms, t_ms, diffs, gs, ts in rows:
+        print(f"| {causal} | {hkv} | {form} | {g_ms:.3f} | {t_ms:.3f} | {t_ms / g_ms:.2f}x | "
               f"{', '.join(f'{d:.1e}' for d in diffs)} | {', '.join(f'{t:.3f}' for t in gs)}; "
               f"{', '.join(f'{t:.3f}' for t in ts)} |")
 

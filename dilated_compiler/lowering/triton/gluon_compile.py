@@ -27,7 +27,7 @@ MAX_SHARED = 232448  # bytes of shared memory a block may use on compute capabil
 _SCALARS = {"T": "i32", "B": "i32", "N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
             "stride_b": "i64", "stride_og": "i64", "stride_lg": "i64", "stride_lb": "i32", "stride_lh": "i32",
             "stride_ld": "i32", "TABLE": "*i32", "RB": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32",
-            "LD": "*fp32", "PHASES": "*i32", "NPH": "i32", "BAR": "*i32", "SEL": "*u8",
+            "LD": "*fp32", "PHASES": "*i32", "NPH": "i32", "BAR": "*i32", "SEL": "*u8", "HEAD_END": "*i32",
             # the tl kernels' (generator.py), besides those above
             "KPM": "*u8", "AUX": "*fp32", "R": "i32"}
 _OPTIONS = ("num_warps", "num_stages", "maxnreg")  # compiler options among the launch arguments

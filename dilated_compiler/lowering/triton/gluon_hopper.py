@@ -18,7 +18,8 @@ The backward has the same structure: ``gluon_bwd_dq`` (persistent over 128-row q
 and then ``gluon_bwd_dkdv`` (persistent over 128-row key tiles, each consumer owning 64 keys and stepping over 64
 query rows at a time with transposed products, as FA3 does). With grouped-query attention a dk/dv tile belongs to
 a kv head and walks, one after another, the query heads that read its rows (the lowering's table, from
-``tables.kv_tile_table``), so dK and dV are each written once, as without it.
+``tables.kv_tile_table``), so dK and dV are each written once, as without it; where grouped mode splits a kv head's
+query heads between branches, the dk/dv launch runs a phase per branch adding into float32 buffers (SPLIT).
 
 In "all" mode (every head in every branch) the forward writes each branch's out and lse (MERGE) for the
 lowering's ``dilated_merge``. That mode's backward runs each backward kernel once, over every branch's tiles in
@@ -39,9 +40,6 @@ import hashlib
 from pathlib import Path
 
 import torch
-
-from ...planner import build_plan
-from .tables import whole_groups_reason
 
 __all__ = ["BLOCK_M", "BLOCK_N", "BWD_BLOCK", "BWD_STEP", "CHECKED_TRITON", "MAX_BRANCHES", "gluon_source",
            "spec_reason", "unsupported_reason", "padded_dilations"]
@@ -74,14 +72,7 @@ ALL_MODE_FINAL_PHASE = True
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                 backward: bool = False) -> str | None:
     """None if the spec and the shape-independent facts of a call allow the Gluon forward (``backward``: the Gluon
-    backward), else why not."""
-    if backward and heads != kv_heads:
-        # a dk/dv tile of a kv head walks the query heads that share its rows (tables.kv_tile_table); in grouped
-        # mode they must all be in its branch (the head sets do not depend on the sequence length)
-        plan = build_plan(spec, max(b.segment_length for b in spec.branches), heads, head_dim, kv_heads=kv_heads)
-        reason = whole_groups_reason(plan, heads // kv_heads)
-        if reason is not None:
-            return f"grouped-query attention in the backward needs whole groups per branch: {reason}"
+    backward, which since grouped-query attention runs there too has the same conditions), else why not."""
     if head_dim not in HEAD_DIMS:
         return f"head_dim {' or '.join(map(str, HEAD_DIMS))} only"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -386,16 +377,21 @@ def _kv_combo(row, RB, H, combo, GQA: gl.constexpr):
 
 
 @gluon.jit
-def _query_heads(row, r, GQA: gl.constexpr, PHASED: gl.constexpr):
+def _query_heads(row, r, HEAD_END, GQA: gl.constexpr, PHASED: gl.constexpr, SPLIT: gl.constexpr):
     # gluon_bwd_dkdv under grouped-query attention: the query heads of a key tile, h0, h0 + step, ... (n of them),
-    # h0 its table head. Grouped mode: all GQA heads of its kv head (step 1; the lowering runs it only where each
-    # branch's heads are whole groups). "All" mode (PHASED): those of them that share h0's offset, h0 % r (step r)
+    # h0 its table head. Grouped mode: all GQA heads of its kv head (step 1), or (SPLIT, where a kv head's query
+    # heads span branches) those of the tile's branch, which end at HEAD_END[branch]. "All" mode (PHASED, not
+    # SPLIT): those of the kv head's heads that share h0's offset, h0 % r (step r)
     n = 1
     step = 1
     if GQA > 1:
-        if PHASED:
-            step = r
-        n = gl.cdiv(GQA - gl.load(row + 0) % GQA, step)
+        h0 = gl.load(row + 0)
+        if SPLIT:
+            n = gl.minimum((h0 // GQA + 1) * GQA, gl.load(HEAD_END + gl.load(row + 1))) - h0
+        else:
+            if PHASED:
+                step = r
+            n = gl.cdiv(GQA - h0 % GQA, step)
     return n, step
 
 
@@ -633,6 +629,10 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #                     is the first of the query heads that read its rows (_query_heads: the kv head's GQA query
 #                     heads; in "all" mode those of the first's offset, h % r, step r), and the producer runs the
 #                     query steps of each in turn into the same dK, dV accumulators (n_h * steps in all)
+#   SPLIT, HEAD_END   grouped mode where a kv head's query heads span branches: dK and dV of its rows add over
+#                     tiles of several branches, so dk/dv runs PHASED (a phase per branch, ACC 1: adding into
+#                     float32 zeros); a tile walks the kv head's query heads in its branch, which end at
+#                     HEAD_END[branch]
 #   PHASED            [Note: phases] "all" mode's one launch per pass: TABLE holds the branches' tiles one branch
 #                     after another, phase ph in rows [PHASES[ph], PHASES[ph + 1]), the batch folded into the walk.
 #                     A row is in one tile of a branch, so no two tiles of a phase touch it; across phases, a
@@ -828,7 +828,7 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
                    dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, B, H, PHASES, NPH, k_smem, v_smem, q_smem,
                    do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M: gl.constexpr,
                    HALF: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
-                   PHASED: gl.constexpr, GQA: gl.constexpr):
+                   PHASED: gl.constexpr, GQA: gl.constexpr, HEAD_END, SPLIT: gl.constexpr):
     # per step: the 64 queries' lse and delta (strided by r: no TMA) by cp.async into the step's ld_smem slot, one
     # element per thread, each thread arriving on qd_ready when its copy lands; then Q and dO by TMA
     ld_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
@@ -853,7 +853,7 @@ def _dkdv_producer(q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v
                 j0 = 0
             r = gl.load(RB + br)
             kv_combo = _kv_combo(row, RB, H, combo, GQA)
-            n_h, h_step = _query_heads(row, r, GQA, PHASED)
+            n_h, h_step = _query_heads(row, r, HEAD_END, GQA, PHASED, SPLIT)
             ld_base = LD + b.to(gl.int64) * stride_lb + gl.load(row + 0).to(gl.int64) * stride_lh + gl.load(row + 2)
             mbarrier.wait(kv_empty, ((it if PHASED else i) & 1) ^ 1)
             _copy_in(k0, k1, k2, k3, br, b, kv_combo, rbase + row0, kv_ready, k_smem, True)
@@ -895,7 +895,7 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL
                    PHASES, NPH, BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem, out_smem,
                    kv_ready, kv_empty, qd_ready, qd_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, ACC: gl.constexpr,
-                   PHASED: gl.constexpr, GQA: gl.constexpr):
+                   PHASED: gl.constexpr, GQA: gl.constexpr, HEAD_END, SPLIT: gl.constexpr):
     # stride_b: that of DK and DV (the kv heads' under GQA)
     dtype: gl.constexpr = k_smem.dtype
     # S^T, dP^T: (HALF keys, BLOCK_M queries); dK, dV: (HALF keys, HEAD_DIM)
@@ -928,7 +928,7 @@ def _dkdv_consumer(dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL
             else:
                 j0 = 0
             if GQA > 1:
-                n_h, _ = _query_heads(row, gl.load(RB + br), GQA, PHASED)
+                n_h, _ = _query_heads(row, gl.load(RB + br), HEAD_END, GQA, PHASED, SPLIT)
                 jj_end = j0 + n_h * (n_m - j0)
             else:
                 n_h = 1
@@ -1010,11 +1010,13 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, PHASES, NPH, 
                    stride_ld, stride_lb, stride_lh, stride_kb, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr, PHASED: gl.constexpr,
-                   DKF=None, DVF=None, SEL=None, GQA: gl.constexpr = 1):
+                   DKF=None, DVF=None, SEL=None, GQA: gl.constexpr = 1, HEAD_END=None, SPLIT: gl.constexpr = False):
     # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer). DKF, DVF, SEL: ACC 3
     # and 4 only (_final_rows). GQA > 1: K, V, DK, DV (and DKF, DVF, SEL) have H // GQA heads, batch stride
     # stride_kb, and TABLE is the lowering's key table for it (a row per key tile of a kv head and a set of its
-    # query heads, _query_heads; its head column the set's first query head)
+    # query heads, _query_heads; its head column the set's first query head). SPLIT (grouped mode, PHASED, ACC 1):
+    # a kv head's query heads span branches, a phase per branch adds each branch's share; HEAD_END[branch] is
+    # the end of the branch's query heads
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -1059,14 +1061,14 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, PHASES, NPH, 
         (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL, N, skb, TABLE, RB, T,
                           B, H, PHASES, NPH, BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem,
                           out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 0, HEAD_DIM, HALF, BLOCK_M, STAGES,
-                          CAUSAL, ACC, PHASED, GQA)),
+                          CAUSAL, ACC, PHASED, GQA, HEAD_END, SPLIT)),
         (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL, N, skb, TABLE, RB, T,
                           B, H, PHASES, NPH, BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem,
                           out_smem, kv_ready, kv_empty, qd_ready, qd_empty, 1, HEAD_DIM, HALF, BLOCK_M, STAGES,
-                          CAUSAL, ACC, PHASED, GQA)),
+                          CAUSAL, ACC, PHASED, GQA, HEAD_END, SPLIT)),
         (_dkdv_producer, (q0, q1, q2, q3, o0, o1, o2, o3, k0, k1, k2, k3, v0, v1, v2, v3, dk0, dk1, dk2, dk3, dv0,
                           dv1, dv2, dv3, LD, stride_ld, stride_lb, stride_lh, TABLE, RB, T, B, H, PHASES, NPH, k_smem,
                           v_smem, q_smem, do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M,
-                          HALF, STAGES, ZFILL, CAUSAL, PHASED, GQA)),
+                          HALF, STAGES, ZFILL, CAUSAL, PHASED, GQA, HEAD_END, SPLIT)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
 '''

@@ -42,7 +42,8 @@ from . import autotune, gluon_hopper
 from .autotune import TileConfig, candidates, interpreting
 from .diskcache import load_module
 from .generator import generate_source, generator_fingerprint
-from .tables import kv_tile_table, persistent_order, selected_rows, spans_cover, tile_table
+from .tables import (branch_heads, kv_tile_table, persistent_order, selected_rows, spans_cover, tile_table,
+                     whole_groups_reason)
 
 __all__ = ["TritonLowering"]
 
@@ -269,6 +270,20 @@ class TritonLowering:
                 self._tables[key] = (order, 2 if order[0][1] else 1, None, None)
         return self._tables[key]
 
+    def _split_groups(self) -> bool:
+        """Grouped mode under grouped-query attention where some kv head's query heads span two branches: dK and
+        dV of its rows add over tiles of several branches, so the Gluon dk/dv launch runs in phases (SPLIT)."""
+        return not self.merge and whole_groups_reason(self.plan, self.gqa) is not None
+
+    def _head_ends(self, device: torch.device) -> torch.Tensor:
+        """Grouped mode: one past each branch's last query head, padded to gluon_hopper.MAX_BRANCHES (HEAD_END)."""
+        key = ("head ends", device)
+        if key not in self._tables:
+            ends = [end for _, end in branch_heads(self.plan)]
+            self._tables[key] = torch.tensor(ends + [0] * (gluon_hopper.MAX_BRANCHES - len(ends)), dtype=torch.int32,
+                                             device=device)
+        return self._tables[key]
+
     def _final_phase(self) -> bool:
         """Whether "all" mode's Gluon backward ends with a dilation-1 branch writing the gradients (ACC 3, 4)."""
         dil = [int(b.dilation) for b in self.spec.branches]
@@ -334,10 +349,14 @@ class TritonLowering:
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS,
                            stages=None, phased=None, dk_final=None, dv_final=None):
         """``ld``: lse and delta in one (2, B, H, N) buffer. ``phased``: as for :meth:`_launch_gluon_dq`, into
-        ``dk`` and ``dv`` (and ``dk_final``, ``dv_final``). Tiles of kv heads (:func:`kv_tile_table`)."""
+        ``dk`` and ``dv`` (and ``dk_final``, ``dv_final``); in grouped mode where a kv head's query heads span
+        branches (:meth:`_split_groups`), a phase per branch adding into float32 ``dk`` and ``dv`` (ACC 1, SPLIT).
+        Tiles of kv heads (:func:`kv_tile_table`)."""
         table, grid, dilations, phases, nph, bar, acc, sel, options = self._backward_launch("kv", q, phased)
         if acc >= 3:
             options = {**options, "DKF": dk_final, "DVF": dv_final, "SEL": sel}
+        if phased is not None and self._split_groups():
+            options = {**options, "HEAD_END": self._head_ends(q.device), "SPLIT": True}
         if table.shape[0] == 0:
             return
         B, N, H, D = q.shape
@@ -568,6 +587,12 @@ class TritonLowering:
             zfill_q = self._zfill("q", _GLUON_BWD_TILES, q.device)
             dq = (_uninitialized if zfill_q else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
             self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, zfill_q)
+            if self._split_groups():
+                # a kv head's query heads in several branches: a phase per branch adds its share into float32
+                dk, dv = (torch.zeros(k.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+                order = [(i, False) for i in range(self.spec.num_branches)]
+                self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, False, phased=(order, 1, None, None))
+                return dq, dk.to(k.dtype), dv.to(v.dtype)
             zfill_kv = self._zfill("kv", _GLUON_BWD_TILES, q.device)
             dk = (_uninitialized if zfill_kv else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
             dv = (_uninitialized if zfill_kv else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
@@ -638,6 +663,9 @@ class TritonLowering:
             else:
                 backward = ("; gluon_bwd_dq and gluon_bwd_dkdv run instead of dilated_bwd_dq and dilated_bwd_dkdv "
                             "(the backward also needs out and its gradient on 16 bytes)")
+                if self._split_groups():
+                    backward += (f"; {whole_groups_reason(self.plan, self.gqa)}, so gluon_bwd_dkdv runs a phase per "
+                                 "branch adding into float32 dk and dv, then cast")
             lines.append(f"#   on a Hopper GPU (compute capability 9.0, triton {gluon_hopper.CHECKED_TRITON[0]}x), "
                          f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
                          f"{gluon_hopper.BLOCK_N}, q, k and v start on 16 bytes and no key padding mask is given, "

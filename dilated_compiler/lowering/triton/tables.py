@@ -21,8 +21,8 @@ import torch
 
 from ...planner import Plan
 
-__all__ = ["COLUMNS", "tile_table", "kv_tile_table", "whole_groups_reason", "persistent_order", "tile_work",
-           "describe_columns", "spans_cover", "selected_rows"]
+__all__ = ["COLUMNS", "tile_table", "kv_tile_table", "whole_groups_reason", "branch_heads", "persistent_order",
+           "tile_work", "describe_columns", "spans_cover", "selected_rows"]
 
 # Columns of a tile table, in order.
 COLUMNS = (
@@ -159,7 +159,7 @@ def tile_table(plan: Plan, kind: str, block: int, partner_block: int) -> torch.T
 
 def whole_groups_reason(plan: Plan, gqa: int) -> str | None:
     """None if, in grouped mode, every attend op's heads are whole groups of ``gqa`` query heads (those sharing
-    a kv head, h // gqa), as :func:`kv_tile_table` needs there; else why not. "All" mode always qualifies."""
+    a kv head, h // gqa), so that each kv head's rows belong to one branch; else why not. "All" mode: None."""
     if gqa == 1 or plan.spec.head_assignment != "grouped":
         return None
     for a in plan.attend_ops:
@@ -170,26 +170,39 @@ def whole_groups_reason(plan: Plan, gqa: int) -> str | None:
     return None
 
 
+def branch_heads(plan: Plan) -> list[tuple[int, int]]:
+    """Grouped mode: each branch's run of query heads, (first, one past the last), in branch order ((0, 0) for a
+    branch without heads)."""
+    runs = [(0, 0)] * len(plan.spec.branches)
+    for a in plan.attend_ops:
+        if int(a.head_count) > 0:
+            runs[a.branch] = (int(a.head_start), int(a.head_start) + (int(a.head_count) - 1) * a.head_step + 1)
+    return runs
+
+
 def kv_tile_table(plan: Plan, block: int, partner_block: int, gqa: int) -> torch.Tensor:
     """The dk/dv table under grouped-query attention (``gqa`` = H // Hkv query heads per kv head): one row per key
     tile of a kv head and the set of its query heads whose selected rows are the tile's, which add into the same
     dK and dV rows. The head column holds the set's first query head h0; the set is h0, h0 + s, ... below
-    (h0 // gqa + 1) * gqa, with s the head step of the tile's attend op: 1 in grouped mode, where the set is the
-    whole group (each branch's heads must be whole groups: :func:`whole_groups_reason`), and the dilation r in
-    "all" mode, where head h has offset h % r (the group's heads of one offset). The rows are
-    :func:`tile_table`'s kind "k" rows of each set's first head, in its order; ``gqa`` 1 gives that table."""
+    (h0 // gqa + 1) * gqa, with s the head step of the tile's attend op:
+
+    * grouped mode: s = 1, the kv head's query heads in the tile's branch: the whole group, or (where a group
+      spans branches, :func:`whole_groups_reason`) its part in the branch, which ends at the branch's last head
+      (:func:`branch_heads`); such a kv head's rows then get tiles of several branches;
+    * "all" mode: s = r, where head h has offset h % r: the group's heads of one offset.
+
+    The rows are :func:`tile_table`'s kind "k" rows of each set's first head, in its order; ``gqa`` 1 gives that
+    table."""
     table = tile_table(plan, "k", block, partner_block)
     if gqa == 1 or table.shape[0] == 0:
         return table
-    reason = whole_groups_reason(plan, gqa)
-    if reason is not None:
-        raise ValueError(f"no dk/dv table for grouped-query attention: {reason}")
     t = table.to(torch.int64)
     if plan.spec.head_assignment == "all":
         step = torch.tensor([b.dilation for b in plan.spec.branches], dtype=torch.int64)[t[:, 1]]
-    else:
-        step = torch.ones_like(t[:, 1])
-    return table[t[:, 0] % gqa < step].contiguous()
+        return table[t[:, 0] % gqa < step].contiguous()
+    # grouped: a group's first head, or a branch's first head (the first of the group's heads in that branch)
+    starts = torch.tensor([first for first, _ in branch_heads(plan)], dtype=torch.int64)[t[:, 1]]
+    return table[(t[:, 0] % gqa == 0) | (t[:, 0] == starts)].contiguous()
 
 
 def tile_work(table: torch.Tensor, partner_block: int) -> torch.Tensor:
