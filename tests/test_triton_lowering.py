@@ -203,7 +203,7 @@ def test_gluon_gqa_wiring_without_gpu(monkeypatch):
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from dilated_compiler import build_plan
     from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
-    from dilated_compiler.lowering.triton.tables import kv_tile_table, persistent_order
+    from dilated_compiler.lowering.triton.tables import kv_tile_heads, kv_tile_table, persistent_order
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2)))
     B, N, H, Hkv, D = 2, 1024, 6, 2, 128   # branch 0: heads 0-2 (kv head 0), branch 1: heads 3-5 (kv head 1)
     low = triton_lowering.TritonLowering(build_plan(spec, N, H, D, kv_heads=Hkv), torch.device("cpu"),
@@ -227,7 +227,9 @@ def test_gluon_gqa_wiring_without_gpu(monkeypatch):
     assert a2["DK"] is dk and a2["DV"] is dv and dk.shape == dv.shape == k.shape
     table = kv_tile_table(low.plan, gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP, 3)
     assert sorted(set(table[:, 0].tolist())) == [0, 3]   # the first query head of each kv head
-    assert torch.equal(a2["TABLE"].cpu(), persistent_order(table, 5, gluon_hopper.BWD_STEP))
+    heads = kv_tile_heads(low.plan, table, 3)
+    assert heads.tolist() == [3] * table.shape[0]
+    assert torch.equal(a2["TABLE"].cpu(), persistent_order(table, 5, gluon_hopper.BWD_STEP, heads))
     assert a2["ZFILL"] is True   # the kv heads' tiles cover every row of dK and dV
     text = low.source()
     assert "gluon_bwd_dq and gluon_bwd_dkdv run instead of dilated_bwd_dq and dilated_bwd_dkdv" in text
@@ -590,12 +592,13 @@ def test_tile_table_order(case):
     assert totals == sorted(totals, reverse=True)
 
 
-@given(grouped_tables(), st.sampled_from(["grouped", "all"]), st.integers(1, 12))
+@given(grouped_tables(), st.sampled_from(["grouped", "all"]), st.integers(1, 12), st.booleans(), st.integers(0, 99))
 @settings(max_examples=200, deadline=None)
-def test_persistent_order(case, assignment, programs):
+def test_persistent_order(case, assignment, programs, weighted, seed):
     """persistent_order: the same rows; each band of G rows is the next G tiles in the plan's order (branch,
     segment, head, tile); and the programs' work stays level (at most one tile's work apart before the last band,
-    two after it). A last band of k < G tiles has rows for programs 0..k-1 only: they are the least loaded."""
+    two after it). A last band of k < G tiles has rows for programs 0..k-1 only: they are the least loaded.
+    ``weighted``: rows walking 1 to 3 query heads each (a kv_tile_table's), their walks counted that often."""
     import dataclasses
     from dilated_compiler.lowering.triton.tables import persistent_order, tile_table
     from dilated_compiler.planner import build_plan
@@ -604,13 +607,17 @@ def test_persistent_order(case, assignment, programs):
         spec = dataclasses.replace(spec, head_assignment="all",
                                    branches=tuple(dataclasses.replace(b, offset=None) for b in spec.branches))
     table = tile_table(build_plan(spec, seq, heads, 8), kind, block, partner)
-    ordered = persistent_order(table, programs, partner)
+    walks = None
+    if weighted:
+        walks = torch.randint(1, 4, (table.shape[0],), generator=torch.Generator().manual_seed(seed))
+    ordered = persistent_order(table, programs, partner, walks)
     rows = ordered.tolist()
     assert sorted(rows) == sorted(table.tolist())
     plan_order = sorted(table.tolist(), key=lambda r: (r[1], r[2], r[0], r[4]))
     for start in range(0, len(rows), programs):
         assert sorted(rows[start:start + programs]) == sorted(plan_order[start:start + programs])
-    work = [r[8] - r[5] + partner for r in rows]
+    walked = dict(zip(map(tuple, table.tolist()), walks.tolist() if weighted else [1] * table.shape[0]))
+    work = [(r[8] - r[5]) * walked[tuple(r)] + partner for r in rows]
     heaviest = max(work, default=0)
     load = [0] * programs
     for start in range(0, len(rows), programs):
@@ -644,8 +651,8 @@ def test_kv_tile_table(case, assignment, kv_heads, gqa):
     whether a group spans branches; where none does, the zero-fill spans cover each kv head's rows as the query
     heads' do."""
     import dataclasses
-    from dilated_compiler.lowering.triton.tables import (branch_heads, kv_tile_table, spans_cover, tile_table,
-                                                         whole_groups_reason)
+    from dilated_compiler.lowering.triton.tables import (branch_heads, kv_tile_heads, kv_tile_table, spans_cover,
+                                                         tile_table, whole_groups_reason)
     from dilated_compiler.planner import build_plan
     spec, _, seq, _, block, partner = case
     if assignment == "all":
@@ -669,7 +676,7 @@ def test_kv_tile_table(case, assignment, kv_heads, gqa):
                                       for i, (s, c) in enumerate(zip(starts, counts))]
     k_table = tile_table(plan, "k", block, partner)
     kv = kv_tile_table(plan, block, partner, gqa)
-    expanded = []
+    expanded, counts_walked = [], []
     for row in kv.tolist():
         h0, branch = row[0], row[1]
         r = spec.branches[branch].dilation
@@ -681,7 +688,9 @@ def test_kv_tile_table(case, assignment, kv_heads, gqa):
             hs = list(range(h0, min((h0 // gqa + 1) * gqa, starts[branch] + counts[branch])))
             assert hs and (h0 % gqa == 0 or h0 == starts[branch])
         expanded += [[h] + row[1:] for h in hs]
+        counts_walked.append(len(hs))
     assert sorted(expanded) == sorted(k_table.tolist())
+    assert kv_tile_heads(plan, kv, gqa).tolist() == counts_walked   # persistent_order's weights
     if assignment == "grouped" and whole:
         assert spans_cover(plan, kv, gqa) == spans_cover(plan, k_table)
 

@@ -42,8 +42,8 @@ from . import autotune, gluon_hopper
 from .autotune import TileConfig, candidates, interpreting
 from .diskcache import load_module
 from .generator import generate_source, generator_fingerprint
-from .tables import (branch_heads, kv_tile_table, persistent_order, selected_rows, spans_cover, tile_table,
-                     whole_groups_reason)
+from .tables import (branch_heads, kv_tile_heads, kv_tile_table, persistent_order, selected_rows, spans_cover,
+                     tile_table, whole_groups_reason)
 
 __all__ = ["TritonLowering"]
 
@@ -225,9 +225,14 @@ class TritonLowering:
         if key not in self._tables:
             table = self._table(kind, tiles, q.device).cpu()
             programs = min(table.shape[0], _sm_count(q.device))
-            self._tables[key] = persistent_order(table, programs, tiles.partner).to(q.device), programs
+            self._tables[key] = (persistent_order(table, programs, tiles.partner, self._tile_heads(kind, table))
+                                 .to(q.device), programs)
         table, programs = self._tables[key]
         return table, (programs, q.shape[0]), self._gluon_dilations(q.device)
+
+    def _tile_heads(self, kind: str, table: torch.Tensor) -> torch.Tensor | None:
+        """The query heads each row of a "kv" table walks (its tiles' work is that many walks), else None."""
+        return kv_tile_heads(self.plan, table, self.gqa) if kind == "kv" and self.gqa > 1 else None
 
     def _gluon_dilations(self, device: torch.device) -> torch.Tensor:
         """The branches' dilations padded to gluon_hopper.MAX_BRANCHES (the kernels' RB); sets the allocator the
@@ -306,9 +311,11 @@ class TritonLowering:
         key = ("phased", kind, tiles.block, tiles.partner, tuple(order), B, q.device)
         if key not in self._tables:
             full = self._table(kind, tiles, q.device).cpu()
-            parts = [full[full[:, 1] == branch] for branch, _ in order]
-            programs = min(max(p.shape[0] for p in parts) * B, _sm_count(q.device))
-            parts = [persistent_order(p, programs, tiles.partner) for p in parts]
+            heads = self._tile_heads(kind, full)
+            rows = [full[:, 1] == branch for branch, _ in order]
+            programs = min(max(int(r.sum()) for r in rows) * B, _sm_count(q.device))
+            parts = [persistent_order(full[r], programs, tiles.partner, None if heads is None else heads[r])
+                     for r in rows]
             bounds = torch.tensor([0] + [p.shape[0] for p in parts], dtype=torch.int64).cumsum(0).to(torch.int32)
             self._tables[key] = torch.cat(parts).to(q.device), bounds.to(q.device), programs
         return self._tables[key]

@@ -22,7 +22,7 @@ import torch
 from ...planner import Plan
 
 __all__ = ["COLUMNS", "tile_table", "kv_tile_table", "whole_groups_reason", "branch_heads", "persistent_order",
-           "tile_work", "describe_columns", "spans_cover", "selected_rows"]
+           "kv_tile_heads", "tile_work", "describe_columns", "spans_cover", "selected_rows"]
 
 # Columns of a tile table, in order.
 COLUMNS = (
@@ -205,14 +205,31 @@ def kv_tile_table(plan: Plan, block: int, partner_block: int, gqa: int) -> torch
     return table[(t[:, 0] % gqa == 0) | (t[:, 0] == starts)].contiguous()
 
 
-def tile_work(table: torch.Tensor, partner_block: int) -> torch.Tensor:
-    """Each tile's work as :func:`persistent_order` balances it (int64): the partner rows its inner loop walks,
-    ``hi - lo``, plus one partner block for the tile's set-up."""
+def kv_tile_heads(plan: Plan, table: torch.Tensor, gqa: int) -> torch.Tensor:
+    """How many query heads each row of a :func:`kv_tile_table` walks (int64), as the kernel counts them
+    (``gluon_hopper._query_heads``); all ones where ``gqa`` is 1."""
     t = table.to(torch.int64)
-    return t[:, 8] - t[:, 5] + partner_block
+    if gqa == 1 or t.shape[0] == 0:
+        return torch.ones(t.shape[0], dtype=torch.int64)
+    h0, branch = t[:, 0], t[:, 1]
+    if plan.spec.head_assignment == "all":
+        step = torch.tensor([b.dilation for b in plan.spec.branches], dtype=torch.int64)[branch]
+        return (gqa - h0 % gqa + step - 1) // step
+    ends = torch.tensor([end for _, end in branch_heads(plan)], dtype=torch.int64)[branch]
+    return torch.minimum((h0 // gqa + 1) * gqa, ends) - h0
 
 
-def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> torch.Tensor:
+def tile_work(table: torch.Tensor, partner_block: int, heads: torch.Tensor | None = None) -> torch.Tensor:
+    """Each tile's work as :func:`persistent_order` balances it (int64): the partner rows its inner loop walks,
+    ``hi - lo`` (times ``heads``, the query heads a :func:`kv_tile_table` row walks, where given), plus one partner
+    block for the tile's set-up."""
+    t = table.to(torch.int64)
+    walk = t[:, 8] - t[:, 5]
+    return (walk if heads is None else walk * heads.to(torch.int64)) + partner_block
+
+
+def persistent_order(table: torch.Tensor, programs: int, partner_block: int,
+                     heads: torch.Tensor | None = None) -> torch.Tensor:
     """``table``'s rows arranged for a persistent launch of ``programs`` programs (G), where program p runs rows
     p, p + G, p + 2G, ... in turn.
 
@@ -221,7 +238,8 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
     (keys for a query tile, queries for a key tile) are read from memory once and then from L2. Within a band the
     heaviest tile goes to the program with the least work so far (longest processing time first), which keeps
     the programs' totals, and with them their progress through the bands, level. Work: the partner rows walked,
-    ``hi - lo``, plus one partner block for the tile's set-up. A last band of k < G tiles goes to the k least
+    ``hi - lo`` (times ``heads``, per row, for a :func:`kv_tile_table`), plus one partner block for the tile's
+    set-up (:func:`tile_work`). A last band of k < G tiles goes to the k least
     loaded programs, which are then numbered 0..k-1 (the only programs with a row there). With tiles of equal
     work every program is as loaded as every other before the last band, and the numbering does not move.
 
@@ -246,7 +264,7 @@ def persistent_order(table: torch.Tensor, programs: int, partner_block: int) -> 
     order = torch.arange(T)
     for col in (4, 0, 2, 1):
         order = order[torch.sort(t[order, col], stable=True).indices]
-    work = tile_work(t, partner_block)
+    work = tile_work(t, partner_block, heads)
     bands = (T + programs - 1) // programs
     runs = torch.full((bands, programs), -1, dtype=torch.int64)  # band i, program p: the row p runs in band i
     load = torch.zeros(programs, dtype=torch.int64)
