@@ -86,8 +86,11 @@ def gluon_cases(draw, modes=("grouped",)):
 
 def gluon_kernels_for(case) -> tuple[str, ...]:
     """The Gluon kernels (record_gluon_calls' names) that run a :func:`gluon_cases` case on Hopper: all three, with
-    grouped-query attention too (where grouped mode splits a kv head's query heads between branches, dk/dv runs in
-    phases)."""
+    grouped-query attention too; where grouped mode splits a kv head's query heads between branches, dk/dv runs in
+    phases, or (gluon_hopper.SPLIT_BACKWARD off) the backward runs the tl kernels."""
+    from dilated_compiler.lowering.triton import gluon_hopper
+    if splits_kv_heads(case) and not gluon_hopper.SPLIT_BACKWARD:
+        return ("fwd",)
     return ("fwd", "dq", "dkdv")
 
 

@@ -136,7 +136,7 @@ def test_gluon_cases_are_what_the_gluon_kernels_take(case):
     backward's too, grouped-query attention included."""
     from dilated_compiler import build_plan
     from dilated_compiler.lowering.triton import gluon_hopper
-    from dilated_compiler.lowering.triton.tables import tile_table
+    from dilated_compiler.lowering.triton.tables import tile_table, whole_groups_reason
     spec, N, H, Hkv, D = case["spec"], case["seq"], case["heads"], case["kv_heads"], case["head_dim"]
     assert H % Hkv == 0
     table = tile_table(build_plan(spec, N, H, D, kv_heads=Hkv), "q", gluon_hopper.BLOCK_M, gluon_hopper.BLOCK_N)
@@ -144,8 +144,11 @@ def test_gluon_cases_are_what_the_gluon_kernels_take(case):
                                                dtype=torch.bfloat16, device=torch.device("cpu"), table=table,
                                                has_kpm=False, triton_version=gluon_hopper.CHECKED_TRITON[0],
                                                backward=backward) for backward in (False, True)]
+    # the lowering's split test (whole_groups_reason) and the strategy's own agree
+    plan = build_plan(spec, N, H, D, kv_heads=Hkv)
+    assert splits_kv_heads(case) == (whole_groups_reason(plan, H // Hkv) is not None)
     taken = ["fwd"] if reasons[0] == "not a CUDA device" else []
-    if reasons[1] == "not a CUDA device":
+    if reasons[1] == "not a CUDA device" and (gluon_hopper.SPLIT_BACKWARD or not splits_kv_heads(case)):
         taken += ["dq", "dkdv"]
     assert tuple(taken) == gluon_kernels_for(case), (case, reasons)
 
@@ -170,6 +173,7 @@ def _record_gluon_launches(low, monkeypatch, tl_calls):
 
     def recorder(name):
         kernel = getattr(low.gluon_kernels, name)
+        kernel = getattr(kernel, "recorded_kernel", kernel)   # the module is shared: it may hold an earlier recorder
 
         class Recorder:
             def __getitem__(self, grid):
@@ -177,7 +181,9 @@ def _record_gluon_launches(low, monkeypatch, tl_calls):
                     kw.pop("launch_cooperative_grid", None)
                     launches.append((name, inspect.signature(kernel.fn).bind(*a, **kw)))
                 return launch
-        return Recorder()
+        rec = Recorder()
+        rec.recorded_kernel = kernel
+        return rec
     for name in ("gluon_fwd", "gluon_bwd_dq", "gluon_bwd_dkdv"):
         monkeypatch.setattr(low.gluon_kernels, name, recorder(name))
     monkeypatch.setattr(low, "_launch_dq", lambda *a, **kw: tl_calls.append("dq"))
@@ -236,6 +242,7 @@ def test_gluon_gqa_wiring_without_gpu(monkeypatch):
 
     # three kv heads of 6 query heads: kv head 1 (query heads 2, 3) spans both branches, so dK and dV of its rows add
     # over tiles of two branches: dk/dv runs a phase per branch (SPLIT), adding into float32, then cast
+    monkeypatch.setattr(gluon_hopper, "SPLIT_BACKWARD", True)
     low = triton_lowering.TritonLowering(build_plan(spec, N, H, D, kv_heads=3), torch.device("cpu"), torch.bfloat16)
     tl_calls = []
     launches = _record_gluon_launches(low, monkeypatch, tl_calls)
@@ -258,6 +265,18 @@ def test_gluon_gqa_wiring_without_gpu(monkeypatch):
     assert ("branch 0 has query heads 0..2, not whole groups of the 2 query heads that share a kv head, so "
             "gluon_bwd_dkdv runs a phase per branch adding into float32 dk and dv, then cast") in text
     assert "def gluon_fwd(" in text
+    # with that form off, the tl backward runs such calls, and kernel_source() says so
+    monkeypatch.setattr(gluon_hopper, "SPLIT_BACKWARD", False)
+    low = triton_lowering.TritonLowering(build_plan(spec, N, H, D, kv_heads=3), torch.device("cpu"), torch.bfloat16)
+    tl_calls = []
+    launches = _record_gluon_launches(low, monkeypatch, tl_calls)
+    monkeypatch.setattr(low, "_zfill", lambda *a, **kw: False)
+    out, lse, aux = low.forward(q, k, v)
+    low.backward(torch.randn_like(q), None, q, k, v, out, lse, aux)
+    assert [n for n, _ in launches] == ["gluon_fwd"] and tl_calls == ["dq", "dkdv"]
+    assert ("the backward runs dilated_bwd_dq and dilated_bwd_dkdv (branch 0 has query heads 0..2, not whole groups "
+            "of the 2 query heads that share a kv head, and gluon_bwd_dkdv's phased form for that is off: "
+            "gluon_hopper.SPLIT_BACKWARD)") in low.source()
 
 
 def test_gluon_gqa_all_mode_wiring_without_gpu(monkeypatch):
@@ -1426,6 +1445,7 @@ def test_gpu_gluon_gqa(mode, causal, dtype, head_dim, kv_heads, batch, poisoned,
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
         pytest.skip("the Gluon kernels run on compute capability 9.0 with the checked triton only")
     calls = record_gluon_calls(poisoned, monkeypatch)
+    monkeypatch.setattr(gluon_hopper, "SPLIT_BACKWARD", True)
     # an explicit offset in grouped mode only ("all" mode gives head h the offset h % r)
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1 if mode == "grouped" else None), Branch(1024, 4)),
                          head_assignment=mode, causal=causal)

@@ -67,6 +67,9 @@ ALL_MODE_BACKWARD = True
 # (ACC 3, 4): no float32 -> bf16 casts after the launches (benchmarks/results/H200-triton.md, stop 17). Off: that
 # branch goes first and stores (ACC 2), and the lowering casts the float32 buffers
 ALL_MODE_FINAL_PHASE = True
+# grouped mode under grouped-query attention where a kv head's query heads span branches: gluon_bwd_dkdv runs a phase
+# per branch adding into float32 dk and dv (SPLIT); off, such calls' backward runs the tl kernels
+SPLIT_BACKWARD = True
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,

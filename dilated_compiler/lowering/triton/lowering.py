@@ -567,6 +567,7 @@ class TritonLowering:
         dlse = _dense(dlse.to(torch.float32)) if dlse is not None else None
         # delta = rowsum(dO * O) - dlse of every selected row: written by the dq kernel, read by the dk/dv kernel
         if ((not self.merge or gluon_hopper.ALL_MODE_BACKWARD)
+                and (not self._split_groups() or gluon_hopper.SPLIT_BACKWARD)
                 and self.gluon_unsupported(q, k, v, has_kpm, out, dout) is None):
             # lse and delta side by side: the dk/dv kernel copies both per step with one asynchronous copy
             ld = torch.empty((2, B, H, N), dtype=torch.float32, device=q.device)
@@ -670,9 +671,13 @@ class TritonLowering:
             else:
                 backward = ("; gluon_bwd_dq and gluon_bwd_dkdv run instead of dilated_bwd_dq and dilated_bwd_dkdv "
                             "(the backward also needs out and its gradient on 16 bytes)")
-                if self._split_groups():
+                if self._split_groups() and gluon_hopper.SPLIT_BACKWARD:
                     backward += (f"; {whole_groups_reason(self.plan, self.gqa)}, so gluon_bwd_dkdv runs a phase per "
                                  "branch adding into float32 dk and dv, then cast")
+                elif self._split_groups():
+                    backward = (f"; the backward runs dilated_bwd_dq and dilated_bwd_dkdv "
+                                f"({whole_groups_reason(self.plan, self.gqa)}, and gluon_bwd_dkdv's phased form for "
+                                "that is off: gluon_hopper.SPLIT_BACKWARD)")
             lines.append(f"#   on a Hopper GPU (compute capability 9.0, triton {gluon_hopper.CHECKED_TRITON[0]}x), "
                          f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
                          f"{gluon_hopper.BLOCK_N}, q, k and v start on 16 bytes and no key padding mask is given, "
