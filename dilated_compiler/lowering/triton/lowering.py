@@ -153,6 +153,7 @@ class TritonLowering:
         self.merge = plan.spec.head_assignment == "all"
         self.heads, self.kv_heads = int(plan.heads), int(plan.kv_heads)
         self.gqa = self.heads // self.kv_heads
+        self._split = not self.merge and whole_groups_reason(plan, self.gqa) is not None   # see _split_groups
         self.head_dim = D
         self.block_d = max(16, _next_pow2(D))
         self.dot_precision = "ieee" if dtype == torch.float32 else None
@@ -282,7 +283,7 @@ class TritonLowering:
     def _split_groups(self) -> bool:
         """Grouped mode under grouped-query attention where some kv head's query heads span two branches: dK and
         dV of its rows add over tiles of several branches, so the Gluon dk/dv launch runs in phases (SPLIT)."""
-        return not self.merge and whole_groups_reason(self.plan, self.gqa) is not None
+        return self._split
 
     def _head_ends(self, device: torch.device) -> torch.Tensor:
         """Grouped mode: one past each branch's last query head, padded to gluon_hopper.MAX_BRANCHES (HEAD_END)."""
