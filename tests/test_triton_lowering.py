@@ -93,23 +93,20 @@ def test_gluon_forward_selection_without_gpu():
     from dilated_compiler.lowering.triton.tables import tile_table
     four = (Branch(256, 1), Branch(512, 2), Branch(1024, 4), Branch(2048, 8))
 
-    def reason(spec, N=4096, H=8, Hkv=8, D=128, dtype=torch.bfloat16, kpm=False, device="cuda", backward=False):
+    def reason(spec, N=4096, H=8, Hkv=8, D=128, dtype=torch.bfloat16, kpm=False, device="cuda"):
         table = tile_table(build_plan(spec, N, H, D), "q", 128, 128)
         return gluon_hopper.unsupported_reason(spec=spec, seq_len=N, heads=H, kv_heads=Hkv, head_dim=D, dtype=dtype,
                                                device=torch.device(device), table=table, has_kpm=kpm,
-                                               triton_version=triton.__version__, backward=backward)
+                                               triton_version=triton.__version__)
     # "all" mode: the forward (each branch's out and lse; the merge follows)
     assert reason(AttentionSpec(four, head_assignment="all"), device="cpu") == "not a CUDA device"
     assert reason(AttentionSpec(four, causal=True), device="cpu") == "not a CUDA device"  # causal: both forms
     assert "padding" in reason(AttentionSpec(four), kpm=True)
-    # grouped-query attention, forward and backward, whether a kv head's query heads lie in one branch (Hkv 4: 2 of
-    # 8 heads per branch) or in several (Hkv 2)
+    # grouped-query attention (forward and backward have the same reasons), whether a kv head's query heads lie in
+    # one branch (Hkv 4: 2 of 8 heads per branch) or in several (Hkv 2)
     for Hkv in (4, 2):
-        for backward in (False, True):
-            assert reason(AttentionSpec(four), Hkv=Hkv, backward=backward, device="cpu") == "not a CUDA device"
-    assert reason(AttentionSpec(four, head_assignment="all"), Hkv=1, backward=True, device="cpu") == \
-        "not a CUDA device"
-    assert reason(AttentionSpec(four), backward=True, device="cpu") == "not a CUDA device"
+        assert reason(AttentionSpec(four), Hkv=Hkv, device="cpu") == "not a CUDA device"
+    assert reason(AttentionSpec(four, head_assignment="all"), Hkv=1, device="cpu") == "not a CUDA device"
     assert "head_dim" in reason(AttentionSpec(four), D=96)
     assert reason(AttentionSpec(four), D=64, device="cpu") == "not a CUDA device"
     assert "bf16" in reason(AttentionSpec(four), dtype=torch.float32)
@@ -140,17 +137,16 @@ def test_gluon_cases_are_what_the_gluon_kernels_take(case):
     spec, N, H, Hkv, D = case["spec"], case["seq"], case["heads"], case["kv_heads"], case["head_dim"]
     assert H % Hkv == 0
     table = tile_table(build_plan(spec, N, H, D, kv_heads=Hkv), "q", gluon_hopper.BLOCK_M, gluon_hopper.BLOCK_N)
-    reasons = [gluon_hopper.unsupported_reason(spec=spec, seq_len=N, heads=H, kv_heads=Hkv, head_dim=D,
-                                               dtype=torch.bfloat16, device=torch.device("cpu"), table=table,
-                                               has_kpm=False, triton_version=gluon_hopper.CHECKED_TRITON[0],
-                                               backward=backward) for backward in (False, True)]
+    reason = gluon_hopper.unsupported_reason(spec=spec, seq_len=N, heads=H, kv_heads=Hkv, head_dim=D,
+                                             dtype=torch.bfloat16, device=torch.device("cpu"), table=table,
+                                             has_kpm=False, triton_version=gluon_hopper.CHECKED_TRITON[0])
     # the lowering's split test (whole_groups_reason) and the strategy's own agree
     plan = build_plan(spec, N, H, D, kv_heads=Hkv)
     assert splits_kv_heads(case) == (whole_groups_reason(plan, H // Hkv) is not None)
-    taken = ["fwd"] if reasons[0] == "not a CUDA device" else []
-    if reasons[1] == "not a CUDA device" and (gluon_hopper.SPLIT_BACKWARD or not splits_kv_heads(case)):
+    taken = ["fwd"] if reason == "not a CUDA device" else []
+    if taken and (gluon_hopper.SPLIT_BACKWARD or not splits_kv_heads(case)):
         taken += ["dq", "dkdv"]
-    assert tuple(taken) == gluon_kernels_for(case), (case, reasons)
+    assert tuple(taken) == gluon_kernels_for(case), (case, reason)
 
 
 def test_gluon_cases_draw_grouped_query_attention():
@@ -192,7 +188,7 @@ def _record_gluon_launches(low, monkeypatch, tl_calls):
 
     def unsupported(q, k, v, has_kpm, *more):
         return gluon_hopper.spec_reason(low.spec, heads=low.heads, kv_heads=low.kv_heads, head_dim=low.head_dim,
-                                        dtype=q.dtype, backward=bool(more))
+                                        dtype=q.dtype)
     monkeypatch.setattr(low, "gluon_unsupported", unsupported)
     monkeypatch.setattr(triton_lowering, "_sm_count", lambda device: 5)
     monkeypatch.setattr(triton_lowering, "_ensure_allocator", lambda: None)
@@ -1075,27 +1071,29 @@ def test_block_d_is_a_power_of_two_of_at_least_16(head_dim, block_d):
 
 
 def test_gluon_reasons_are_judged_per_kind_of_call(monkeypatch):
-    """gluon_unsupported remembers its answer per (device, shape, dtype, key padding mask, forward or backward): a
-    call with a mask after one without, with another shape, or a backward after a forward, is judged again, not
-    given the earlier answer."""
+    """gluon_unsupported remembers its answer per (device, shape, dtype, key padding mask): a call with a mask after
+    one without, or with another shape, is judged again, not given the earlier answer. Forward and backward share
+    the answer (their reasons are the same), except that the backward's out and gradient must also start on 16
+    bytes."""
     from dilated_compiler.lowering.triton import gluon_hopper, lowering as triton_lowering
     monkeypatch.setattr(triton_lowering, "USE_GLUON", True)
     low = _lowering(AttentionSpec((Branch(16, 1),)), dtype=torch.bfloat16, n=64, h=2, d=64)
     calls = []
 
     def reason(**kw):
-        calls.append((kw["seq_len"], kw["has_kpm"], kw["backward"]))
-        return "a key padding mask" if kw["has_kpm"] else "not the backward" if kw["backward"] else None
+        calls.append((kw["seq_len"], kw["has_kpm"]))
+        return "a key padding mask" if kw["has_kpm"] else None
     monkeypatch.setattr(gluon_hopper, "unsupported_reason", reason)
     x = torch.zeros(1, 64, 2, 64, dtype=torch.bfloat16)
     assert low.gluon_unsupported(x, x, x, False) is None
     assert low.gluon_unsupported(x, x, x, True) == "a key padding mask"
     assert low.gluon_unsupported(x, x, x, False) is None and low.gluon_unsupported(x, x, x, True) is not None
-    assert low.gluon_unsupported(x, x, x, False, x, x) == "not the backward"
-    assert low.gluon_unsupported(x, x, x, False) is None
+    assert low.gluon_unsupported(x, x, x, False, x, x) is None
+    unaligned = torch.zeros(x.numel() + 8, dtype=torch.bfloat16)[1:1 + x.numel()].view(x.shape)
+    assert "out and its gradient must start on 16 bytes" in low.gluon_unsupported(x, x, x, False, x, unaligned)
     y = torch.zeros(1, 48, 2, 64, dtype=torch.bfloat16)
     assert low.gluon_unsupported(y, y, y, False) is None
-    assert calls == [(64, False, False), (64, True, False), (64, False, True), (48, False, False)]
+    assert calls == [(64, False), (64, True), (48, False)]
 
 
 @pytest.mark.parametrize("seq,covers", [(64, True), (65, False)])

@@ -74,10 +74,9 @@ ALL_MODE_FINAL_PHASE = True
 SPLIT_BACKWARD = False
 
 
-def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                backward: bool = False) -> str | None:
-    """None if the spec and the shape-independent facts of a call allow the Gluon forward (``backward``: the Gluon
-    backward, which since grouped-query attention runs there too has the same conditions), else why not."""
+def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
+    """None if the spec and the shape-independent facts of a call allow the Gluon kernels (forward and backward
+    alike), else why not."""
     if head_dim not in HEAD_DIMS:
         return f"head_dim {' or '.join(map(str, HEAD_DIMS))} only"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -90,11 +89,10 @@ def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.
 
 
 def unsupported_reason(*, spec, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                       device: torch.device, table: torch.Tensor, has_kpm: bool, triton_version: str,
-                       backward: bool = False) -> str | None:
-    """None if the Gluon forward (``backward``: the Gluon backward) computes this call, else why not (the generated
-    tl kernels then do)."""
-    reason = spec_reason(spec, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, backward=backward)
+                       device: torch.device, table: torch.Tensor, has_kpm: bool, triton_version: str) -> str | None:
+    """None if the Gluon kernels compute this call (forward and backward alike), else why not (the generated tl
+    kernels then do)."""
+    reason = spec_reason(spec, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
     if reason is not None:
         return reason
     if has_kpm:

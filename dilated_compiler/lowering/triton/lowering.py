@@ -193,20 +193,20 @@ class TritonLowering:
     def gluon_unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_kpm: bool,
                           *more: torch.Tensor) -> str | None:
         """None if the Gluon kernels (:mod:`.gluon_hopper`) run this call (contiguous q, k, v and, for the
-        backward, out and its gradient in ``more``), else why not. The backward's reasons include the forward's."""
+        backward, out and its gradient in ``more``), else why not. Besides alignment, forward and backward have the
+        same reasons."""
         if not USE_GLUON:
             return "turned off (DILATED_COMPILER_GLUON=0)"
         if any(t.data_ptr() % 16 for t in (q, k, v, *more)):
             return ("q, k and v must start on 16 bytes (tensor descriptors)" if not more else
                     "q, k, v, out and its gradient must start on 16 bytes (tensor descriptors)")
-        backward = bool(more)
-        key = (q.device, tuple(q.shape), q.dtype, has_kpm, backward)
+        key = (q.device, tuple(q.shape), q.dtype, has_kpm)
         if key not in self._gluon_reasons:
             self._gluon_reasons[key] = gluon_hopper.unsupported_reason(
                 spec=self.spec, seq_len=q.shape[1], heads=self.heads, kv_heads=self.kv_heads,
                 head_dim=self.head_dim, dtype=q.dtype, device=q.device,
                 table=self._table("q", _GLUON_TILES, q.device).cpu(), has_kpm=has_kpm,
-                triton_version=triton.__version__, backward=backward)
+                triton_version=triton.__version__)
         return self._gluon_reasons[key]
 
     def _launch_gluon_fwd(self, q, k, v, out, lse, zfill, consumer_regs=gluon_hopper.CONSUMER_REGS, stages=None):
@@ -663,10 +663,7 @@ class TritonLowering:
             lines.append("#   the Hopper (Gluon) kernels are turned off (DILATED_COMPILER_GLUON=0): the tl kernels "
                          "below run on every GPU")
         if gluon:
-            bwd_reason = gluon_hopper.spec_reason(self.spec, **facts, backward=True)
-            if bwd_reason is not None:
-                backward = f"; the backward runs dilated_bwd_dq and dilated_bwd_dkdv ({bwd_reason})"
-            elif self.merge:
+            if self.merge:
                 backward = ("; gluon_bwd_dq and gluon_bwd_dkdv (one launch each, a phase per branch adding into "
                             "float32 buffers; "
                             + ("a dilation-1 branch last, writing the gradients in the inputs' dtype) "
