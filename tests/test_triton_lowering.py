@@ -1443,7 +1443,6 @@ def test_gpu_gluon_gqa(mode, causal, dtype, head_dim, kv_heads, batch, poisoned,
     if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
         pytest.skip("the Gluon kernels run on compute capability 9.0 with the checked triton only")
     calls = record_gluon_calls(poisoned, monkeypatch)
-    monkeypatch.setattr(gluon_hopper, "SPLIT_BACKWARD", True)
     # an explicit offset in grouped mode only ("all" mode gives head h the offset h % r)
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1 if mode == "grouped" else None), Branch(1024, 4)),
                          head_assignment=mode, causal=causal)

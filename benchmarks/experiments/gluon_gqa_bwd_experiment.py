@@ -8,8 +8,8 @@ of 16, fwd+bwd 5.189 ms against 3.720 without grouped-query attention).
 
 Four-branch grouped N = 64K (bf16, 16 query heads, D = 128, batch 1): Hkv = 16 (no grouped-query attention), 8, 4
 (GQA 2, 4: each branch's 4 heads are whole groups of the query heads sharing a kv head), 2 and 1 (GQA 8, 16: a kv
-head's query heads span two or four branches, so the Gluon dk/dv runs a phase per branch into float32: SPLIT, which
-the lowering leaves off by default, ``gluon_hopper.SPLIT_BACKWARD``, and this script turns on for its Gluon form),
+head's query heads span two or four branches, so the Gluon dk/dv runs a phase per branch into float32: SPLIT,
+``gluon_hopper.SPLIT_BACKWARD``, which this script sets per form),
 causal or not: the module's forward + backward
 with the Gluon backward on and off (``TritonLowering.gluon_unsupported`` patched to refuse it; the forward is
 Gluon's in both), alternating over --rounds rounds, and the largest differences between the two forms' gradients (the GPU

@@ -15,8 +15,8 @@ Per pass, one launch covers every branch, segment, head and tile of the plan, dr
   branch among others goes last and writes the gradients in the inputs' dtype (``ALL_MODE_FINAL_PHASE``). Under
   grouped-query attention ``gluon_bwd_dkdv`` walks the kv heads' key tiles (:func:`.tables.kv_tile_table`), each
   over the query heads that read its rows, where the tl kernels add each query head's share with atomics; grouped
-  mode with a kv head's query heads in several branches runs the tl backward unless
-  ``gluon_hopper.SPLIT_BACKWARD`` is set (then dk/dv runs a phase per branch).
+  mode with a kv head's query heads in several branches runs dk/dv in a phase per branch, adding into float32
+  (``gluon_hopper.SPLIT_BACKWARD``; off, the tl backward runs such calls).
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported; for tests). Producing the source (``source()``) needs neither.
