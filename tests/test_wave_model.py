@@ -31,3 +31,15 @@ def test_causal_busy_fraction_with_many_and_few_waves():
     assert results[0][1] == 1.0
     assert results[1][1] >= 0.95
     assert 0 < results[2][1] < results[1][1]
+
+
+def test_grouped_query_dkdv_walks_kv_head_tiles():
+    # 4 query heads, 2 kv heads: each branch's 2 heads are one kv head's group, so the dk/dv pass has a tile per kv
+    # head's key tile (64 + 32, half the 192 of query heads), each walking both query heads; equal work per tile,
+    # so the busy fraction is again tiles / (SMs x ceil(tiles / SMs)); the query passes keep their tiles
+    spec = AttentionSpec((Branch(1024, 1), Branch(2048, 2)))
+    for sms in (7, 64, 132):
+        tiles, busy = wave_model.busy_fraction(spec, 8192, 4, 64, "k", 128, 64, sms, kv_heads=2)
+        assert tiles == 8192 // 128 + 4096 // 128
+        assert math.isclose(busy, tiles / (sms * math.ceil(tiles / sms)))
+        assert wave_model.busy_fraction(spec, 8192, 4, 64, "q", 128, 64, sms, kv_heads=2)[0] == 2 * tiles
