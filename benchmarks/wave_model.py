@@ -24,7 +24,8 @@ import torch
 
 from dilated_compiler import AttentionSpec, Branch, build_plan
 from dilated_compiler.lowering.triton import gluon_hopper
-from dilated_compiler.lowering.triton.tables import kv_tile_heads, kv_tile_table, persistent_order, tile_table, tile_work
+from dilated_compiler.lowering.triton.tables import (kv_tile_heads, kv_tile_table, persistent_order, tile_table,
+                                                     tile_work)
 
 FOUR_BRANCH = (Branch(2048, 1), Branch(4096, 2), Branch(8192, 4), Branch(16384, 8))
 # (pass, table kind, own block, partner block) as the Gluon kernels walk them
@@ -42,13 +43,17 @@ def busy_fraction(spec: AttentionSpec, seq_len: int, heads: int, head_dim: int, 
     plan = build_plan(spec, seq_len, heads, head_dim, kv_heads=kv_heads)
     if kind == "k" and gqa > 1:
         table = kv_tile_table(plan, block, partner, gqa)
-        programs = min(table.shape[0], sms)
-        order = persistent_order(table, programs, partner, kv_tile_heads(plan, table, gqa))
-        work = tile_work(order, partner, kv_tile_heads(plan, order, gqa)).double()
+
+        def heads_of(t):
+            return kv_tile_heads(plan, t, gqa)
     else:
         table = tile_table(plan, kind, block, partner)
-        programs = min(table.shape[0], sms)
-        work = tile_work(persistent_order(table, programs, partner), partner).double()
+
+        def heads_of(t):
+            return None
+    programs = min(table.shape[0], sms)
+    order = persistent_order(table, programs, partner, heads_of(table))
+    work = tile_work(order, partner, heads_of(order)).double()
     load = torch.zeros(programs, dtype=torch.float64).index_add_(0, torch.arange(work.shape[0]) % programs, work)
     return work.shape[0], (work.sum() / (sms * load.max())).item()
 
@@ -60,7 +65,8 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kv-heads", type=int, nargs="+", default=None,
-                    help="kv head counts to model (each dividing --heads; default: --heads, no grouped-query attention)")
+                    help="kv head counts to model, each dividing --heads (default: --heads, no grouped-query "
+                         "attention)")
     args = ap.parse_args(argv)
     kv_list = args.kv_heads or [args.heads]
     for kv in kv_list:
