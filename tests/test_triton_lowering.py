@@ -684,10 +684,8 @@ def test_kv_tile_table(case, assignment, kv_heads, gqa):
     counts = [heads // G + (i < heads % G) for i in range(G)]
     starts = [sum(counts[:i]) for i in range(G)]
     # a branch that selects no row at this length (the reference's pairs) has no op, so its heads split no group
-    selects = [c > 0 and bool(allowed_pairs(seq, *head_branches(spec, heads)[s][0], False).any()) if assignment ==
-               "grouped" else True for s, c in zip(starts, counts)]
-    whole = assignment == "all" or all(c % gqa == 0 and s % gqa == 0
-                                       for s, c, sel in zip(starts, counts, selects) if sel)
+    whole = assignment == "all" or all(c % gqa == 0 and s % gqa == 0 for s, c in zip(starts, counts)
+                                       if allowed_pairs(seq, *head_branches(spec, heads)[s][0], False).any())
     reason = whole_groups_reason(plan, gqa)
     assert (reason is None) == (whole or gqa == 1)
     if reason is not None:
