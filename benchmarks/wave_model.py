@@ -41,16 +41,11 @@ def busy_fraction(spec: AttentionSpec, seq_len: int, heads: int, head_dim: int, 
     kv_heads = kv_heads or heads
     gqa = heads // kv_heads
     plan = build_plan(spec, seq_len, heads, head_dim, kv_heads=kv_heads)
-    if kind == "k" and gqa > 1:
-        table = kv_tile_table(plan, block, partner, gqa)
+    kv_tiles = kind == "k" and gqa > 1
+    table = kv_tile_table(plan, block, partner, gqa) if kv_tiles else tile_table(plan, kind, block, partner)
 
-        def heads_of(t):
-            return kv_tile_heads(plan, t, gqa)
-    else:
-        table = tile_table(plan, kind, block, partner)
-
-        def heads_of(t):
-            return None
+    def heads_of(t):
+        return kv_tile_heads(plan, t, gqa) if kv_tiles else None
     programs = min(table.shape[0], sms)
     order = persistent_order(table, programs, partner, heads_of(table))
     work = tile_work(order, partner, heads_of(order)).double()
