@@ -43,3 +43,18 @@ def test_grouped_query_dkdv_walks_kv_head_tiles():
         assert tiles == 8192 // 128 + 4096 // 128
         assert math.isclose(busy, tiles / (sms * math.ceil(tiles / sms)))
         assert wave_model.busy_fraction(spec, 8192, 4, 64, "q", 128, 64, sms, kv_heads=2)[0] == 2 * tiles
+
+
+def test_tile_cost_cases_describe_their_tiles():
+    # benchmarks/tile_cost.py's cases (N = 64K, 16 heads): w / r selected rows per segment, so (w / r) / 128 key
+    # steps per query tile; every head selects N / r rows (one offset each), so 16 * N / r / 128 query tiles;
+    # the busy fraction of equal tiles as above
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tile_cost.py"
+    spec = importlib.util.spec_from_file_location("tile_cost", path)
+    tile_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tile_cost)
+    for (w, r), in tile_cost.CASES:
+        tiles = 16 * (65536 // r) // 128
+        busy = tiles / (132 * math.ceil(tiles / 132))
+        text = tile_cost.describe(((w, r),), 132)
+        assert f"{tiles} query tiles of {w // r // 128} key steps, busy fraction {busy:.3f}" in text, text

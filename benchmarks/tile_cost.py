@@ -1,0 +1,74 @@
+"""Where the forward's cost per query tile comes from: single-branch specs at N = 64K that differ in key steps per
+tile (segment length) or in row stride (dilation), this project against SDPA over pre-gathered segments, in one
+run (GPU; bench_triton.py's `run_case`).
+
+Why: the four-branch 64K forward runs at about 593 useful TFLOP/s and one dense 16K segment at 721 on the same
+kernel (H100, stop 32), which fits a cost of about 5 us per query tile of 16 key steps. Stop 33
+(`experiments/gluon_q2_experiment.py`) found it is neither the next tile's Q copy nor the zero fill. These cases
+separate the two remaining differences:
+
+    w = 65536, 16384, 2048 at r = 1     key steps per tile 512, 128, 16; rows contiguous
+    w = 4096 r = 2, w = 16384 r = 8     16 key steps per tile, as w = 2048 r = 1; rows strided by r
+
+If w = 2048 r = 1 runs at the dense segment's rate, the cost comes with dilation's strided rows; if it runs at the
+four-branch rate, it comes with short segments (and pre-gathered SDPA shows how cuDNN fares on the same segments).
+
+    PYTHONPATH=. DILATED_COMPILER_AUTOTUNE=0 python benchmarks/tile_cost.py
+    PYTHONPATH=. python benchmarks/tile_cost.py --list      # the cases' tiles and FLOPs, no GPU needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_triton as bt  # noqa: E402
+import wave_model  # noqa: E402
+
+from dilated_compiler import build_plan  # noqa: E402
+from dilated_compiler.lowering.triton.gluon_hopper import BLOCK_M, BLOCK_N  # noqa: E402
+
+N, D = 65536, 128
+CASES = (((65536, 1),), ((16384, 1),), ((2048, 1),), ((4096, 2),), ((16384, 8),))
+
+
+def label(pairs) -> str:
+    return " + ".join(f"w={w} r={r}" for w, r in pairs)
+
+
+def describe(pairs, sms: int = 132) -> str:
+    """The case's query tiles, key steps per tile and the forward's busy fraction on ``sms`` SMs (from the tables
+    the lowering builds: wave_model.busy_fraction), and its useful forward FLOPs (from the plan)."""
+    spec = bt.spec_for(pairs, "grouped", False)
+    plan = build_plan(spec, N, bt.H, D)
+    tiles, busy = wave_model.busy_fraction(spec, N, bt.H, D, "q", BLOCK_M, BLOCK_N, sms)
+    (w, r), = pairs
+    return (f"{label(pairs)}: {tiles} query tiles of {w // r // BLOCK_N} key steps, busy fraction {busy:.3f} on "
+            f"{sms} SMs, {float(plan.flops) / 1e12:.3f} TFLOP fwd")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--list", action="store_true", help="print the cases (no GPU)")
+    args = ap.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+    for pairs in CASES:
+        print(describe(pairs, sms), flush=True)
+    if args.list:
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("tile_cost.py times kernels on a CUDA GPU; --list runs anywhere")
+    bt.emit(f"\n{torch.cuda.get_device_name()}: single-branch grouped N=64K, bf16, H={bt.H}, D={D}; "
+            "cells: time (useful TFLOP/s)")
+    bt.emit("| case | mode | N | D | dtype | pass | results | ratios |")
+    bt.emit("|---|---|---|---|---|---|---|---|")
+    for pairs in CASES:
+        bt.run_case(label(pairs), pairs, "grouped", False, N, D, torch.bfloat16, others=("pregathered",))
+
+
+if __name__ == "__main__":
+    main()
