@@ -48,6 +48,26 @@ def steps():
     return {"triton": ours, "pregathered": pre}
 
 
+def sample(fn, seconds: float):
+    """``fn`` run back to back (20 calls between synchronisations) for ``seconds`` while nvidia-smi samples the SM
+    clock and the power draw every 100 ms: (calls, wall seconds, clocks in MHz, power in W), the first three
+    samples left out."""
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                            "-lms", "100"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            fn()
+        n += 20
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    smi.terminate()
+    lines = [ln.split(",") for ln in smi.communicate()[0].splitlines() if ln.strip()]
+    return n, dt, [float(a) for a, _ in lines[3:]], [float(b) for _, b in lines[3:]]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -61,23 +81,9 @@ def main():
     print("|---|---|---|---|---|---|")
     for turn in range(args.turns):
         for name, fn in forms.items():
-            smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
-                                    "-lms", "100"], stdout=subprocess.PIPE, text=True)
-            time.sleep(0.3)
-            t0 = time.perf_counter()
-            n = 0
-            while time.perf_counter() - t0 < args.seconds:
-                for _ in range(20):
-                    fn()
-                n += 20
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            smi.terminate()
-            lines = [ln.split(",") for ln in smi.communicate()[0].splitlines() if ln.strip()]
-            clocks = [float(a) for a, _ in lines[3:]]
-            power = [float(b) for _, b in lines[3:]]
-            print(f"| {turn} | {name} | {n} | {dt / n * 1e3:.3f} | {statistics.median(clocks):.0f}, {min(clocks):.0f} | "
-                  f"{statistics.median(power):.0f}, {max(power):.0f} |", flush=True)
+            n, dt, clocks, power = sample(fn, args.seconds)
+            print(f"| {turn} | {name} | {n} | {dt / n * 1e3:.3f} | {statistics.median(clocks):.0f}, "
+                  f"{min(clocks):.0f} | {statistics.median(power):.0f}, {max(power):.0f} |", flush=True)
             time.sleep(2)
 
 

@@ -1,25 +1,29 @@
-"""Where the forward's cost per query tile comes from: single-branch specs at N = 64K that differ in key steps per
-tile (segment length) or in row stride (dilation), this project against SDPA over pre-gathered segments, in one
-run (GPU; bench_triton.py's `run_case`).
+"""Where the forward's cost per query tile comes from: 64K specs that differ in key steps per tile (segment length)
+or in row stride (dilation), this project against SDPA over pre-gathered segments in one run, and (``--power``)
+the SM clock and power each forward runs at (GPU; bench_triton.py's `run_case`, power_check.py's `sample`).
 
 Why: the four-branch 64K forward runs at about 593 useful TFLOP/s and one dense 16K segment at 721 on the same
 kernel (H100, stop 32), which fits a cost of about 5 us per query tile of 16 key steps. Stop 33
-(`experiments/gluon_q2_experiment.py`) found it is neither the next tile's Q copy nor the zero fill. These cases
-separate the two remaining differences:
+(`experiments/gluon_q2_experiment.py`) found it is neither the next tile's Q copy nor the zero fill. The cases:
 
     w = 65536, 16384, 2048 at r = 1     key steps per tile 512, 128, 16; rows contiguous
     w = 4096 r = 2, w = 16384 r = 8     16 key steps per tile, as w = 2048 r = 1; rows strided by r
+    the four-branch pattern             16 key steps per tile; r = 1, 2, 4, 8
 
-If w = 2048 r = 1 runs at the dense segment's rate, the cost comes with dilation's strided rows; if it runs at the
-four-branch rate, it comes with short segments (and pre-gathered SDPA shows how cuDNN fares on the same segments).
+If w = 2048 r = 1 runs at the long segments' rate, the cost comes with dilation's strided rows; if at the
+four-branch rate, with short segments (pre-gathered SDPA shows how cuDNN fares on the same segments). Short
+segments also mean more HBM traffic per product (Q and out once per 16 key steps); every step runs at the GPU's
+power limit, so ``--power`` samples the clock: the same TFLOP/s per GHz across the cases means the difference is
+energy (the clock), a lower one means the kernel's schedule.
 
-    PYTHONPATH=. DILATED_COMPILER_AUTOTUNE=0 python benchmarks/tile_cost.py
+    PYTHONPATH=. DILATED_COMPILER_AUTOTUNE=0 python benchmarks/tile_cost.py [--power 4]
     PYTHONPATH=. python benchmarks/tile_cost.py --list      # the cases' tiles and FLOPs, no GPU needed
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -29,15 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_triton as bt  # noqa: E402
 import wave_model  # noqa: E402
 
-from dilated_compiler import build_plan  # noqa: E402
+from dilated_compiler import build_plan, compile_attention  # noqa: E402
 from dilated_compiler.lowering.triton.gluon_hopper import BLOCK_M, BLOCK_N  # noqa: E402
 
 N, D = 65536, 128
-CASES = (((65536, 1),), ((16384, 1),), ((2048, 1),), ((4096, 2),), ((16384, 8),))
+CASES = (((65536, 1),), ((16384, 1),), ((2048, 1),), ((4096, 2),), ((16384, 8),), bt.FOUR)
 
 
 def label(pairs) -> str:
-    return " + ".join(f"w={w} r={r}" for w, r in pairs)
+    return "four-branch" if tuple(pairs) == tuple(bt.FOUR) else " + ".join(f"w={w} r={r}" for w, r in pairs)
 
 
 def describe(pairs, sms: int = 132) -> str:
@@ -46,14 +50,39 @@ def describe(pairs, sms: int = 132) -> str:
     spec = bt.spec_for(pairs, "grouped", False)
     plan = build_plan(spec, N, bt.H, D)
     tiles, busy = wave_model.busy_fraction(spec, N, bt.H, D, "q", BLOCK_M, BLOCK_N, sms)
-    (w, r), = pairs
-    return (f"{label(pairs)}: {tiles} query tiles of {w // r // BLOCK_N} key steps, busy fraction {busy:.3f} on "
-            f"{sms} SMs, {float(plan.flops) / 1e12:.3f} TFLOP fwd")
+    steps = "/".join(str(s) for s in sorted({w // r // BLOCK_N for w, r in pairs}))
+    return (f"{label(pairs)}: {tiles} query tiles of {steps} key steps, busy fraction {busy:.3f} on {sms} SMs, "
+            f"{float(plan.flops) / 1e12:.3f} TFLOP fwd")
+
+
+def power(seconds: float) -> None:
+    """Each case's forward back to back for ``seconds``: ms, useful TFLOP/s, SM clock, power, TFLOP/s per GHz."""
+    import power_check
+    bt.emit("\n| case | fwd ms | TFLOP/s | SM clock MHz (median, min) | power W (median, max) | TFLOP/s per GHz |")
+    bt.emit("|---|---|---|---|---|---|")
+    for pairs in CASES:
+        spec = bt.spec_for(pairs, "grouped", False)
+        flops = float(build_plan(spec, N, bt.H, D).flops)
+        attn = compile_attention(spec, backend="triton")
+        q, k, v = bt.inputs(N, D, torch.bfloat16, grad=False)
+        with torch.no_grad():
+            attn(q, k, v)
+            torch.cuda.synchronize()
+            n, dt, clocks, watts = power_check.sample(lambda: attn(q, k, v), seconds)
+        ms = dt / n * 1e3
+        tf = flops / (ms * 1e-3) / 1e12
+        clock = statistics.median(clocks)
+        bt.emit(f"| {label(pairs)} | {ms:.3f} | {tf:.0f} | {clock:.0f}, {min(clocks):.0f} | "
+                f"{statistics.median(watts):.0f}, {max(watts):.0f} | {tf / (clock / 1e3):.0f} |")
+        del q, k, v
+        torch.cuda.empty_cache()
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--list", action="store_true", help="print the cases (no GPU)")
+    ap.add_argument("--power", type=float, default=0.0, metavar="SECONDS",
+                    help="also run each case's forward back to back this long, sampling clock and power")
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     for pairs in CASES:
@@ -62,12 +91,13 @@ def main():
         return
     if not torch.cuda.is_available():
         raise SystemExit("tile_cost.py times kernels on a CUDA GPU; --list runs anywhere")
-    bt.emit(f"\n{torch.cuda.get_device_name()}: single-branch grouped N=64K, bf16, H={bt.H}, D={D}; "
-            "cells: time (useful TFLOP/s)")
+    bt.emit(f"\n{torch.cuda.get_device_name()}: grouped N=64K, bf16, H={bt.H}, D={D}; cells: time (useful TFLOP/s)")
     bt.emit("| case | mode | N | D | dtype | pass | results | ratios |")
     bt.emit("|---|---|---|---|---|---|---|---|")
     for pairs in CASES:
         bt.run_case(label(pairs), pairs, "grouped", False, N, D, torch.bfloat16, others=("pregathered",))
+    if args.power > 0:
+        power(args.power)
 
 
 if __name__ == "__main__":

@@ -47,14 +47,19 @@ def test_grouped_query_dkdv_walks_kv_head_tiles():
 
 def test_tile_cost_cases_describe_their_tiles():
     # benchmarks/tile_cost.py's cases (N = 64K, 16 heads): w / r selected rows per segment, so (w / r) / 128 key
-    # steps per query tile; every head selects N / r rows (one offset each), so 16 * N / r / 128 query tiles;
-    # the busy fraction of equal tiles as above
+    # steps per query tile; every head selects N / r rows (one offset each), so 16 * N / r / 128 query tiles; the
+    # four-branch case's heads split 4 ways, 4 * (N + N/2 + N/4 + N/8) / 128 tiles of 2048 / 128 steps; the busy
+    # fraction of equal tiles as above
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "tile_cost.py"
     spec = importlib.util.spec_from_file_location("tile_cost", path)
     tile_cost = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tile_cost)
-    for (w, r), in tile_cost.CASES:
-        tiles = 16 * (65536 // r) // 128
+    for pairs in tile_cost.CASES:
+        if len(pairs) == 1:
+            (w, r), = pairs
+            tiles, steps = 16 * (65536 // r) // 128, w // r // 128
+        else:
+            tiles, steps = 4 * sum(65536 // r for _, r in pairs) // 128, 16
         busy = tiles / (132 * math.ceil(tiles / 132))
-        text = tile_cost.describe(((w, r),), 132)
-        assert f"{tiles} query tiles of {w // r // 128} key steps, busy fraction {busy:.3f}" in text, text
+        text = tile_cost.describe(pairs, 132)
+        assert f"{tiles} query tiles of {steps} key steps, busy fraction {busy:.3f}" in text, text
