@@ -14,9 +14,10 @@ If w = 2048 r = 1 runs at the long segments' rate, the cost comes with dilation'
 four-branch rate, with short segments (pre-gathered SDPA shows how cuDNN fares on the same segments). Short
 segments also mean more HBM traffic per product (Q and out once per 16 key steps); every step runs at the GPU's
 power limit, so ``--power`` samples the clock: the same TFLOP/s per GHz across the cases means the difference is
-energy (the clock), a lower one means the kernel's schedule.
+energy (the clock), a lower one means the kernel's schedule. ``--kernels`` profiles each case's fwd+bwd step and
+prints each Gluon kernel's time and rate per matrix product, so the backward kernels' cost per tile shows too.
 
-    PYTHONPATH=. DILATED_COMPILER_AUTOTUNE=0 python benchmarks/tile_cost.py [--power 4]
+    PYTHONPATH=. DILATED_COMPILER_AUTOTUNE=0 python benchmarks/tile_cost.py [--power 4] [--kernels 10]
     PYTHONPATH=. python benchmarks/tile_cost.py --list      # the cases' tiles and FLOPs, no GPU needed
 """
 
@@ -78,11 +79,57 @@ def power(seconds: float) -> None:
         torch.cuda.empty_cache()
 
 
+# matrix products per block pair in each Gluon kernel (S and P V; S, dP and dS K; S^T, dP^T, P^T dO and dS^T Q)
+PRODUCTS = {"gluon_fwd": 2, "gluon_bwd_dq": 3, "gluon_bwd_dkdv": 4}
+
+
+def kernels(steps: int) -> None:
+    """Each case's fwd+bwd kernels from torch.profiler, median over ``steps`` steps: us and TFLOP/s per product
+    (the products each kernel runs, useful or recomputed), so each backward kernel's cost per tile shows."""
+    from torch.profiler import ProfilerActivity, profile
+    bt.emit("\n| case | kernel | us (median) | products | TFLOP/s of products |")
+    bt.emit("|---|---|---|---|---|")
+    for pairs in CASES:
+        spec = bt.spec_for(pairs, "grouped", False)
+        product = float(build_plan(spec, N, bt.H, D).flops) / 2   # one (rows x keys x D) product's FLOPs
+        attn = compile_attention(spec, backend="triton")
+        q, k, v = bt.inputs(N, D, torch.bfloat16)
+        dout = torch.randn_like(q)
+
+        def step():
+            attn(q, k, v).backward(dout)
+            for t in (q, k, v):
+                t.grad = None
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        times: dict[str, list[float]] = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                name = next((n for n in PRODUCTS if e.name.startswith(n)), None)
+                if name is not None:
+                    times.setdefault(name, []).append(e.time_range.elapsed_us())
+        for name, n in PRODUCTS.items():
+            if name not in times:
+                bt.emit(f"| {label(pairs)} | {name} | not launched | {n} | - |")
+                continue
+            us = statistics.median(times[name])
+            bt.emit(f"| {label(pairs)} | {name} | {us:.1f} | {n} | {n * product / (us * 1e-6) / 1e12:.0f} |")
+        del q, k, v, dout
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--list", action="store_true", help="print the cases (no GPU)")
     ap.add_argument("--power", type=float, default=0.0, metavar="SECONDS",
                     help="also run each case's forward back to back this long, sampling clock and power")
+    ap.add_argument("--kernels", type=int, default=0, metavar="STEPS",
+                    help="also profile this many fwd+bwd steps per case: each Gluon kernel's time and product rate")
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     for pairs in CASES:
@@ -96,6 +143,8 @@ def main():
     bt.emit("|---|---|---|---|---|---|---|---|")
     for pairs in CASES:
         bt.run_case(label(pairs), pairs, "grouped", False, N, D, torch.bfloat16, others=("pregathered",))
+    if args.kernels > 0:
+        kernels(args.kernels)
     if args.power > 0:
         power(args.power)
 

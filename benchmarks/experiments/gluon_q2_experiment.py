@@ -143,13 +143,159 @@ ZSPREAD_PATCHES = [
      "        for j in range(n_k, n_z):\n"
      "            _zero_one(o0, o1, o2, o3, br, b, H, zh, own, span0, j, z_smem)\n"),
 ]
+# Two Q buffers, and each tile's S_0 issued under the previous tile's last P V product and epilogue: the consumer
+# issues tile i's last P V, then tile i + 1's S_0 (its Q is in the other buffer), waits for the P V only, writes
+# tile i's out and lse while S_0 runs, and carries S_0's result into the next iteration, where its softmax opens
+# the tile. No product is in flight across the loop's back edge (that form ptxas serialises: C7512)
+EARLY_CONSUMER = '''@gluon.jit
+def _fwd_epilogue(o0, o1, o2, o3, LSE, br, b, combo, rbase, row0, head, pos0, L, r, out, l_i, m_i, q_half, stride_lg,
+                  stride_lb, stride_lh, rows_l: gl.constexpr, HALF: gl.constexpr, MERGE: gl.constexpr):
+    # out (normalised, in the input dtype) through this consumer's half of the finished tile's Q buffer and a TMA
+    # store, lse by pointers
+    _store_out(o0, o1, o2, o3, br, b, combo, rbase + row0, q_half, out)
+    rows = row0 + gl.arange(0, HALF, layout=rows_l)
+    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    lse_ptr = LSE
+    if MERGE:
+        lse_ptr += br.to(gl.int64) * stride_lg
+    gl.store(lse_ptr + b.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh + pos0 + rows * r, lse,
+             mask=rows < L)
+
+
+@gluon.jit
+def _consumer(o0, o1, o2, o3, LSE, TABLE, RB, T, H, qk_scale, stride_lg, stride_lb, stride_lh, q_smem, o_smem, k_smem,
+              v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr,
+              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              MERGE: gl.constexpr):
+    dtype: gl.constexpr = q_smem.dtype
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, HEAD_DIM, 16])
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    rows_l: gl.constexpr = gl.SliceLayout(1, s_l)
+    acc_rows: gl.constexpr = gl.SliceLayout(1, mma)
+    cols_l: gl.constexpr = gl.SliceLayout(0, s_l)
+    b = gl.program_id(1)
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    n_mine = (T - pid + G - 1) // G
+    c = 0
+    # tile 0's S_0 before the loop
+    s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l)
+    if n_mine > 0:
+        mbarrier.wait(q_ready.index(0), 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(q_smem.index(WG), k_smem.index(0).permute((1, 0)),
+                              gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(0), count=1)
+    for i in range(n_mine):
+        row = TABLE + (pid + i * G) * NCOLS
+        br, combo, rbase = _tile_coords(row, RB, H)
+        head = gl.load(row + 0)
+        pos0 = gl.load(row + 2)
+        L = gl.load(row + 3)
+        row0 = gl.load(row + 4) + WG * HALF
+        r = gl.load(RB + br)
+        n_k, n_full = _key_walk(row, BLOCK_N, CAUSAL)
+        qb = i % 2
+        q_half = q_smem.index(2 * qb + WG)
+        if CAUSAL:
+            q_rows = row0 + gl.arange(0, HALF, layout=rows_l)
+            s = _causal_s(s, 0, n_full, q_rows, BLOCK_N, cols_l)
+        m_i = gl.max(s, axis=1) * qk_scale
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+        l_i = gl.sum(p, axis=1)
+        p_prev = gl.convert_layout(p.to(dtype), p_op)
+        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=mma)
+        if i > 0:
+            # the previous tile's out store has read the other buffer: it takes tile i + 1's Q
+            tma.store_wait(0)
+            mbarrier.arrive(q_empty.index(1 - qb), count=1)
+        for j in range(1, n_k):
+            g = c + j
+            st = g % STAGES
+            pst = (g - 1) % STAGES
+            mbarrier.wait(k_ready.index(st), (g // STAGES) & 1)
+            s_tok = warpgroup_mma(q_half, k_smem.index(st).permute((1, 0)),
+                                  gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(pst), ((g - 1) // STAGES) & 1)
+            acc_tok = warpgroup_mma(p_prev, v_smem.index(pst), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(st), count=1)
+            if CAUSAL:
+                s = _causal_s(s, j, n_full, q_rows, BLOCK_N, cols_l)
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            m_i = m_new
+            acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+            mbarrier.arrive(v_empty.index(pst), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, acc_rows), 1)
+            p_prev = gl.convert_layout(p.to(dtype), p_op)
+        g = c + n_k - 1
+        st = g % STAGES
+        mbarrier.wait(v_ready.index(st), (g // STAGES) & 1)
+        acc_tok = warpgroup_mma(p_prev, v_smem.index(st), acc, is_async=True)
+        c += n_k
+        if i + 1 < n_mine:
+            nst = c % STAGES
+            mbarrier.wait(q_ready.index(1 - qb), ((i + 1) // 2) & 1)
+            mbarrier.wait(k_ready.index(nst), (c // STAGES) & 1)
+#BRANCH
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(nst), count=1)
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+            mbarrier.arrive(v_empty.index(st), count=1)
+            out = (acc / gl.expand_dims(gl.convert_layout(l_i, acc_rows), 1)).to(dtype)
+            _fwd_epilogue(o0, o1, o2, o3, LSE, br, b, combo, rbase, row0, head, pos0, L, r, out, l_i, m_i, q_half,
+                          stride_lg, stride_lb, stride_lh, rows_l, HALF, MERGE)
+    tma.store_wait(0)
+
+
+'''
+# A: S_0 issued before the wait for the last P V, so it runs under that product's tail and the whole epilogue
+EARLY_UNDER_PV = '''            s_tok = warpgroup_mma(q_smem.index(2 * (1 - qb) + WG), k_smem.index(nst).permute((1, 0)),
+                                  gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc_tok, ))
+            mbarrier.arrive(v_empty.index(st), count=1)
+            out = (acc / gl.expand_dims(gl.convert_layout(l_i, acc_rows), 1)).to(dtype)
+            _fwd_epilogue(o0, o1, o2, o3, LSE, br, b, combo, rbase, row0, head, pos0, L, r, out, l_i, m_i, q_half,
+                          stride_lg, stride_lb, stride_lh, rows_l, HALF, MERGE)
+'''
+# B: S_0 issued once out is normalised (acc's registers free), under the out store and the lse store only
+EARLY_AFTER_NORM = '''            acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+            mbarrier.arrive(v_empty.index(st), count=1)
+            out = (acc / gl.expand_dims(gl.convert_layout(l_i, acc_rows), 1)).to(dtype)
+            s_tok = warpgroup_mma(q_smem.index(2 * (1 - qb) + WG), k_smem.index(nst).permute((1, 0)),
+                                  gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_l), use_acc=False, is_async=True)
+            _fwd_epilogue(o0, o1, o2, o3, LSE, br, b, combo, rbase, row0, head, pos0, L, r, out, l_i, m_i, q_half,
+                          stride_lg, stride_lb, stride_lh, rows_l, HALF, MERGE)
+'''
+
+
+def early_patches(text: str, branch: str):
+    """Q2_PATCHES' kernel and producer parts, and the consumer replaced by EARLY_CONSUMER with ``branch`` (the
+    order of the next S_0 and this tile's epilogue)."""
+    start = text.index("@gluon.jit\ndef _consumer(")
+    end = text.index("@gluon.jit\ndef _branch_desc(")
+    return Q2_PATCHES[:5] + [(text[start:end], EARLY_CONSUMER.replace("#BRANCH\n", branch))]
+
+
 FORMS = ("the lowering", "two Q buffers", "zero stores spread", "two Q buffers, zero stores spread",
-         "no zero fill (diagnostic)")
-EXACT = set(FORMS[:4])
+         "no zero fill (diagnostic)", "two Q buffers, next S_0 under the last P V and epilogue",
+         "two Q buffers, next S_0 under the out store")
+EXACT = set(FORMS[:4]) | set(FORMS[5:])
 
 
 def variant(low, form: str):
     """``low`` with its Gluon forward changed as the form says."""
+    if form in FORMS[5:]:
+        branch = EARLY_UNDER_PV if form == FORMS[5] else EARLY_AFTER_NORM
+        return patch_gluon(low, form, early_patches(low._gluon_text, branch))
     patches = {FORMS[0]: [], FORMS[1]: Q2_PATCHES, FORMS[2]: ZSPREAD_PATCHES, FORMS[3]: Q2_PATCHES + ZSPREAD_PATCHES,
                FORMS[4]: NOZ_PATCHES}[form]
     return patch_gluon(low, form, patches) if patches else low
@@ -174,7 +320,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--check-compile", action="store_true")
     ap.add_argument("--causal", choices=("no", "yes", "both"), default="both")
+    ap.add_argument("--forms", default=",".join(str(i) for i in range(len(FORMS))),
+                    help="the forms to run, by index into FORMS (0, the lowering, is always run)")
     args = ap.parse_args()
+    forms = tuple(FORMS[i] for i in sorted({0} | {int(x) for x in args.forms.split(",")}))
     if args.check_compile:
         return check_compile()
     from triton.testing import do_bench
@@ -182,14 +331,14 @@ def main():
     rows = []
     for causal in {"no": (False,), "yes": (True,), "both": (False, True)}[args.causal]:
         plan = build_plan(AttentionSpec(FOUR, causal=causal), N, H, D)
-        lows = {f: variant(tl_lowering.TritonLowering(plan, dev, torch.bfloat16), f) for f in FORMS}
+        lows = {f: variant(tl_lowering.TritonLowering(plan, dev, torch.bfloat16), f) for f in forms}
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v, dout = (torch.randn(1, N, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
         base = lows[FORMS[0]]
         assert base.gluon_unsupported(q, k, v, False) is None
         out, lse, aux = base.forward(q, k, v)
         equal = {}
-        for f in FORMS:
+        for f in forms:
             if f not in EXACT:
                 equal[f] = "not checked"
                 continue
@@ -199,9 +348,9 @@ def main():
                 oks.append(torch.equal(o, out) and torch.equal(l_, lse))
             equal[f] = all(oks)
         print(f"causal={causal}: out, lse bitwise equal to the lowering's (3 runs each): {equal}", flush=True)
-        times = {(f, p): [] for f in FORMS for p in ("fwd", "fwd+bwd")}
+        times = {(f, p): [] for f in forms for p in ("fwd", "fwd+bwd")}
         for _ in range(args.rounds):
-            for f in FORMS:
+            for f in forms:
                 low = lows[f]
 
                 def step():
