@@ -36,7 +36,15 @@ and barriers; only that store's source address was wrong). The form in this file
 halves, as described above); it compiles for sm_90a (the same shared memory, 64 HGMMAs, no spills) and has not run
 on a GPU.
 
-    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/gluon_q2_experiment.py [--rounds 5]
+Stop 34 adds two forms on the two Q buffers that go after the other part of a tile's fixed cost: the tensor cores
+idle from the tile's last P V product, through the epilogue (out normalised, stored; lse stored), the next tile's
+S_0 and its softmax, with both consumers in step. Here the next tile's S_0 is issued before this tile's epilogue:
+under the last P V and the whole epilogue, or (fewer live registers) once out is normalised, under its stores only.
+Its result is carried into the next iteration as a plain tensor, so no product is in flight across the loop's back
+edge. Compiled for sm_90a: 80 HGMMAs (tile 0's S_0 peeled), 2 and 4 spill instructions among a step's products (33
+and 39 elsewhere). Not yet run (stop 34: no GPU came).
+
+    DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/gluon_q2_experiment.py [--forms 1,5,6]
 
 ``--check-compile`` compiles the forms' forward for sm_90a without a GPU (triton 3.6).
 """
