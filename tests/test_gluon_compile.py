@@ -183,10 +183,10 @@ def test_tl_tile_candidates_fit_in_shared_memory(dtype, head_dim):
     assert n >= 9 and not over, f"over {MAX_SHARED} B of shared memory: {over}"
 
 
-EXPERIMENTS = ["gluon_bwd_experiment", "gluon_causal_experiment", "gluon_dkdv_experiment", "gluon_dkdv_ld_experiment",
-               "gluon_dkdv_skew_experiment", "gluon_dkdv_tile_experiment", "gluon_dq_experiment", "gluon_dq_regs_experiment",
-               "gluon_dq_skew_experiment", "gluon_dq_tile_experiment", "gluon_ds_experiment", "gluon_fwd_experiment", "gluon_offs32_experiment",
-               "gluon_pingpong_experiment", "gluon_q2_experiment", "gluon_red_experiment"]
+EXPERIMENTS = ["gluon_bwd_experiment", "gluon_bwd_tile_experiment", "gluon_causal_experiment", "gluon_dkdv_experiment",
+               "gluon_dkdv_ld_experiment", "gluon_dkdv_skew_experiment", "gluon_dq_experiment",
+               "gluon_dq_regs_experiment", "gluon_dq_skew_experiment", "gluon_ds_experiment", "gluon_fwd_experiment",
+               "gluon_offs32_experiment", "gluon_pingpong_experiment", "gluon_q2_experiment", "gluon_red_experiment"]
 
 
 @pytest.mark.parametrize("script", EXPERIMENTS)
