@@ -63,3 +63,17 @@ def test_tile_cost_cases_describe_their_tiles():
         busy = tiles / (132 * math.ceil(tiles / 132))
         text = tile_cost.describe(pairs, 132)
         assert f"{tiles} query tiles of {steps} key steps, busy fraction {busy:.3f}" in text, text
+
+
+def test_tile_cost_kernel_names_are_the_lowerings():
+    # tile_cost.py --kernels finds the Gluon kernels in a profile by name: each name must be a kernel of the
+    # lowering's Gluon source, or the case would print "not launched" for a kernel that ran
+    from dilated_compiler.lowering.triton import gluon_hopper
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tile_cost.py"
+    spec = importlib.util.spec_from_file_location("tile_cost", path)
+    tile_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tile_cost)
+    text = gluon_hopper.gluon_source(AttentionSpec((Branch(2048, 1),)), {})
+    assert set(tile_cost.PRODUCTS) == {"gluon_fwd", "gluon_bwd_dq", "gluon_bwd_dkdv"}
+    for name in tile_cost.PRODUCTS:
+        assert f"\ndef {name}(" in text, name
