@@ -85,11 +85,11 @@ def inputs(N, D, dtype, grad=True):
     return [torch.randn(1, N, H, D, device="cuda", dtype=dtype, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
-def module_step(N, heads=H, causal=False, mode="grouped"):
-    """The four-branch module (backend="triton", head assignment ``mode``) over random bf16 q, k, v (batch 1,
-    D = 128) that need gradients. Returns (attn, q, k, v, dout, step); step() runs one fwd+bwd and clears the
-    gradients."""
-    attn = compile_attention(spec_for(FOUR, mode, causal), backend="triton")
+def module_step(N, heads=H, causal=False, mode="grouped", pairs=FOUR):
+    """The module of ``pairs`` (w, r), four-branch by default (backend="triton", head assignment ``mode``) over
+    random bf16 q, k, v (batch 1, D = 128) that need gradients. Returns (attn, q, k, v, dout, step); step() runs one
+    fwd+bwd and clears the gradients."""
+    attn = compile_attention(spec_for(pairs, mode, causal), backend="triton")
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, N, heads, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
                for _ in range(3))

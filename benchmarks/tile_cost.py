@@ -92,14 +92,7 @@ def kernels(steps: int) -> None:
     for pairs in CASES:
         spec = bt.spec_for(pairs, "grouped", False)
         product = float(build_plan(spec, N, bt.H, D).flops) / 2   # one (rows x keys x D) product's FLOPs
-        attn = compile_attention(spec, backend="triton")
-        q, k, v = bt.inputs(N, D, torch.bfloat16)
-        dout = torch.randn_like(q)
-
-        def step():
-            attn(q, k, v).backward(dout)
-            for t in (q, k, v):
-                t.grad = None
+        attn, q, k, v, dout, step = bt.module_step(N, pairs=pairs)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -119,7 +112,7 @@ def kernels(steps: int) -> None:
                 continue
             us = statistics.median(times[name])
             bt.emit(f"| {label(pairs)} | {name} | {us:.1f} | {n} | {n * product / (us * 1e-6) / 1e12:.0f} |")
-        del q, k, v, dout
+        del attn, q, k, v, dout, step
         torch.cuda.empty_cache()
 
 
