@@ -45,15 +45,21 @@ def test_grouped_query_dkdv_walks_kv_head_tiles():
         assert wave_model.busy_fraction(spec, 8192, 4, 64, "q", 128, 64, sms, kv_heads=2)[0] == 2 * tiles
 
 
+def _tile_cost():
+    """benchmarks/tile_cost.py as a module (it is a script, not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tile_cost.py"
+    spec = importlib.util.spec_from_file_location("tile_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_tile_cost_cases_describe_their_tiles():
     # benchmarks/tile_cost.py's cases (N = 64K, 16 heads): w / r selected rows per segment, so (w / r) / 128 key
     # steps per query tile; every head selects N / r rows (one offset each), so 16 * N / r / 128 query tiles; the
     # four-branch case's heads split 4 ways, 4 * (N + N/2 + N/4 + N/8) / 128 tiles of 2048 / 128 steps; the busy
     # fraction of equal tiles as above
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tile_cost.py"
-    spec = importlib.util.spec_from_file_location("tile_cost", path)
-    tile_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tile_cost)
+    tile_cost = _tile_cost()
     for pairs in tile_cost.CASES:
         if len(pairs) == 1:
             (w, r), = pairs
@@ -69,10 +75,7 @@ def test_tile_cost_kernel_names_are_the_lowerings():
     # tile_cost.py --kernels finds the Gluon kernels in a profile by name: each name must be a kernel of the
     # lowering's Gluon source, or the case would print "not launched" for a kernel that ran
     from dilated_compiler.lowering.triton import gluon_hopper
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tile_cost.py"
-    spec = importlib.util.spec_from_file_location("tile_cost", path)
-    tile_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tile_cost)
+    tile_cost = _tile_cost()
     text = gluon_hopper.gluon_source(AttentionSpec((Branch(2048, 1),)), {})
     assert set(tile_cost.PRODUCTS) == {"gluon_fwd", "gluon_bwd_dq", "gluon_bwd_dkdv"}
     for name in tile_cost.PRODUCTS:
