@@ -16,8 +16,10 @@ segments also mean more HBM traffic per product (Q and out once per 16 key steps
 power limit, so ``--power`` samples the clock: the same TFLOP/s per GHz across the cases means the difference is
 energy (the clock), a lower one means the kernel's schedule. ``--kernels`` profiles each case's fwd+bwd step and
 prints each Gluon kernel's time and rate per matrix product, so the backward kernels' cost per tile shows too.
+``--step`` lists every GPU activity of the four-branch fwd+bwd step against the step's time: at stop 35 the three
+Gluon kernels added up to 3.360 ms of a 3.792 ms step.
 
-    PYTHONPATH=. DILATED_COMPILER_AUTOTUNE=0 python benchmarks/tile_cost.py [--power 4] [--kernels 10]
+    PYTHONPATH=. DILATED_COMPILER_AUTOTUNE=0 python benchmarks/tile_cost.py [--power 4] [--kernels 10] [--step 10]
     PYTHONPATH=. python benchmarks/tile_cost.py --list      # the cases' tiles and FLOPs, no GPU needed
 """
 
@@ -116,6 +118,49 @@ def kernels(steps: int) -> None:
         torch.cuda.empty_cache()
 
 
+def step_breakdown(steps: int) -> None:
+    """The four-branch fwd+bwd step's every GPU activity (kernels, copies, memsets) per step from torch.profiler,
+    against the step's time by CUDA events outside the profiler: what the step spends outside the three Gluon
+    kernels, and how much of it is the GPU waiting (host synchronisations are counted)."""
+    from torch.profiler import ProfilerActivity, profile
+    attn, q, k, v, dout, step = bt.module_step(N, pairs=bt.FOUR)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        torch.cuda.synchronize()
+        walls.append(a.elapsed_time(b) * 1e3)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    gpu: dict[str, list[float]] = {}
+    syncs: dict[str, int] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            gpu.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
+        elif "Synchronize" in e.name or "cudaMemcpy" in e.name:
+            syncs[e.name] = syncs.get(e.name, 0) + 1
+    bt.emit(f"\nfour-branch fwd+bwd step: {statistics.median(walls):.1f} us by CUDA events (median of {steps})")
+    bt.emit("| GPU activity | per step | us per step |")
+    bt.emit("|---|---|---|")
+    busy = 0.0
+    for name, ts in sorted(gpu.items(), key=lambda kv: -sum(kv[1])):
+        busy += sum(ts) / steps
+        bt.emit(f"| {name} | {len(ts) / steps:g} | {sum(ts) / steps:.1f} |")
+    bt.emit(f"| all GPU activity | | {busy:.1f} |")
+    for name, n in sorted(syncs.items()):
+        bt.emit(f"host call {name}: {n / steps:g} per step")
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=30), flush=True)
+    del attn, q, k, v, dout, step
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--list", action="store_true", help="print the cases (no GPU)")
@@ -123,6 +168,8 @@ def main():
                     help="also run each case's forward back to back this long, sampling clock and power")
     ap.add_argument("--kernels", type=int, default=0, metavar="STEPS",
                     help="first profile this many fwd+bwd steps per case: each Gluon kernel's time and product rate")
+    ap.add_argument("--step", type=int, default=0, metavar="STEPS",
+                    help="first profile this many four-branch fwd+bwd steps: every GPU activity per step")
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     for pairs in CASES:
@@ -132,6 +179,8 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("tile_cost.py times kernels on a CUDA GPU; --list runs anywhere")
     bt.emit(f"\n{torch.cuda.get_device_name()}: grouped N=64K, bf16, H={bt.H}, D={D}")
+    if args.step > 0:
+        step_breakdown(args.step)
     if args.kernels > 0:   # first: the shortest part, and the one that covers the backward kernels
         kernels(args.kernels)
     bt.emit("\ncells: time (useful TFLOP/s)\n| case | mode | N | D | dtype | pass | results | ratios |")
