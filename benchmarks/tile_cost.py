@@ -118,23 +118,18 @@ def kernels(steps: int) -> None:
         torch.cuda.empty_cache()
 
 
-def step_breakdown(steps: int) -> None:
-    """The four-branch fwd+bwd step's every GPU activity (kernels, copies, memsets) per step from torch.profiler,
-    against the step's time by CUDA events outside the profiler: what the step spends outside the three Gluon
-    kernels, and how much of it is the GPU waiting (host synchronisations are counted)."""
+def _profile_steps(step, steps: int):
+    """``steps`` steps back to back as do_bench runs them (no synchronisation between them, so the host runs
+    ahead): the median step time by CUDA events (us); then as many under torch.profiler: {GPU activity: its
+    durations (us)} and {host call that synchronises or copies: count}."""
     from torch.profiler import ProfilerActivity, profile
-    attn, q, k, v, dout, step = bt.module_step(N, pairs=bt.FOUR)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    # the steps back to back as do_bench runs them (no synchronisation between them, so the host runs ahead)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
     for a, b in events:
         a.record()
         step()
         b.record()
     torch.cuda.synchronize()
-    walls = [a.elapsed_time(b) * 1e3 for a, b in events]
+    wall = statistics.median(a.elapsed_time(b) * 1e3 for a, b in events)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -146,17 +141,37 @@ def step_breakdown(steps: int) -> None:
             gpu.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
         elif "Synchronize" in e.name or "cudaMemcpy" in e.name:
             syncs[e.name] = syncs.get(e.name, 0) + 1
-    bt.emit(f"\nfour-branch fwd+bwd step: {statistics.median(walls):.1f} us by CUDA events (median of {steps})")
-    bt.emit("| GPU activity | per step | us per step |")
-    bt.emit("|---|---|---|")
-    busy = 0.0
-    for name, ts in sorted(gpu.items(), key=lambda kv: -sum(kv[1])):
-        busy += sum(ts) / steps
-        bt.emit(f"| {name} | {len(ts) / steps:g} | {sum(ts) / steps:.1f} |")
-    bt.emit(f"| all GPU activity | | {busy:.1f} |")
-    for name, n in sorted(syncs.items()):
-        bt.emit(f"host call {name}: {n / steps:g} per step")
-    print(prof.key_averages().table(sort_by="device_time_total", row_limit=30), flush=True)
+    return wall, gpu, syncs
+
+
+def step_breakdown(steps: int, hot_seconds: float = 3.0) -> None:
+    """The four-branch fwd+bwd step's every GPU activity (kernels, copies, memsets) per step from torch.profiler,
+    against the step's time by CUDA events: what the step spends outside the three Gluon kernels, and how much of
+    it is the GPU waiting (host synchronisations are counted). Twice: after 3 steps ("cold": the clock not yet
+    lowered by the power limit) and right after ``hot_seconds`` of steps back to back (as in a benchmark's
+    repetitions), whose SM clock and power are sampled."""
+    import power_check
+    attn, q, k, v, dout, step = bt.module_step(N, pairs=bt.FOUR)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    states = [("cold", *_profile_steps(step, steps))]
+    n, dt, clocks, watts = power_check.sample(step, hot_seconds)
+    states.append(("hot", *_profile_steps(step, steps)))
+    bt.emit(f"\nfour-branch fwd+bwd, {hot_seconds:g} s of steps back to back: {dt / n * 1e3:.3f} ms per step, SM clock "
+            f"{statistics.median(clocks):.0f} MHz (min {min(clocks):.0f}), power {statistics.median(watts):.0f} W "
+            f"(max {max(watts):.0f})")
+    for state, wall, gpu, syncs in states:
+        bt.emit(f"\n{state}: the step {wall:.1f} us by CUDA events (median of {steps} back to back)")
+        bt.emit("| GPU activity | per step | us per step |")
+        bt.emit("|---|---|---|")
+        busy = 0.0
+        for name, ts in sorted(gpu.items(), key=lambda kv: -sum(kv[1])):
+            busy += sum(ts) / steps
+            bt.emit(f"| {name} | {len(ts) / steps:g} | {sum(ts) / steps:.1f} |")
+        bt.emit(f"| all GPU activity | | {busy:.1f} |")
+        for name, count in sorted(syncs.items()):
+            bt.emit(f"host call {name}: {count / steps:g} per step")
     del attn, q, k, v, dout, step
     torch.cuda.empty_cache()
 
