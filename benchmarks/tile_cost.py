@@ -16,10 +16,8 @@ segments also mean more HBM traffic per product (Q and out once per 16 key steps
 power limit, so ``--power`` samples the clock: the same TFLOP/s per GHz across the cases means the difference is
 energy (the clock), a lower one means the kernel's schedule. ``--kernels`` profiles each case's fwd+bwd step and
 prints each Gluon kernel's time and rate per matrix product, so the backward kernels' cost per tile shows too.
-``--step`` lists every GPU activity of the four-branch fwd+bwd step against the step's time: at stop 35 the three
-Gluon kernels added up to 3.360 ms of a 3.792 ms step.
 
-    PYTHONPATH=. DILATED_COMPILER_AUTOTUNE=0 python benchmarks/tile_cost.py [--power 4] [--kernels 10] [--step 10]
+    PYTHONPATH=. DILATED_COMPILER_AUTOTUNE=0 python benchmarks/tile_cost.py [--power 4] [--kernels 10]
     PYTHONPATH=. python benchmarks/tile_cost.py --list      # the cases' tiles and FLOPs, no GPU needed
 """
 
@@ -118,64 +116,6 @@ def kernels(steps: int) -> None:
         torch.cuda.empty_cache()
 
 
-def _profile_steps(step, steps: int):
-    """``steps`` steps back to back as do_bench runs them (no synchronisation between them, so the host runs
-    ahead): the median step time by CUDA events (us); then as many under torch.profiler: {GPU activity: its
-    durations (us)} and {host call that synchronises or copies: count}."""
-    from torch.profiler import ProfilerActivity, profile
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    for a, b in events:
-        a.record()
-        step()
-        b.record()
-    torch.cuda.synchronize()
-    wall = statistics.median(a.elapsed_time(b) * 1e3 for a, b in events)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    gpu: dict[str, list[float]] = {}
-    syncs: dict[str, int] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            gpu.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
-        elif "Synchronize" in e.name or "cudaMemcpy" in e.name:
-            syncs[e.name] = syncs.get(e.name, 0) + 1
-    return wall, gpu, syncs
-
-
-def step_breakdown(steps: int, hot_seconds: float = 3.0) -> None:
-    """The four-branch fwd+bwd step's every GPU activity (kernels, copies, memsets) per step from torch.profiler,
-    against the step's time by CUDA events: what the step spends outside the three Gluon kernels, and how much of
-    it is the GPU waiting (host synchronisations are counted). Twice: after 3 steps ("cold": the clock not yet
-    lowered by the power limit) and right after ``hot_seconds`` of steps back to back (as in a benchmark's
-    repetitions), whose SM clock and power are sampled."""
-    import power_check
-    attn, q, k, v, dout, step = bt.module_step(N, pairs=bt.FOUR)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    states = [("cold", *_profile_steps(step, steps))]
-    n, dt, clocks, watts = power_check.sample(step, hot_seconds)
-    states.append(("hot", *_profile_steps(step, steps)))
-    bt.emit(f"\nfour-branch fwd+bwd, {hot_seconds:g} s of steps back to back: {dt / n * 1e3:.3f} ms per step, SM clock "
-            f"{statistics.median(clocks):.0f} MHz (min {min(clocks):.0f}), power {statistics.median(watts):.0f} W "
-            f"(max {max(watts):.0f})")
-    for state, wall, gpu, syncs in states:
-        bt.emit(f"\n{state}: the step {wall:.1f} us by CUDA events (median of {steps} back to back)")
-        bt.emit("| GPU activity | per step | us per step |")
-        bt.emit("|---|---|---|")
-        busy = 0.0
-        for name, ts in sorted(gpu.items(), key=lambda kv: -sum(kv[1])):
-            busy += sum(ts) / steps
-            bt.emit(f"| {name} | {len(ts) / steps:g} | {sum(ts) / steps:.1f} |")
-        bt.emit(f"| all GPU activity | | {busy:.1f} |")
-        for name, count in sorted(syncs.items()):
-            bt.emit(f"host call {name}: {count / steps:g} per step")
-    del attn, q, k, v, dout, step
-    torch.cuda.empty_cache()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--list", action="store_true", help="print the cases (no GPU)")
@@ -183,8 +123,6 @@ def main():
                     help="also run each case's forward back to back this long, sampling clock and power")
     ap.add_argument("--kernels", type=int, default=0, metavar="STEPS",
                     help="first profile this many fwd+bwd steps per case: each Gluon kernel's time and product rate")
-    ap.add_argument("--step", type=int, default=0, metavar="STEPS",
-                    help="first profile this many four-branch fwd+bwd steps: every GPU activity per step")
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     for pairs in CASES:
@@ -194,8 +132,6 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("tile_cost.py times kernels on a CUDA GPU; --list runs anywhere")
     bt.emit(f"\n{torch.cuda.get_device_name()}: grouped N=64K, bf16, H={bt.H}, D={D}")
-    if args.step > 0:
-        step_breakdown(args.step)
     if args.kernels > 0:   # first: the shortest part, and the one that covers the backward kernels
         kernels(args.kernels)
     bt.emit("\ncells: time (useful TFLOP/s)\n| case | mode | N | D | dtype | pass | results | ratios |")

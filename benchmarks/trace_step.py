@@ -2,9 +2,12 @@
 start (relative to the step's first), duration and the idle gap before it, so that time spent outside the
 attention kernels (copies, memsets, launch gaps) shows up.
 
-    PYTHONPATH=. python benchmarks/trace_step.py [--N 65536] [--causal] [--mode grouped|all] [--steps 5]
+    PYTHONPATH=. python benchmarks/trace_step.py [--N 65536] [--causal] [--mode grouped|all] [--steps 5] [--hot 3]
 
-Prints the last step's kernels and, over all steps, the step span against the sum of kernel times.
+Prints the last step's kernels and, over all steps, the step span against the sum of kernel times. ``--hot``
+then runs the step back to back for that many seconds, as a benchmark's repetitions do (the GPU at its power
+limit lowers its SM clock), sampling clock and power (`power_check.py`), and traces again: the same kernels'
+times hot against cold tell the clock's share of a step's time from the work outside the kernels.
 """
 
 from __future__ import annotations
@@ -20,20 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_triton as bt  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--N", type=int, default=65536)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--mode", choices=("grouped", "all"), default="grouped")
-    ap.add_argument("--steps", type=int, default=5)
-    args = ap.parse_args()
-    *_, step = bt.module_step(args.N, args.heads, args.causal, args.mode)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+def trace(step, n: int):
+    """``n`` steps under torch.profiler, synchronised apart: each step's GPU activities in start order."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
+        for _ in range(n):
             step()
             torch.cuda.synchronize()  # steps apart, so each one's span is its own
     kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
@@ -46,8 +39,10 @@ def main():
             cur = []
         cur.append(e)
     steps.append(cur)
-    print(f"{torch.cuda.get_device_name()}: fwd+bwd step, four-branch {args.mode}{' causal' if args.causal else ''}, "
-          f"N={args.N}, H={args.heads}, D=128, bf16; {len(steps)} steps found")
+    return steps
+
+
+def report(steps) -> None:
     last = steps[-1]
     t0 = last[0].time_range.start
     print("| kernel | start us | us | gap before us |")
@@ -60,7 +55,36 @@ def main():
     for i, s in enumerate(steps):
         span = s[-1].time_range.end - s[0].time_range.start
         busy = sum(e.time_range.elapsed_us() for e in s)
-        print(f"step {i}: span {span / 1e3:.3f} ms, kernels {busy / 1e3:.3f} ms, {len(s)} kernels")
+        print(f"step {i}: span {span / 1e3:.3f} ms, kernels {busy / 1e3:.3f} ms, {len(s)} kernels", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--N", type=int, default=65536)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--mode", choices=("grouped", "all"), default="grouped")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--hot", type=float, default=0.0, metavar="SECONDS",
+                    help="then run the step back to back this long and trace again")
+    args = ap.parse_args()
+    *_, step = bt.module_step(args.N, args.heads, args.causal, args.mode)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    steps = trace(step, args.steps)
+    print(f"{torch.cuda.get_device_name()}: fwd+bwd step, four-branch {args.mode}{' causal' if args.causal else ''}, "
+          f"N={args.N}, H={args.heads}, D=128, bf16; {len(steps)} steps found")
+    report(steps)
+    if args.hot > 0:
+        import power_check
+        import statistics
+        n, dt, clocks, watts = power_check.sample(step, args.hot)
+        steps = trace(step, args.steps)
+        print(f"\nhot: after {n} steps back to back in {dt:.1f} s ({dt / n * 1e3:.3f} ms per step; SM clock median "
+              f"{statistics.median(clocks):.0f} MHz, min {min(clocks):.0f}; power median "
+              f"{statistics.median(watts):.0f} W, max {max(watts):.0f})")
+        report(steps)
 
 
 if __name__ == "__main__":
