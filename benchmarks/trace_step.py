@@ -13,6 +13,7 @@ times hot against cold tell the clock's share of a step's time from the work out
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -78,7 +79,6 @@ def main():
     report(steps)
     if args.hot > 0:
         import power_check
-        import statistics
         n, dt, clocks, watts = power_check.sample(step, args.hot)
         steps = trace(step, args.steps)
         print(f"\nhot: after {n} steps back to back in {dt:.1f} s ({dt / n * 1e3:.3f} ms per step; SM clock median "
