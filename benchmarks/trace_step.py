@@ -6,8 +6,9 @@ attention kernels (copies, memsets, launch gaps) shows up.
 
 Prints the last step's kernels and, over all steps, the step span against the sum of kernel times. ``--hot``
 then runs the step back to back for that many seconds, as a benchmark's repetitions do (the GPU at its power
-limit lowers its SM clock), sampling clock and power (`power_check.py`), and traces again: the same kernels'
-times hot against cold tell the clock's share of a step's time from the work outside the kernels.
+limit lowers its SM clock), sampling clock and power (`power_check.py`), and traces again, steps back to
+back and then synchronised apart: the same kernels' times hot against cold tell the clock's share of a step's time
+from the work outside the kernels.
 """
 
 from __future__ import annotations
@@ -24,18 +25,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_triton as bt  # noqa: E402
 
 
-def trace(step, n: int):
-    """``n`` steps under torch.profiler, synchronised apart: each step's GPU activities in start order."""
+def trace(step, n: int, first: str | None = None):
+    """``n`` steps under torch.profiler: each step's GPU activities in start order. Without ``first`` the steps
+    run synchronised apart and split at gaps longer than 50 us; with it they run back to back (as a benchmark's
+    repetitions do) and a step begins at each kernel of that name."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
-            torch.cuda.synchronize()  # steps apart, so each one's span is its own
+            if first is None:
+                torch.cuda.synchronize()  # steps apart, so each one's span is its own
+        torch.cuda.synchronize()
     kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: e.time_range.start)
-    # split into steps at gaps longer than 50 us (the synchronize between steps)
     steps, cur = [], []
     for e in kernels:
-        if cur and e.time_range.start - cur[-1].time_range.end > 50:
+        if cur and (e.name == first if first else e.time_range.start - cur[-1].time_range.end > 50):
             steps.append(cur)
             cur = []
         cur.append(e)
@@ -79,12 +83,17 @@ def main():
     report(steps)
     if args.hot > 0:
         import power_check
+        first = steps[-1][0].name
         n, dt, clocks, watts = power_check.sample(step, args.hot)
-        steps = trace(step, args.steps)
+        hot = trace(step, 4 * args.steps, first=first)[1:-1]   # the first and last may be cut
+        apart = trace(step, args.steps)
         print(f"\nhot: after {n} steps back to back in {dt:.1f} s ({dt / n * 1e3:.3f} ms per step; SM clock median "
               f"{statistics.median(clocks):.0f} MHz, min {min(clocks):.0f}; power median "
-              f"{statistics.median(watts):.0f} W, max {max(watts):.0f})")
-        report(steps)
+              f"{statistics.median(watts):.0f} W, max {max(watts):.0f}); then {len(hot)} steps back to back (a step "
+              f"begins at each {first}):")
+        report(hot)
+        print("\nthen steps synchronised apart:")
+        report(apart)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ through every step (2 and 4 spill instructions among a step's products, 33 and 3
 none). Compiled for sm_90a: 80 HGMMAs (tile 0's S_0 peeled), no spills. Run at stop 35 (H100, `--causal no
 --rounds 3 --forms 5,6`): forward 0.882 ms (form 5) and 0.889 (form 6) against the lowering's 0.908 (rounds 0.819,
 0.911, 0.908); fwd+bwd 3.755 and 4.015 against 3.753. Both bitwise equal to the lowering, neither outside its
-spread. Not adopted.
+spread. Form 5 again at stop 36 (H100, `--causal no --rounds 7 --forms 5`): forward 0.905 ms (0.891-0.931) against
+the lowering's 0.882 (0.859-0.905), fwd+bwd 3.841 against 3.846; bitwise equal, slower. Not adopted.
 
     DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/gluon_q2_experiment.py [--forms 1,5,6]
 
