@@ -6,7 +6,11 @@ segment (bf16, 16 heads, head_dim 128): kernel time for each tile config, with t
 with pointer loads (TileConfig.tma). Each variant's output is checked against the default variant's before it
 is timed. Prints one table, best first per pass.
 
-    PYTHONPATH=. python benchmarks/tune_triton.py [--quick]
+``--float32``: float32 instead, at D = 64, 128 and 256 (four-branch grouped, N = 8K): float32's own candidate
+lists (``autotune.candidates``) against the first config of the 16-bit list of twice the head_dim (the one
+float32 took before stop 36; not at D = 256, where ptxas takes minutes a kernel).
+
+    PYTHONPATH=. python benchmarks/tune_triton.py [--quick | --float32]
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from triton.testing import do_bench
 
 from dilated_compiler import AttentionSpec, Branch, build_plan
 from dilated_compiler.lowering.triton import lowering as tl_lowering
-from dilated_compiler.lowering.triton.autotune import TileConfig, _c
+from dilated_compiler.lowering.triton.autotune import TileConfig, _c, candidates
 
 H, D = 16, 128
 FOUR = ((2048, 1), (4096, 2), (8192, 4), (16384, 8))
@@ -72,21 +76,23 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def run_case(name, spec, N, rows, quick, passes=("fwd", "dkdv", "dq")):
+def run_case(name, spec, N, rows, quick, passes=("fwd", "dkdv", "dq"), dtype=torch.bfloat16, configs=None):
+    """Each pass's variants (``configs``: pass -> tile configs, else the lists above) timed on ``spec`` at N."""
     plan = build_plan(spec, N, H, D)
-    low = tl_lowering.TritonLowering(plan, torch.device(DEVICE), torch.bfloat16)
+    low = tl_lowering.TritonLowering(plan, torch.device(DEVICE), dtype)
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    q, k, v, dout = (torch.randn(1, N, H, D, device=DEVICE, dtype=torch.bfloat16, generator=g) for _ in range(4))
+    q, k, v, dout = (torch.randn(1, N, H, D, device=DEVICE, dtype=dtype, generator=g) for _ in range(4))
     kpm = torch.zeros(1, dtype=torch.uint8, device=DEVICE)
     flops_f, flops_b = float(plan.flops), float(plan.flops_backward)
     # reference results: the default forward / backward (autotuned as users get them)
     out, lse, aux = low.forward(q, k, v)
     ref_dq, ref_dk, ref_dv = low.backward(dout, None, q, k, v, out, lse, aux)
     delta = (out.float() * dout.float()).sum(-1).permute(0, 2, 1).contiguous()
-    configs = {"fwd": FWD[:3] if quick else FWD, "dkdv": DKDV[:3] if quick else DKDV,
-               "dq": DQ[:3] if quick else DQ}
-    if name.startswith("dense"):
-        configs["fwd"] = DENSE_FWD
+    if configs is None:
+        configs = {"fwd": FWD[:3] if quick else FWD, "dkdv": DKDV[:3] if quick else DKDV,
+                   "dq": DQ[:3] if quick else DQ}
+        if name.startswith("dense"):
+            configs["fwd"] = DENSE_FWD
     configs = {p: c for p, c in configs.items() if p in passes}
     for pass_name, cfgs in configs.items():
         for cfg in cfgs:
@@ -127,22 +133,33 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--float32", action="store_true", help="float32's tile lists at D = 64, 128, 256")
     args = ap.parse_args()
     t0 = time.time()
     rows = []
+    dtype = "bf16"
     global DEVICE, H, D
     if args.smoke:
         DEVICE, H, D = "cpu", 2, 16
         spec = AttentionSpec((Branch(32, 1), Branch(64, 2)))
         for cfgs in (FWD, DKDV, DQ):
             cfgs[:] = [TileConfig(16, 16, 1, 1)]
-        run_case("smoke", spec, 128, rows, False)
+        dtype = "fp16, float32"   # the interpreter computes bf16 products wrongly
+        run_case("smoke fp16", spec, 128, rows, False, dtype=torch.float16)
+        run_case("smoke float32", spec, 128, rows, False, dtype=torch.float32)
+    elif args.float32:
+        dtype = "float32"
+        four = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR))
+        for D in (64, 128, 256):
+            configs = {p: candidates(p, D, 4) + (candidates(p, 2 * D, 2)[:1] if D < 256 else [])
+                       for p in ("fwd", "dkdv", "dq")}
+            run_case(f"float32 D={D} 8K", four, 8192, rows, False, dtype=torch.float32, configs=configs)
     else:
         four = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR))
         run_case("four-branch 64K", four, 65536, rows, args.quick)
         run_case("dense 16K", AttentionSpec((Branch(16384, 1),)), 16384, rows, False, passes=("fwd",))
     where = torch.cuda.get_device_name() if DEVICE == "cuda" else "interpreter"
-    print(f"\n{where}, bf16, {H} heads, D={D}; kernel times (median), useful TFLOP/s of the pass; "
+    print(f"\n{where}, {dtype}, {H} heads, D={'64, 128, 256' if args.float32 else D}; kernel times (median), useful TFLOP/s of the pass; "
           f"err = relative difference to the default variant ({time.time() - t0:.0f} s)")
     print("| case | pass | variant | ms | TFLOP/s | err | resources |\n|---|---|---|---|---|---|---|")
     for case in dict.fromkeys(r[0] for r in rows):
