@@ -6,9 +6,9 @@ attention kernels (copies, memsets, launch gaps) shows up.
 
 Prints the last step's kernels and, over all steps, the step span against the sum of kernel times. ``--hot``
 then runs the step back to back for that many seconds, as a benchmark's repetitions do (the GPU at its power
-limit lowers its SM clock), sampling clock and power (`power_check.py`), and traces again, steps back to
-back and then synchronised apart: the same kernels' times hot against cold tell the clock's share of a step's time
-from the work outside the kernels.
+limit lowers its SM clock), sampling clock and power (`power_check.py`), and traces again, steps back to back
+and then synchronised apart: the same kernels' times hot against cold tell the clock's share of a step's time from
+the work outside the kernels.
 """
 
 from __future__ import annotations

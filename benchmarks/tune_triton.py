@@ -166,7 +166,8 @@ def main():
         run_case("four-branch 64K", four, 65536, rows, args.quick)
         run_case("dense 16K", AttentionSpec((Branch(16384, 1),)), 16384, rows, False, passes=("fwd",))
     where = torch.cuda.get_device_name() if DEVICE == "cuda" else "interpreter"
-    print(f"\n{where}, {dtype}, {H} heads, D={'64, 128' if args.float32 else D}; kernel times (median), useful TFLOP/s of the pass; "
+    dims = "64, 128" if args.float32 else D
+    print(f"\n{where}, {dtype}, {H} heads, D={dims}; kernel times (median), useful TFLOP/s of the pass; "
           f"err = relative difference to the default variant ({time.time() - t0:.0f} s)")
     print("| case | pass | variant | ms | TFLOP/s | err | resources |\n|---|---|---|---|---|---|---|")
     for case in dict.fromkeys(r[0] for r in rows):

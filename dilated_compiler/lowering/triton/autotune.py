@@ -63,7 +63,8 @@ _CANDIDATES = {
     ("dq", 256): [_c(64, 32, 4, 2, "ptr"), _c(64, 32, 4, 2), _c(32, 32, 4, 2, "ptr")],
     # float32 rows of more than 128 elements (wider than any 16-bit row). Their exact products run on the FMA units
     # with the operands in registers: the 256 lists' 64-row tiles took ptxas 1 to 3 minutes a kernel at D = 256
-    # (thousands of spill instructions); 32 x 16 tiles over 8 warps compile in 3 to 7 s with few or none.
+    # (thousands of spill instructions); 32 x 16 tiles over 8 warps compile in 4 to 7 s, with pointer loads
+    # spilling 0 to 178 instructions (with tensor descriptors, tried second, 3,600 to 5,200).
     ("fwd", 512): [_c(32, 16, 8, 2, "ptr"), _c(32, 16, 8, 2)],
     ("dkdv", 512): [_c(32, 16, 8, 2, "ptr"), _c(32, 16, 8, 2)],
     ("dq", 512): [_c(32, 16, 8, 2, "ptr"), _c(32, 16, 8, 2)],
