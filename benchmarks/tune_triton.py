@@ -145,18 +145,18 @@ def main():
     args = ap.parse_args()
     t0 = time.time()
     rows = []
-    dtype = "bf16"
+    dtypes = "bf16"   # for the table's heading
     global DEVICE, H, D
     if args.smoke:
         DEVICE, H, D = "cpu", 2, 16
         spec = AttentionSpec((Branch(32, 1), Branch(64, 2)))
         for cfgs in (FWD, DKDV, DQ):
             cfgs[:] = [TileConfig(16, 16, 1, 1)]
-        dtype = "fp16, float32"   # the interpreter computes bf16 products wrongly
+        dtypes = "fp16, float32"   # the interpreter computes bf16 products wrongly
         run_case("smoke fp16", spec, 128, rows, False, dtype=torch.float16)
         run_case("smoke float32", spec, 128, rows, False, dtype=torch.float32)
     elif args.float32:
-        dtype = "float32"
+        dtypes = "float32"
         four = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR))
         for D in (64, 128):
             configs = {p: candidates(p, D, 4)[:1] + FP32_SMALL[D][p] for p in ("fwd", "dkdv", "dq")}
@@ -167,7 +167,7 @@ def main():
         run_case("dense 16K", AttentionSpec((Branch(16384, 1),)), 16384, rows, False, passes=("fwd",))
     where = torch.cuda.get_device_name() if DEVICE == "cuda" else "interpreter"
     dims = "64, 128" if args.float32 else D
-    print(f"\n{where}, {dtype}, {H} heads, D={dims}; kernel times (median), useful TFLOP/s of the pass; "
+    print(f"\n{where}, {dtypes}, {H} heads, D={dims}; kernel times (median), useful TFLOP/s of the pass; "
           f"err = relative difference to the default variant ({time.time() - t0:.0f} s)")
     print("| case | pass | variant | ms | TFLOP/s | err | resources |\n|---|---|---|---|---|---|---|")
     for case in dict.fromkeys(r[0] for r in rows):
