@@ -6,10 +6,11 @@ segment (bf16, 16 heads, head_dim 128): kernel time for each tile config, with t
 with pointer loads (TileConfig.tma). Each variant's output is checked against the default variant's before it
 is timed. Prints one table, best first per pass.
 
-``--float32``: float32 instead, at D = 64 and 128 (four-branch grouped, N = 8K): the first config float32 takes
-now (``autotune.candidates``: the 16-bit list of twice the head_dim) against smaller tiles over 8 warps
-(``FP32_SMALL``). Exact float32 products run on the FMA units with their operands in registers; compiled for
-sm_90a (stop 36), the current first configs spill 4,000 to 60,000 instructions, these few or none. Not yet run.
+``--float32``: float32 instead, at D = 64 and 128 (four-branch grouped, N = 8K): float32's own tile lists
+(``autotune.candidates``: small tiles over 8 warps) against the first config of the 16-bit list of twice the head_dim,
+which float32 took before stop 37. Exact float32 products run on the FMA units with their operands in registers;
+those 16-bit tiles spill 4,000 to 60,000 instructions at float32, and on an H100 (stop 37) ran 4.7-8.7x slower
+in the forward and dk/dv and 5.6x in dq at D = 128 (at D = 64 dq's was 5% faster).
 
     PYTHONPATH=. python benchmarks/tune_triton.py [--quick | --float32]
 """
@@ -45,13 +46,6 @@ DKDV = [_c(64, 32, 4, 3), _c(64, 32, 4, 2), _c(64, 32, 4, 3, "ptr"), _c(64, 32, 
         _c(64, 64, 4, 2)]
 DQ = [_c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 3), _c(128, 32, 8, 3, "ptr"), _c(128, 128, 8, 2, "ptr"),
       _c(64, 64, 4, 3, "ptr")]
-# float32 at D = 64 and 128: small tiles over 8 warps (compiled for sm_90a at stop 36: spill instructions, in the
-# order listed, D = 64: fwd 0, 0; dkdv 40, 48; dq 0, 0. D = 128: fwd 0, 503; dkdv 0, 905; dq 0, 129)
-FP32_SMALL = {
-    64: {"fwd": [_c(64, 32, 8, 2, "ptr"), _c(64, 16, 8, 2, "ptr")], "dkdv": [_c(64, 16, 8, 2, "ptr"),
-         _c(32, 32, 8, 2, "ptr")], "dq": [_c(64, 32, 8, 2, "ptr"), _c(64, 16, 8, 2, "ptr")]},
-    128: {p: [_c(32, 16, 8, 2, "ptr"), _c(64, 16, 8, 2, "ptr")] for p in ("fwd", "dkdv", "dq")},
-}
 DENSE_FWD = [_c(128, 128, 8, 3), _c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 2, "tma", 128)]
 
 # Hopper: 64K registers, 228 KB of shared memory (1 KB of it reserved per program) and 64 warps per SM
@@ -141,7 +135,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
-    ap.add_argument("--float32", action="store_true", help="float32's first tile configs against smaller ones")
+    ap.add_argument("--float32", type=int, nargs="*", choices=(64, 128), metavar="D",
+                    help="float32's tile lists against the 16-bit ones it took before, at these head_dims "
+                         "(64 128 if none)")
     args = ap.parse_args()
     t0 = time.time()
     rows = []
@@ -155,18 +151,18 @@ def main():
         dtypes = "fp16, float32"   # the interpreter computes bf16 products wrongly
         run_case("smoke fp16", spec, 128, rows, False, dtype=torch.float16)
         run_case("smoke float32", spec, 128, rows, False, dtype=torch.float32)
-    elif args.float32:
+    elif args.float32 is not None:
         dtypes = "float32"
         four = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR))
-        for D in (64, 128):
-            configs = {p: candidates(p, D, 4)[:1] + FP32_SMALL[D][p] for p in ("fwd", "dkdv", "dq")}
+        for D in args.float32 or (64, 128):
+            configs = {p: candidates(p, D, 4) + candidates(p, 2 * D, 2)[:1] for p in ("fwd", "dkdv", "dq")}
             run_case(f"float32 D={D} 8K", four, 8192, rows, False, dtype=torch.float32, configs=configs)
     else:
         four = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR))
         run_case("four-branch 64K", four, 65536, rows, args.quick)
         run_case("dense 16K", AttentionSpec((Branch(16384, 1),)), 16384, rows, False, passes=("fwd",))
     where = torch.cuda.get_device_name() if DEVICE == "cuda" else "interpreter"
-    dims = "64, 128" if args.float32 else D
+    dims = ", ".join(map(str, args.float32 or (64, 128))) if args.float32 is not None else D
     print(f"\n{where}, {dtypes}, {H} heads, D={dims}; kernel times (median), useful TFLOP/s of the pass; "
           f"err = relative difference to the default variant ({time.time() - t0:.0f} s)")
     print("| case | pass | variant | ms | TFLOP/s | err | resources |\n|---|---|---|---|---|---|---|")

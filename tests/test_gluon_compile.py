@@ -159,7 +159,7 @@ def _check(compiled):
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.float32, 128), (torch.float32, 256),
                                              (torch.float16, 128)])
 def test_tl_tile_candidates_fit_in_shared_memory(dtype, head_dim):
-    """Every tile config the autotuner may try for this dtype and head_dim (autotune.candidates: by a row's bytes)
+    """Every tile config the autotuner may try for this dtype and head_dim (autotune.candidates; float32's own)
     fits a block's shared memory on sm_90, through tensor descriptors and through pointer loads (a TMA config runs
     so where the inputs are not 16-byte aligned). The 16-bit D = 128 configs did not fit at float32."""
     from dilated_compiler.lowering.triton import autotune
@@ -180,7 +180,7 @@ def test_tl_tile_candidates_fit_in_shared_memory(dtype, head_dim):
                 n += 1
                 if shared > MAX_SHARED:
                     over.append(f"{kernel} {cfg} {'TMA' if tma else 'pointers'}: {shared} B")
-    assert n >= 9 and not over, f"over {MAX_SHARED} B of shared memory: {over}"
+    assert n >= 6 and not over, f"over {MAX_SHARED} B of shared memory: {over}"
 
 
 EXPERIMENTS = ["gluon_bwd_experiment", "gluon_bwd_tile_experiment", "gluon_causal_experiment", "gluon_dkdv_experiment",

@@ -883,18 +883,21 @@ def test_autotune_shape_buckets():
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter has one tile config")
-def test_autotune_candidates_by_the_bytes_of_a_row():
-    # the lists are sized for 16-bit elements: a float32 row of D is as wide as a 16-bit row of 2 D (their shared
-    # memory is checked for sm_90 by tests/test_gluon_compile.py::test_tl_tile_candidates_fit_in_shared_memory);
-    # float32 rows wider than a 16-bit D = 256 row take small tiles over 8 warps (their products run on registers)
+def test_autotune_candidates_by_dtype_and_head_dim():
+    # 16-bit dtypes share the lists by head_dim bucket; float32 (exact products on the FMA units, operands in
+    # registers) has its own: small tiles over 8 warps, pointer loads first. Every candidate's shared memory is
+    # checked for sm_90 by tests/test_gluon_compile.py::test_tl_tile_candidates_fit_in_shared_memory.
     from dilated_compiler.lowering.triton.autotune import candidates
     for p in ("fwd", "dq", "dkdv"):
-        assert candidates(p, 128, 4) == candidates(p, 256, 2) != candidates(p, 128, 2)
-        assert candidates(p, 64, 4) == candidates(p, 128, 2) != candidates(p, 64, 2)
-        assert candidates(p, 32, 4) == candidates(p, 64, 2) == candidates(p, 16, 2)
-        wide = candidates(p, 256, 4)
-        assert wide == candidates(p, 136, 4) != candidates(p, 256, 2)
-        assert all((c.block, c.partner, c.num_warps) == (32, 16, 8) for c in wide)
+        for low, high in ((16, 64), (65, 128), (129, 256)):
+            assert candidates(p, low, 2) == candidates(p, high, 2)
+            assert candidates(p, low, 4) == candidates(p, high, 4)
+        assert candidates(p, 64, 2) != candidates(p, 128, 2) != candidates(p, 256, 2)
+        for d in (64, 128, 256):
+            fp32 = candidates(p, d, 4)
+            assert fp32 and fp32 != candidates(p, d, 2)
+            assert all(c.num_warps == 8 and c.block * c.partner <= 64 * 32 for c in fp32)
+            assert not fp32[0].tma
 
 
 def test_zero_fill_spans_not_in_all_mode_even_where_they_sum_to_n():
@@ -1525,10 +1528,9 @@ def test_gpu_head_dims(head_dim, dtype, mode, causal, poisoned):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("tma", [True, False])
 def test_gpu_float32_first_tile_candidates(head_dim, tma, poisoned, monkeypatch):
-    """float32 takes the tile lists of twice its head_dim, and D = 256 a list of its own (autotune.candidates); with
-    autotuning off the first candidate of each pass runs, with tensor descriptors allowed and not, against the
-    reference (the 16-bit D = 128 lists needed more shared memory than an H100 has at float32; the 16-bit D = 256
-    lists took ptxas minutes per kernel at float32)."""
+    """float32 has tile lists of its own (autotune.candidates); with autotuning off the first candidate of each
+    pass runs, with tensor descriptors allowed and not, against the reference (the 16-bit lists spilled at float32,
+    and at D = 256 took ptxas minutes per kernel)."""
     monkeypatch.setenv("DILATED_COMPILER_AUTOTUNE", "0")
     monkeypatch.setattr(poisoned, "USE_TMA", tma)
     spec = _gpu_spec("offsets", "grouped", True)

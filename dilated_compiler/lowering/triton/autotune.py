@@ -61,13 +61,25 @@ _CANDIDATES = {
     ("dq", 64): [_c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 3), _c(128, 32, 4, 4, "ptr")],
     ("dq", 128): [_c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 3), _c(128, 128, 8, 2, "ptr")],
     ("dq", 256): [_c(64, 32, 4, 2, "ptr"), _c(64, 32, 4, 2), _c(32, 32, 4, 2, "ptr")],
-    # float32 rows of more than 128 elements (wider than any 16-bit row). Their exact products run on the FMA units
-    # with the operands in registers: the 256 lists' 64-row tiles took ptxas 1 to 3 minutes a kernel at D = 256
-    # (thousands of spill instructions); 32 x 16 tiles over 8 warps compile in 4 to 7 s, with pointer loads
-    # spilling 0 to 178 instructions (with tensor descriptors, tried second, 3,600 to 5,200).
-    ("fwd", 512): [_c(32, 16, 8, 2, "ptr"), _c(32, 16, 8, 2)],
-    ("dkdv", 512): [_c(32, 16, 8, 2, "ptr"), _c(32, 16, 8, 2)],
-    ("dq", 512): [_c(32, 16, 8, 2, "ptr"), _c(32, 16, 8, 2)],
+}
+
+# float32 inputs: exact products (input_precision="ieee") run on the FMA units with their operands in registers,
+# so the tiles are small and spread over 8 warps. Float32 had taken the 16-bit lists of twice its head_dim, which
+# spilled thousands of instructions (at D = 256 ptxas took 1 to 3 minutes a kernel); these compile in 2 to 7 s
+# with few spills or none (pointer loads; tensor descriptors, tried second at D = 256, spill more). On an H100
+# (benchmarks/tune_triton.py --float32, N = 8K, stop 37) the first of each list against the old first config:
+# D = 64 fwd 3.06 / 26.6 ms, dk/dv 10.2 / 48.4, dq 4.95 / 4.70; D = 128 fwd 9.7 / 74.4, dk/dv 19.1 / 122.6,
+# dq 18.2 / 101.2 (benchmarks/results/H100-triton.md).
+_CANDIDATES_FP32 = {
+    ("fwd", 64): [_c(64, 32, 8, 2, "ptr"), _c(64, 16, 8, 2, "ptr")],
+    ("fwd", 128): [_c(32, 16, 8, 2, "ptr"), _c(64, 16, 8, 2, "ptr")],
+    ("fwd", 256): [_c(32, 16, 8, 2, "ptr"), _c(32, 16, 8, 2)],
+    ("dkdv", 64): [_c(64, 16, 8, 2, "ptr"), _c(32, 32, 8, 2, "ptr")],
+    ("dkdv", 128): [_c(32, 16, 8, 2, "ptr"), _c(64, 16, 8, 2, "ptr")],
+    ("dkdv", 256): [_c(32, 16, 8, 2, "ptr"), _c(32, 16, 8, 2)],
+    ("dq", 64): [_c(64, 32, 8, 2, "ptr"), _c(64, 16, 8, 2, "ptr")],
+    ("dq", 128): [_c(32, 16, 8, 2, "ptr"), _c(64, 16, 8, 2, "ptr")],
+    ("dq", 256): [_c(32, 16, 8, 2, "ptr"), _c(32, 16, 8, 2)],
 }
 
 
@@ -76,15 +88,12 @@ def interpreting() -> bool:
 
 
 def candidates(pass_name: str, head_dim: int, element_size: int = 2) -> list[TileConfig]:
-    """The tile configs to try for a pass, by the bytes of a row: the lists are sized for 16-bit elements, so
-    4-byte (float32) rows take those of twice the head_dim (a float32 row of 128 is as wide as a 16-bit row of
-    256; the 16-bit D = 128 lists need more shared memory than an H100 has at float32), and float32 rows wider
-    than that a list of their own."""
+    """The tile configs to try for a pass, by head_dim bucket (64, 128, 256): the 16-bit lists, or for 4-byte
+    (float32) elements lists of their own."""
     if interpreting():
         return [INTERPRETER_CONFIG]
-    width = head_dim * element_size // 2
-    bucket = 64 if width <= 64 else 128 if width <= 128 else 256 if width <= 256 else 512
-    return list(_CANDIDATES[(pass_name, bucket)])
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return list((_CANDIDATES_FP32 if element_size == 4 else _CANDIDATES)[(pass_name, bucket)])
 
 
 def shape_bucket(seq_len: int, heads_times_batch: int) -> str:
