@@ -1656,6 +1656,17 @@ def test_gpu_random_specs_and_shapes(case, dtype):
     run_case(case, "triton", dtype=dtype, device="cuda")
 
 
+@pytest.mark.gpu
+@cuda
+@given(case=attention_cases(max_dilation=9, max_kv_heads=3, max_seq=2000, head_dims=(16, 64, 96, 128, 256),
+                            max_segment=1024))
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_gpu_random_specs_and_shapes_float32(case):
+    """As test_gpu_random_specs_and_shapes, in float32: its own tile lists (small tiles over 8 warps, exact
+    products; autotune.candidates) on random specs and shapes, head_dim up to 256."""
+    run_case(case, "triton", dtype=torch.float32, device="cuda")
+
+
 @pytest.fixture
 def gluon_calls(poisoned, monkeypatch):
     return record_gluon_calls(poisoned, monkeypatch)
