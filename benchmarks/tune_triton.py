@@ -46,6 +46,16 @@ DKDV = [_c(64, 32, 4, 3), _c(64, 32, 4, 2), _c(64, 32, 4, 3, "ptr"), _c(64, 32, 
         _c(64, 64, 4, 2)]
 DQ = [_c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 3), _c(128, 32, 8, 3, "ptr"), _c(128, 128, 8, 2, "ptr"),
       _c(64, 64, 4, 3, "ptr")]
+# float32 on the TF32 tensor cores: more tile configs timed besides the list's (sm_90a compiles on this
+# project's CPU machine: few spill instructions or none, shared memory that fits)
+TF32_SWEEP = {
+    ("fwd", 64): [_c(128, 128, 8, 2), _c(128, 64, 8, 2, "ptr")],
+    ("fwd", 128): [_c(128, 32, 8, 2), _c(64, 64, 4, 2)],
+    ("dq", 64): [_c(64, 64, 4, 2)],
+    ("dq", 128): [_c(64, 64, 4, 2)],
+    ("dkdv", 64): [_c(64, 64, 4, 2)],
+    ("dkdv", 128): [_c(128, 32, 8, 2)],
+}
 DENSE_FWD = [_c(128, 128, 8, 3), _c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 2, "tma", 128)]
 
 # Hopper: 64K registers, 228 KB of shared memory (1 KB of it reserved per program) and 64 warps per SM
@@ -78,17 +88,21 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def run_case(name, spec, N, rows, quick, passes=("fwd", "dkdv", "dq"), dtype=torch.bfloat16, configs=None):
-    """Each pass's variants (``configs``: pass -> tile configs, else the lists above) timed on ``spec`` at N."""
+def run_case(name, spec, N, rows, quick, passes=("fwd", "dkdv", "dq"), dtype=torch.bfloat16, configs=None,
+             dot=None):
+    """Each pass's variants (``configs``: pass -> tile configs, else the lists above) timed on ``spec`` at N.
+    ``dot``: float32's product precision for the variants (the results they are checked against are the
+    default's)."""
     plan = build_plan(spec, N, H, D)
-    low = tl_lowering.TritonLowering(plan, torch.device(DEVICE), dtype)
+    ref_low = tl_lowering.TritonLowering(plan, torch.device(DEVICE), dtype)
+    low = tl_lowering.TritonLowering(plan, torch.device(DEVICE), dtype, float32_dot=dot)
     g = torch.Generator(device=DEVICE).manual_seed(0)
     q, k, v, dout = (torch.randn(1, N, H, D, device=DEVICE, dtype=dtype, generator=g) for _ in range(4))
     kpm = torch.zeros(1, dtype=torch.uint8, device=DEVICE)
     flops_f, flops_b = float(plan.flops), float(plan.flops_backward)
     # reference results: the default forward / backward (autotuned as users get them)
-    out, lse, aux = low.forward(q, k, v)
-    ref_dq, ref_dk, ref_dv = low.backward(dout, None, q, k, v, out, lse, aux)
+    out, lse, aux = ref_low.forward(q, k, v)
+    ref_dq, ref_dk, ref_dv = ref_low.backward(dout, None, q, k, v, out, lse, aux)
     delta = (out.float() * dout.float()).sum(-1).permute(0, 2, 1).contiguous()
     if configs is None:
         configs = {"fwd": FWD[:3] if quick else FWD, "dkdv": DKDV[:3] if quick else DKDV,
@@ -99,7 +113,7 @@ def run_case(name, spec, N, rows, quick, passes=("fwd", "dkdv", "dq"), dtype=tor
     for pass_name, cfgs in configs.items():
         for cfg in cfgs:
             for _ in (1,):
-                label = str(cfg)
+                label = str(cfg) + (f" {low.dot_precision}" if dtype == torch.float32 else "")
                 try:
                     if pass_name == "fwd":
                         o = torch.zeros_like(q)
@@ -135,6 +149,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--dot", nargs="+", choices=tl_lowering.FLOAT32_DOTS,
+                    help="with --float32: each of these product precisions, its tile list (with the exact "
+                         "products ('ieee') only the first config, with the others with tf32 also TF32_SWEEP's)")
     ap.add_argument("--float32", type=int, nargs="*", choices=(64, 128), metavar="D",
                     help="float32's tile lists against the 16-bit ones it took before, at these head_dims "
                          "(64 128 if none)")
@@ -155,8 +172,18 @@ def main():
         dtypes = "float32"
         four = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR))
         for D in args.float32 or (64, 128):
-            configs = {p: candidates(p, D, 4) + candidates(p, 2 * D, 2)[:1] for p in ("fwd", "dkdv", "dq")}
-            run_case(f"float32 D={D} 8K", four, 8192, rows, False, dtype=torch.float32, configs=configs)
+            if not args.dot:
+                configs = {p: candidates(p, D, 4) + candidates(p, 2 * D, 2)[:1] for p in ("fwd", "dkdv", "dq")}
+                run_case(f"float32 D={D} 8K", four, 8192, rows, False, dtype=torch.float32, configs=configs)
+                continue
+            for dot in args.dot:
+                # exact products: their list's first config; tensor-core products: their list and TF32_SWEEP
+                configs = {p: candidates(p, D, 4, dot)[:1] if dot == "ieee" else
+                           list(dict.fromkeys(candidates(p, D, 4, dot)
+                                              + (TF32_SWEEP.get((p, D), []) if dot == "tf32" else [])))
+                           for p in ("fwd", "dkdv", "dq")}
+                run_case(f"float32 D={D} 8K", four, 8192, rows, False, dtype=torch.float32, configs=configs,
+                         dot=dot)
     else:
         four = AttentionSpec(tuple(Branch(w, r) for w, r in FOUR))
         run_case("four-branch 64K", four, 65536, rows, args.quick)

@@ -898,6 +898,57 @@ def test_autotune_candidates_by_dtype_and_head_dim():
             assert fp32 and fp32 != candidates(p, d, 2)
             assert all(c.num_warps == 8 and c.block * c.partner <= 64 * 32 for c in fp32)
             assert not fp32[0].tma
+            # float32 on the TF32 tensor cores: a list of its own (products on the tensor cores, wider tiles)
+            tf32 = candidates(p, d, 4, "tf32")
+            assert tf32 and tf32 != fp32 and tf32 != candidates(p, d, 2)
+            assert candidates(p, d, 4, "ieee") == fp32
+
+
+@pytest.fixture
+def matmul_precision():
+    """Sets torch's precision for float32 matmuls on CUDA (``torch.backends.cuda.matmul.fp32_precision``) for a
+    test, then restores it."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+
+    def set_to(value):
+        matmul.fp32_precision = value
+    yield set_to
+    matmul.fp32_precision = before
+
+
+def test_float32_products_follow_torch_setting(matmul_precision):
+    """float32's products are exact unless torch's setting for float32 matmuls allows TF32 (the rule torch.compile's
+    kernels follow): then the generated kernels' products are TF32 (input_precision="tf32"), 16-bit inputs keep their
+    native products, and the runtime caches one plan per setting, so a change of the setting is never served a plan
+    compiled under the other."""
+    from dilated_compiler.lowering.base import float32_products
+    from dilated_compiler.lowering.triton.lowering import TritonLowering
+    from dilated_compiler.planner import build_plan
+    from dilated_compiler.runtime.cache import lowered, register_spec
+    spec = AttentionSpec((Branch(16, 1), Branch(32, 2)))
+    plan = build_plan(spec, 64, 2, 16)
+    cpu = torch.device("cpu")
+    matmul_precision("ieee")
+    assert float32_products() == "ieee"
+    exact = TritonLowering(plan, cpu, torch.float32)
+    assert exact.dot_precision == "ieee" and 'input_precision="ieee"' in exact.source()
+    key = register_spec(spec)
+    first = lowered(key, "triton", (1, 64, 2, 16), 2, torch.float32, cpu)
+    assert first.dot_precision == "ieee"
+    matmul_precision("tf32")
+    assert float32_products() == "tf32"
+    fast = TritonLowering(plan, cpu, torch.float32)
+    assert fast.dot_precision == "tf32" and 'input_precision="tf32"' in fast.source()
+    assert "ieee" not in fast.source() and fast.cache_key != exact.cache_key
+    half = TritonLowering(plan, cpu, torch.float16)
+    assert half.dot_precision is None and "input_precision" not in half.source()
+    second = lowered(key, "triton", (1, 64, 2, 16), 2, torch.float32, cpu)
+    assert second is not first and second.dot_precision == "tf32"
+    matmul_precision("ieee")
+    assert lowered(key, "triton", (1, 64, 2, 16), 2, torch.float32, cpu) is first
+    with pytest.raises(BackendError, match="float32_dot must be one of"):
+        TritonLowering(plan, cpu, torch.float32, float32_dot="tf32x3")
 
 
 def test_zero_fill_spans_not_in_all_mode_even_where_they_sum_to_n():
@@ -1537,6 +1588,29 @@ def test_gpu_float32_first_tile_candidates(head_dim, tma, poisoned, monkeypatch)
     attn = compile_attention(spec, backend="triton")
     q, k, v = make_qkv(1, 700, 3, head_dim, dtype=torch.float32, device="cuda", requires_grad=True)
     check_against_reference(attn, spec, q, k, v)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("mode,causal", [("grouped", True), ("all", False)])
+def test_gpu_float32_tf32_products(head_dim, mode, causal, matmul_precision, poisoned, monkeypatch):
+    """Where torch's setting allows TF32 for float32 matmuls, float32 runs its products on the TF32 tensor cores with
+    its own tile lists (the first of each with autotuning off): against the reference at TF32's tolerance (conftest),
+    and not the exact products' result (which would mean the setting was not followed)."""
+    from dilated_compiler.runtime.cache import lowered
+    monkeypatch.setenv("DILATED_COMPILER_AUTOTUNE", "0")
+    spec = _gpu_spec("offsets", mode, causal)
+    q, k, v = make_qkv(1, 700, 3, head_dim, dtype=torch.float32, device="cuda", requires_grad=True)
+    matmul_precision("tf32")
+    attn = compile_attention(spec, backend="triton")
+    check_against_reference(attn, spec, q, k, v, precision="tf32")
+    assert lowered(spec.key, "triton", tuple(q.shape), 3, torch.float32, q.device).dot_precision == "tf32"
+    with torch.no_grad():
+        fast = attn(q, k, v)
+        matmul_precision("ieee")
+        exact = attn(q, k, v)
+    assert (fast - exact).abs().max() > 0
 
 
 def _lowering_against_reference(low, spec, B, N, H, D, dtype):

@@ -22,7 +22,8 @@ import torch
 
 from ..planner import Plan
 
-__all__ = ["LoweredPlan", "BackendError", "register_lowering", "get_lowering", "lowerings", "aux_shape", "aux_dtype"]
+__all__ = ["LoweredPlan", "BackendError", "register_lowering", "get_lowering", "lowerings", "aux_shape", "aux_dtype",
+           "float32_products"]
 
 
 class BackendError(ValueError):
@@ -58,6 +59,18 @@ def get_lowering(name: str) -> Callable[..., LoweredPlan]:
     if name not in _LOWERINGS:
         raise BackendError(f"unknown backend {name!r}; available: {sorted(_LOWERINGS)}")
     return _LOWERINGS[name]
+
+
+def float32_products() -> str:
+    """How float32 matrix products run where a backend chooses: ``"tf32"`` (TensorFloat-32 tensor cores) where
+    torch's setting for float32 matmuls on CUDA allows it (``torch.backends.cuda.matmul.fp32_precision = "tf32"``,
+    which ``torch.set_float32_matmul_precision("high")`` and ``allow_tf32 = True`` also set; the rule
+    torch.compile's generated kernels follow), else ``"ieee"`` (exact; torch's default)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # a torch without the per-backend setting
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    return "tf32" if precision == "tf32" else "ieee"
 
 
 def aux_shape(plan_spec, batch: int, heads: int, seq_len: int, dtype: torch.dtype | None = None) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from ..lowering import get_lowering
+from ..lowering.base import float32_products
 from ..planner import build_plan
 from ..spec import AttentionSpec
 
@@ -72,7 +73,9 @@ def spec_for(key: str) -> AttentionSpec:
 def lowered(spec_key: str, backend: str, q_shape: tuple, kv_heads: int, dtype: torch.dtype,
             device: torch.device):
     """The lowered plan for these inputs, compiled on first use and cached."""
-    key = (spec_key, backend, tuple(q_shape), kv_heads, dtype, device)
+    # float32 products' precision follows torch's setting (lowering.base.float32_products) when the plan is compiled
+    key = (spec_key, backend, tuple(q_shape), kv_heads, dtype, device,
+           float32_products() if dtype == torch.float32 else None)
     with _lock:
         _limit()  # a bad DILATED_COMPILER_CACHE_SIZE is reported before any work
         hit = _cache.get(key)

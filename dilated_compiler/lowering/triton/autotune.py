@@ -87,13 +87,36 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def candidates(pass_name: str, head_dim: int, element_size: int = 2) -> list[TileConfig]:
+# float32 inputs whose products run on the TF32 tensor cores (input_precision="tf32", where torch's setting for
+# float32 matmuls allows it: base.float32_products). On an H100 (tune_triton.py --float32 --dot tf32, N = 8K,
+# stop 38) the first configs ran at 90-133 useful TFLOP/s (D = 64: fwd 0.302 ms, dk/dv 0.640, dq 0.352; D = 128:
+# 0.691, 1.477, 0.863), against 5-10 for exact products; the D = 256 lists are chosen by their sm_90a compiles
+# (few spill instructions), not timed.
+_CANDIDATES_TF32 = {
+    ("fwd", 64): [_c(128, 64, 8, 3), _c(128, 128, 8, 2)],
+    ("fwd", 128): [_c(128, 64, 8, 2), _c(128, 32, 8, 2)],
+    ("fwd", 256): [_c(64, 16, 4, 2), _c(64, 32, 4, 2)],
+    ("dkdv", 64): [_c(128, 32, 8, 2), _c(64, 32, 4, 3)],
+    ("dkdv", 128): [_c(128, 32, 8, 2), _c(64, 16, 4, 2)],
+    ("dkdv", 256): [_c(64, 16, 8, 2), _c(32, 16, 8, 2, "ptr")],
+    ("dq", 64): [_c(128, 64, 8, 2), _c(128, 32, 8, 3)],
+    ("dq", 128): [_c(128, 32, 8, 2), _c(64, 64, 4, 2)],
+    ("dq", 256): [_c(64, 16, 8, 2), _c(64, 16, 4, 2)],
+}
+
+
+def candidates(pass_name: str, head_dim: int, element_size: int = 2, dot: str | None = None) -> list[TileConfig]:
     """The tile configs to try for a pass, by head_dim bucket (64, 128, 256): the 16-bit lists, or for 4-byte
-    (float32) elements lists of their own."""
+    (float32) elements lists of their own, by the products' precision ``dot`` (``"ieee"``, the default for
+    float32, or ``"tf32"``)."""
     if interpreting():
         return [INTERPRETER_CONFIG]
     bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
-    return list((_CANDIDATES_FP32 if element_size == 4 else _CANDIDATES)[(pass_name, bucket)])
+    if element_size != 4:
+        table = _CANDIDATES
+    else:
+        table = _CANDIDATES_TF32 if dot == "tf32" else _CANDIDATES_FP32
+    return list(table[(pass_name, bucket)])
 
 
 def shape_bucket(seq_len: int, heads_times_batch: int) -> str:

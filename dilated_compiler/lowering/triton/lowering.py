@@ -41,7 +41,7 @@ import torch
 import triton  # noqa: F401  (an ImportError here keeps the backend unregistered)
 
 from ...planner import Plan
-from ..base import BackendError, aux_shape, register_lowering, softmax_scale
+from ..base import BackendError, aux_shape, float32_products, register_lowering, softmax_scale
 from . import autotune, gluon_hopper
 from .autotune import TileConfig, candidates, interpreting
 from .diskcache import load_module
@@ -53,6 +53,7 @@ __all__ = ["TritonLowering"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
+FLOAT32_DOTS = ("ieee", "tf32")  # float32 products: exact, or on the TF32 tensor cores (base.float32_products)
 _ROWS_PER_PROGRAM = 64  # rows of the elementwise merge kernel
 
 
@@ -130,7 +131,9 @@ class TritonLowering:
 
     name = "triton"
 
-    def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype):
+    def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype, float32_dot: str | None = None):
+        """``float32_dot``: the products' input_precision for float32 inputs, ``"ieee"`` or ``"tf32"`` (default:
+        ``base.float32_products()``, which follows torch's setting for float32 matmuls)."""
         if not plan.is_concrete:
             raise ValueError("the triton lowering needs a plan with concrete shapes")
         if device.type not in ("cuda", "cpu"):
@@ -156,7 +159,10 @@ class TritonLowering:
         self._split = not self.merge and whole_groups_reason(plan, self.gqa) is not None   # see _split_groups
         self.head_dim = D
         self.block_d = max(16, _next_pow2(D))
-        self.dot_precision = "ieee" if dtype == torch.float32 else None
+        float32_dot = float32_products() if float32_dot is None else float32_dot
+        if float32_dot not in FLOAT32_DOTS:
+            raise BackendError(f"float32_dot must be one of {FLOAT32_DOTS}; got {float32_dot!r}")
+        self.dot_precision = float32_dot if dtype == torch.float32 else None
         self.specialisation = {
             "heads": self.heads, "kv_heads": self.kv_heads, "GQA": self.gqa, "HEAD_DIM": D,
             "BLOCK_D": self.block_d, "dtype": str(dtype).replace("torch.", ""), "CAUSAL": self.causal,
@@ -430,7 +436,7 @@ class TritonLowering:
     def _tune_key(self, pass_name: str, batch: int, has_kpm: bool) -> str:
         return "|".join([pass_name, generator_fingerprint()[:8], f"triton{triton.__version__}", self.spec.key,
                          f"D{self.head_dim}",
-                         self.specialisation["dtype"],
+                         self.specialisation["dtype"], self.specialisation["dot"],
                          f"gqa{self.gqa > 1}", f"kpm{has_kpm}",
                          autotune.shape_bucket(int(self.plan.seq_len), batch * self.heads)])
 
@@ -438,7 +444,7 @@ class TritonLowering:
         key = self._tune_key(pass_name, batch, has_kpm)
         cfg = self._configs.get(key)
         if cfg is None:
-            configs = candidates(pass_name, self.head_dim, self.dtype.itemsize)
+            configs = candidates(pass_name, self.head_dim, self.dtype.itemsize, self.dot_precision)
             dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
             cfg = autotune.choose(dev_name, key, configs, time_one)
             self._configs[key] = cfg
@@ -649,7 +655,8 @@ class TritonLowering:
                  f"# triton lowering: module dc_{self.cache_key}.py in the disk cache (written when the kernels "
                  "first run)",
                  "# launches (default tile configs; autotuning on a GPU may pick others):"]
-        cfg_f, cfg_kv, cfg_q = (candidates(p, self.head_dim, self.dtype.itemsize)[0] for p in ("fwd", "dkdv", "dq"))
+        cfg_f, cfg_kv, cfg_q = (candidates(p, self.head_dim, self.dtype.itemsize, self.dot_precision)[0]
+                                for p in ("fwd", "dkdv", "dq"))
         for name, kind, cfg in (("dilated_fwd", "q", cfg_f), ("dilated_bwd_dq", "q", cfg_q),
                                 ("dilated_bwd_dkdv", "k", cfg_kv)):
             T = tile_table(self.plan, kind, cfg.block, cfg.partner).shape[0]
