@@ -156,20 +156,21 @@ def _check(compiled):
     assert sass.serialized is None, f"ptxas serialises the matrix instructions: {sass.serialized}"
 
 
-@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.float32, 128), (torch.float32, 256),
-                                             (torch.float16, 128)])
-def test_tl_tile_candidates_fit_in_shared_memory(dtype, head_dim):
-    """Every tile config the autotuner may try for this dtype and head_dim (autotune.candidates; float32's own)
-    fits a block's shared memory on sm_90, through tensor descriptors and through pointer loads (a TMA config runs
-    so where the inputs are not 16-byte aligned). The 16-bit D = 128 configs did not fit at float32."""
+@pytest.mark.parametrize("dtype,head_dim,dot", [(torch.float32, d, dot) for dot in ("ieee", "tf32")
+                                                 for d in (64, 128, 256)] + [(torch.float16, 128, None)])
+def test_tl_tile_candidates_fit_in_shared_memory(dtype, head_dim, dot):
+    """Every tile config the autotuner may try for this dtype, head_dim and float32 product precision
+    (autotune.candidates; float32's own, exact or TF32) fits a block's shared memory on sm_90, through tensor
+    descriptors and through pointer loads (a TMA config runs so where the inputs are not 16-byte aligned). The
+    16-bit D = 128 configs did not fit at float32."""
     from dilated_compiler.lowering.triton import autotune
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=True)
-    low = TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), dtype)
+    low = TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), dtype, float32_dot=dot)
     flags = {"fwd": dict(MERGE=False), "dq": dict(ATOMIC=False, HAS_DLSE=True), "dkdv": dict(ATOMIC=False)}
     kernels = {"fwd": "dilated_fwd", "dq": "dilated_bwd_dq", "dkdv": "dilated_bwd_dkdv"}
     over, n = [], 0
     for pass_name, kernel in kernels.items():
-        for cfg in autotune.candidates(pass_name, head_dim, dtype.itemsize):
+        for cfg in autotune.candidates(pass_name, head_dim, dtype.itemsize, low.dot_precision):
             own, partner = ("BLOCK_N", "BLOCK_M") if pass_name == "dkdv" else ("BLOCK_M", "BLOCK_N")
             for tma in sorted({cfg.tma, False}):
                 consts = dict(HEAD_DIM=head_dim, BLOCK_D=low.block_d, GQA=1, CAUSAL=True, HAS_KPM=False, TMA=tma,

@@ -26,7 +26,8 @@ tensor descriptors over the strided rows (the kernels' [Note: TMA]); outputs tha
 (gaps included, [Note: zero fill]) are allocated without a memset.
 
 Precision: fp16/bf16 use the tensor cores with fp32 accumulation; fp32 inputs use exact fp32 products
-(``input_precision="ieee"``), slower but within the float32 tolerances of the tests.
+(``input_precision="ieee"``, on the FMA units: slow), or TF32 tensor-core products (``"tf32"``, errors about 2e-3
+relative) where torch's setting for float32 matmuls allows TF32 (:func:`..base.float32_products`).
 """
 
 from __future__ import annotations
