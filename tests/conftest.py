@@ -122,12 +122,14 @@ def case_inputs(case, dtype=torch.float32, device="cpu"):
     return q, k, v, mask
 
 
-def run_case(case, backend, dtype=torch.float32, device="cpu"):
-    """Compile ``case["spec"]`` for ``backend`` and check it against the reference on the case's inputs."""
+def run_case(case, backend, dtype=torch.float32, device="cpu", precision=None):
+    """Compile ``case["spec"]`` for ``backend`` and check it against the reference on the case's inputs
+    (``precision``: as check_against_reference's)."""
     spec = case["spec"]
     attn = compile_attention(spec, backend=backend)
     q, k, v, mask = case_inputs(case, dtype, device)
-    check_against_reference(attn, spec, q, k, v, key_padding_mask=mask, lse_grad=case["lse_grad"])
+    check_against_reference(attn, spec, q, k, v, key_padding_mask=mask, lse_grad=case["lse_grad"],
+                            precision=precision)
 
 
 def poison_uninitialized(monkeypatch):
@@ -259,6 +261,32 @@ def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=No
     return terms
 
 
+def product_rounding_terms(spec, q, k, v, out, lse, key_padding_mask=None):
+    """For products whose operands are rounded (TF32: q and k in the scores, the weights and v in P V), the size of
+    what out and lse sum, per entry (float64, from the reference's inputs and results): a score's error is up to u
+    |s|_ij (|s|_ij = scale sum_d |q_id k_jd|), which moves lse_i by sum_j P_ij u |s|_ij and out_i by
+    sum_j P_ij u |s|_ij |v_j - out_i| <= sum_j P_ij u |s|_ij (|v_j| + |out_i|); rounding P and v adds
+    u sum_j P_ij |v_j|. Returns (out terms (B, N, H, D), lse terms (B, H, N)), in units of u."""
+    spec = load_spec(spec)
+    B, N, H, D = q.shape
+    scale = spec.softmax_scale(D)
+    q, k, v, out, lse = (t.detach().double().cpu() for t in (q, k, v, out, lse))
+    out_terms, lse_terms = torch.zeros_like(q), torch.zeros_like(lse)
+    for h, kv, masks in reference.head_masks(spec, B, N, H, k.shape[2], key_padding_mask, "cpu"):
+        qh, kh, vh, oh = q[:, :, h], k[:, :, kv], v[:, :, kv], out[:, :, h]
+        has_keys = torch.isfinite(lse[:, h])
+        lse_h = torch.where(has_keys, lse[:, h], 0.0)
+        weights = torch.exp(torch.einsum("bid,bjd->bij", qh, kh) * scale - lse_h[..., None])
+        size = scale * torch.einsum("bid,bjd->bij", qh.abs(), kh.abs())
+        for allowed in masks:
+            p = torch.where(allowed & has_keys[..., None], weights, 0.0)
+            lse_terms[:, h] += (p * size).sum(-1)
+            # |v_j - out_i| <= |v_j| + |out_i|
+            ps = p * size
+            out_terms[:, :, h] += ps @ vh.abs() + ps.sum(-1, keepdim=True) * oh.abs() + p @ vh.abs()
+    return out_terms, lse_terms
+
+
 def upstream_gradients(out, lse, lse_grad=True, seed=1):
     """The gradients the tests send back (float64, CPU): dout, and dlse (None unless ``lse_grad``)."""
     g = torch.Generator().manual_seed(seed)
@@ -288,8 +316,13 @@ def check_against_reference(attn, spec, q, k, v, key_padding_mask=None, check_gr
     qr, kr, vr = [t.detach().double().cpu().requires_grad_(check_grad) for t in (q, k, v)]
     mask_cpu = None if key_padding_mask is None else key_padding_mask.cpu()
     ref_out, ref_lse = reference.attention(qr, kr, vr, spec, key_padding_mask=mask_cpu, return_lse=True)
-    assert_close(out, ref_out, dtype, "out")
-    assert_lse_close(lse, ref_lse, dtype)
+    if dtype == "tf32":   # rounded operands in every product: the scores' rounding reaches out and lse
+        out_terms, lse_terms = product_rounding_terms(spec, qr, kr, vr, ref_out, ref_lse, mask_cpu)
+        assert_close(out, ref_out, dtype, "out", terms=out_terms)
+        assert_close(lse, ref_lse, dtype, "lse", tol=LSE_TOLERANCES[dtype], terms=lse_terms)
+    else:
+        assert_close(out, ref_out, dtype, "out")
+        assert_lse_close(lse, ref_lse, dtype)
     if not check_grad:
         return
     dout, dlse = upstream_gradients(ref_out, ref_lse, lse_grad, seed)

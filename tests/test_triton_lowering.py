@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, example, given, settings, strategies as st
 
 from dilated_compiler import AttentionSpec, Branch, compile_attention, reference
 from dilated_compiler.lowering import BackendError, triton_available, triton_unavailable_reason
@@ -1739,6 +1739,25 @@ def test_gpu_random_specs_and_shapes_float32(case):
     """As test_gpu_random_specs_and_shapes, in float32: its own tile lists (small tiles over 8 warps, exact
     products; autotune.candidates) on random specs and shapes, head_dim up to 256."""
     run_case(case, "triton", dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.gpu
+@cuda
+@given(case=attention_cases(max_dilation=9, max_kv_heads=3, max_seq=2000, head_dims=(16, 64, 96, 128, 256),
+                            max_segment=1024))
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])   # no shrinking: minutes of GPU time per failure
+def test_gpu_random_specs_and_shapes_tf32(case):
+    """As test_gpu_random_specs_and_shapes_float32, with torch's setting allowing TF32 for float32 matmuls: the
+    TF32 products and their tile lists (autotuning on: every candidate of a pass is timed, the fastest runs), at
+    TF32's tolerance."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        run_case(case, "triton", dtype=torch.float32, device="cuda", precision="tf32")
+    finally:
+        matmul.fp32_precision = before
 
 
 @pytest.fixture
