@@ -5,8 +5,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from conftest import (ROUNDING_FACTOR, TOLERANCES, UNIT_ROUNDOFF, assert_close, assert_lse_close, attention_cases,
-                      backward_loss, case_inputs, rounding_terms, upstream_gradients)
+from conftest import (LSE_TOLERANCES, ROUNDING_FACTOR, TOLERANCES, UNIT_ROUNDOFF, assert_close, assert_lse_close,
+                      attention_cases, backward_loss, case_inputs, product_rounding_terms, rounding_terms,
+                      upstream_gradients)
 from dilated_compiler import AttentionSpec, Branch, reference
 
 
@@ -105,3 +106,44 @@ def test_lse_is_compared_at_float32_level_whatever_the_inputs(dtype):
     assert_lse_close(e.float(), e, dtype)
     with pytest.raises(AssertionError, match="lse"):
         assert_lse_close(e.float() + 1e-3, e, dtype)
+
+
+def _to_tf32(x):
+    """x (float32) rounded to the nearest TF32 value (10 mantissa bits), as float64."""
+    bits = x.float().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).double()
+
+
+@given(case=attention_cases(max_seq=120, head_dims=(16, 64, 128), max_segment=64))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_tf32_terms_bound_rounded_operands(case):
+    """The TF32 comparison of out and lse (product_rounding_terms at TF32's unit roundoff, with atol and rtol set
+    to zero) lets pass the exact attention of q, k and v rounded to TF32, explicit scales included (their larger
+    scores carry larger rounding)."""
+    q, k, v, mask = case_inputs(case, torch.float32)
+    exact = [t.double() for t in (q, k, v)]
+    out, lse = reference.attention(*exact, case["spec"], key_padding_mask=mask, return_lse=True)
+    rounded, rounded_lse = reference.attention(*(_to_tf32(t) for t in (q, k, v)), case["spec"], key_padding_mask=mask,
+                                               return_lse=True)
+    out_terms, lse_terms = product_rounding_terms(case["spec"], *exact, out, lse, mask)
+    assert_close(rounded, out, "tf32", "out", terms=out_terms, tol=dict(atol=0.0, rtol=0.0))
+    assert_close(rounded_lse, lse, "tf32", "lse", terms=lse_terms, tol=dict(atol=1e-12, rtol=0.0))
+
+
+def test_tf32_terms_catch_an_error_past_them():
+    """An out or lse off by more than TF32's bound fails the comparison."""
+    case = dict(batch=1, seq=24, heads=2, kv_heads=2, head_dim=16, mask=False, lse_grad=False, seed=3,
+                spec=AttentionSpec((Branch(8, 1),), scale=1.0))
+    q, k, v, mask = case_inputs(case, torch.float64)
+    out, lse = reference.attention(q, k, v, case["spec"], return_lse=True)
+    out_terms, lse_terms = product_rounding_terms(case["spec"], q, k, v, out, lse)
+    tol, lse_tol = TOLERANCES["tf32"], LSE_TOLERANCES["tf32"]
+    u = ROUNDING_FACTOR * UNIT_ROUNDOFF["tf32"]
+    bad = out.clone()
+    bad[0, 5, 1, 3] += 1.5 * (tol["atol"] + tol["rtol"] * out[0, 5, 1, 3].abs() + u * out_terms[0, 5, 1, 3])
+    with pytest.raises(AssertionError, match="out"):
+        assert_close(bad, out, "tf32", "out", terms=out_terms)
+    bad_lse = lse.clone()
+    bad_lse[0, 1, 7] += 1.5 * (lse_tol["atol"] + lse_tol["rtol"] * lse[0, 1, 7].abs() + u * lse_terms[0, 1, 7])
+    with pytest.raises(AssertionError, match="lse"):
+        assert_close(bad_lse, lse, "tf32", "lse", tol=lse_tol, terms=lse_terms)
