@@ -947,6 +947,16 @@ def test_float32_products_follow_torch_setting(matmul_precision):
     assert second is not first and second.dot_precision == "tf32"
     matmul_precision("ieee")
     assert lowered(key, "triton", (1, 64, 2, 16), 2, torch.float32, cpu) is first
+    # torch's global setting reaches the matmuls' where they inherit it ("none")
+    matmul_precision("none")
+    before = torch.backends.fp32_precision
+    try:
+        torch.backends.fp32_precision = "tf32"
+        assert float32_products() == "tf32"
+        torch.backends.fp32_precision = "ieee"
+        assert float32_products() == "ieee"
+    finally:
+        torch.backends.fp32_precision = before
     with pytest.raises(BackendError, match="float32_dot must be one of"):
         TritonLowering(plan, cpu, torch.float32, float32_dot="tf32x3")
 
