@@ -209,6 +209,21 @@ def score_roundoff(dtype: torch.dtype) -> float:
     return UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32] / UNIT_ROUNDOFF[dtype]
 
 
+def _head_weights(spec, q, k, lse, key_padding_mask):
+    """Per query head h (float64 q, k, lse): (h, its kv head, its branches' masks (reference.head_masks), which rows
+    have keys, lse with 0 where they have none, the weights exp(s - lse) (B, N, N) over all pairs, and the size of
+    the scores' terms scale sum_d |q_id k_jd|)."""
+    B, N, H, D = q.shape
+    scale = spec.softmax_scale(D)
+    for h, kv, masks in reference.head_masks(spec, B, N, H, k.shape[2], key_padding_mask, "cpu"):
+        qh, kh = q[:, :, h], k[:, :, kv]
+        has_keys = torch.isfinite(lse[:, h])
+        lse_h = torch.where(has_keys, lse[:, h], 0.0)
+        weights = torch.exp(torch.einsum("bid,bjd->bij", qh, kh) * scale - lse_h[..., None])
+        size = scale * torch.einsum("bid,bjd->bij", qh.abs(), kh.abs())
+        yield h, kv, masks, has_keys, lse_h, weights, size
+
+
 def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=None, score_roundoff=0.0):
     """The size of the terms that each entry of dq, dk and dv sums, in float64 from the reference's inputs and
     results (q, k, v (B, N, H or Hkv, D); out, lse, dout, dlse (or None) as the reference's). With P the attention
@@ -227,26 +242,20 @@ def rounding_terms(spec, q, k, v, out, lse, dout, dlse=None, key_padding_mask=No
     dtype. It matters where the scores are large (an explicit scale several times 1/sqrt(D)): there torch's own
     float32 attention backward on the CPU is off by about 50 roundoffs of the terms."""
     spec = load_spec(spec)
-    B, N, H, D = q.shape
-    scale = spec.softmax_scale(D)
+    scale = spec.softmax_scale(q.shape[-1])
     q, k, v, out, lse, dout = (t.detach().double().cpu() for t in (q, k, v, out, lse, dout))
     terms = [torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)]
-    for h, kv, masks in reference.head_masks(spec, B, N, H, k.shape[2], key_padding_mask, "cpu"):
+    for h, kv, masks, has_keys, lse_h, weights, size in _head_weights(spec, q, k, lse, key_padding_mask):
         qh, kh, vh, doh = q[:, :, h], k[:, :, kv], v[:, :, kv], dout[:, :, h]
-        has_keys = torch.isfinite(lse[:, h])
-        scores = torch.einsum("bid,bjd->bij", qh, kh) * scale
-        lse_h = torch.where(has_keys, lse[:, h], 0.0)
-        weights = torch.exp(scores - lse_h[..., None])
         if score_roundoff:
             # the weights' own rounding, relative to the terms each pair contributes
-            argument = scale * torch.einsum("bid,bjd->bij", qh.abs(), kh.abs()) + lse_h.abs()[..., None]
-            weights = weights * (1 + score_roundoff * argument)
+            weights = weights * (1 + score_roundoff * (size + lse_h.abs()[..., None]))
         dp = _size(doh, vh, "bid,bjd->bij")
         row = _size(doh, out[:, :, h], "bid,bid->bi")
         if dlse is not None:
             row = row + torch.where(has_keys, dlse.detach().double().cpu()[:, h], 0.0).abs()
-        t = torch.zeros_like(scores)
-        p = torch.zeros_like(scores)
+        t = torch.zeros_like(weights)
+        p = torch.zeros_like(weights)
         for allowed in masks:
             p_g = torch.where(allowed & has_keys[..., None], weights, 0.0)
             extra = row
@@ -267,17 +276,10 @@ def product_rounding_terms(spec, q, k, v, out, lse, key_padding_mask=None):
     |s|_ij (|s|_ij = scale sum_d |q_id k_jd|), which moves lse_i by sum_j P_ij u |s|_ij and out_i by
     sum_j P_ij u |s|_ij |v_j - out_i| <= sum_j P_ij u |s|_ij (|v_j| + |out_i|); rounding P and v adds
     u sum_j P_ij |v_j|. Returns (out terms (B, N, H, D), lse terms (B, H, N)), in units of u."""
-    spec = load_spec(spec)
-    B, N, H, D = q.shape
-    scale = spec.softmax_scale(D)
     q, k, v, out, lse = (t.detach().double().cpu() for t in (q, k, v, out, lse))
     out_terms, lse_terms = torch.zeros_like(q), torch.zeros_like(lse)
-    for h, kv, masks in reference.head_masks(spec, B, N, H, k.shape[2], key_padding_mask, "cpu"):
-        qh, kh, vh, oh = q[:, :, h], k[:, :, kv], v[:, :, kv], out[:, :, h]
-        has_keys = torch.isfinite(lse[:, h])
-        lse_h = torch.where(has_keys, lse[:, h], 0.0)
-        weights = torch.exp(torch.einsum("bid,bjd->bij", qh, kh) * scale - lse_h[..., None])
-        size = scale * torch.einsum("bid,bjd->bij", qh.abs(), kh.abs())
+    for h, kv, masks, has_keys, lse_h, weights, size in _head_weights(load_spec(spec), q, k, lse, key_padding_mask):
+        vh, oh = v[:, :, kv], out[:, :, h]
         for allowed in masks:
             p = torch.where(allowed & has_keys[..., None], weights, 0.0)
             lse_terms[:, h] += (p * size).sum(-1)

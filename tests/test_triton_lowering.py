@@ -1757,17 +1757,12 @@ def test_gpu_random_specs_and_shapes_float32(case):
                             max_segment=1024))
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
           phases=[Phase.explicit, Phase.reuse, Phase.generate])   # no shrinking: minutes of GPU time per failure
-def test_gpu_random_specs_and_shapes_tf32(case):
+def test_gpu_random_specs_and_shapes_tf32(case, matmul_precision):
     """As test_gpu_random_specs_and_shapes_float32, with torch's setting allowing TF32 for float32 matmuls: the
     TF32 products and their tile lists (autotuning on: every candidate of a pass is timed, the fastest runs), at
     TF32's tolerance."""
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
-    try:
-        run_case(case, "triton", dtype=torch.float32, device="cuda", precision="tf32")
-    finally:
-        matmul.fp32_precision = before
+    matmul_precision("tf32")
+    run_case(case, "triton", dtype=torch.float32, device="cuda", precision="tf32")
 
 
 @pytest.fixture
