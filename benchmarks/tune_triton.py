@@ -12,7 +12,10 @@ which float32 took before stop 37. Exact float32 products run on the FMA units w
 those 16-bit tiles spill 4,000 to 60,000 instructions at float32, and on an H100 (stop 37) ran 4.7-8.7x slower
 in the forward and dk/dv and 5.6x in dq at D = 128 (at D = 64 dq's was 5% faster).
 
-    PYTHONPATH=. python benchmarks/tune_triton.py [--quick | --float32]
+``--float32 [D ...] --dot ieee tf32``: float32's exact products (their first config) against TF32 products
+(where torch's setting allows TF32; their list and TF32_SWEEP), errors relative to the exact products' default.
+
+    PYTHONPATH=. python benchmarks/tune_triton.py [--quick | --float32 [D ...] [--dot ieee tf32]]
 """
 
 from __future__ import annotations
@@ -150,8 +153,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--dot", nargs="+", choices=tl_lowering.FLOAT32_DOTS,
-                    help="with --float32: each of these product precisions, its tile list (with the exact "
-                         "products ('ieee') only the first config, with the others with tf32 also TF32_SWEEP's)")
+                    help="with --float32: these product precisions, each with its tile list (exact products, "
+                         "'ieee': the list's first config; 'tf32': the list and TF32_SWEEP)")
     ap.add_argument("--float32", type=int, nargs="*", choices=(64, 128), metavar="D",
                     help="float32's tile lists against the 16-bit ones it took before, at these head_dims "
                          "(64 128 if none)")
@@ -179,8 +182,7 @@ def main():
             for dot in args.dot:
                 # exact products: their list's first config; tensor-core products: their list and TF32_SWEEP
                 configs = {p: candidates(p, D, 4, dot)[:1] if dot == "ieee" else
-                           list(dict.fromkeys(candidates(p, D, 4, dot)
-                                              + (TF32_SWEEP.get((p, D), []) if dot == "tf32" else [])))
+                           list(dict.fromkeys(candidates(p, D, 4, dot) + TF32_SWEEP.get((p, D), [])))
                            for p in ("fwd", "dkdv", "dq")}
                 run_case(f"float32 D={D} 8K", four, 8192, rows, False, dtype=torch.float32, configs=configs,
                          dot=dot)
