@@ -961,6 +961,27 @@ def test_float32_products_follow_torch_setting(matmul_precision):
         TritonLowering(plan, cpu, torch.float32, float32_dot="tf32x3")
 
 
+def test_plan_cache_files_a_plan_under_the_precision_it_compiled_with(matmul_precision, monkeypatch):
+    """The cache reads torch's float32 setting for its lookup and the Triton lowering reads it again when it compiles.
+    Should the setting change between the two reads (another thread), the plan is filed under the precision it was
+    compiled with, so no later call under the other setting is served it."""
+    import dilated_compiler.runtime.cache as cache
+    spec = AttentionSpec((Branch(16, 1), Branch(32, 2)))
+    key = cache.register_spec(spec)
+    cpu, shape = torch.device("cpu"), (1, 64, 2, 16)
+    cache.clear_cache()
+    matmul_precision("tf32")
+    monkeypatch.setattr(cache, "float32_products", lambda: "ieee")  # the lookup's read, before the change
+    compiled = cache.lowered(key, "triton", shape, 2, torch.float32, cpu)
+    assert compiled.dot_precision == "tf32"
+    monkeypatch.undo()
+    assert cache.lowered(key, "triton", shape, 2, torch.float32, cpu) is compiled   # filed under "tf32"
+    matmul_precision("ieee")
+    exact = cache.lowered(key, "triton", shape, 2, torch.float32, cpu)
+    assert exact is not compiled and exact.dot_precision == "ieee"
+    assert cache.cache_info().misses == 2
+
+
 def test_zero_fill_spans_not_in_all_mode_even_where_they_sum_to_n():
     """spans_cover is False in "all" mode even where each head's spans add up to N (a single branch of dilation 1
     covers every row of every head): there each branch writes its own output, which the merge reads, so the test

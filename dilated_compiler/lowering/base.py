@@ -12,6 +12,8 @@ invokes:
 * ``backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask=None) -> (dq, dk, dv)``; ``dlse`` may be
   None (no gradient flows into lse).
 * ``source() -> str``: what the lowering generated, for people to read.
+* optionally ``dot_precision``: the float32 products' precision a lowering fixed when it compiled (see
+  :func:`float32_products`); the runtime's cache files the plan under it.
 """
 
 from __future__ import annotations

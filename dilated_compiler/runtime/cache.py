@@ -87,6 +87,11 @@ def lowered(spec_key: str, backend: str, q_shape: tuple, kv_heads: int, dtype: t
     plan = build_plan(spec_for(spec_key), N, H, D, batch=B, kv_heads=kv_heads,
                       dtype_bytes=torch.empty((), dtype=dtype).element_size())
     result = get_lowering(backend)(plan, device, dtype)
+    # filed under the precision the lowering compiled with (it reads the setting itself): if another thread changed
+    # the setting since the lookup above, the plan still goes under the key it matches
+    used = getattr(result, "dot_precision", None)
+    if used is not None:
+        key = key[:-1] + (used,)
     with _lock:
         _stats["misses"] += 1
         _cache[key] = result
