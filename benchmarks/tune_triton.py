@@ -13,7 +13,8 @@ those 16-bit tiles spill 4,000 to 60,000 instructions at float32, and on an H100
 in the forward and dk/dv and 5.6x in dq at D = 128 (at D = 64 dq's was 5% faster).
 
 ``--float32 [D ...] --dot ieee tf32``: float32's exact products (their first config) against TF32 products
-(where torch's setting allows TF32; their list and TF32_SWEEP), errors relative to the exact products' default.
+(where torch's setting allows TF32; their list and TF32_SWEEP), errors relative to the exact products' default,
+at D = 64, 128 and 256.
 
     PYTHONPATH=. python benchmarks/tune_triton.py [--quick | --float32 [D ...] [--dot ieee tf32]]
 """
@@ -58,6 +59,11 @@ TF32_SWEEP = {
     ("dq", 128): [_c(64, 64, 4, 2)],
     ("dkdv", 64): [_c(64, 64, 4, 2)],
     ("dkdv", 128): [_c(128, 32, 8, 2)],
+    # D = 256 (sm_90a compiles: fwd 64x16/w4 3 spill instructions among a step's products; dk/dv 64x16/w4 is
+    # serialised by ptxas for want of registers; dq 32x16/w8/ptr none)
+    ("fwd", 256): [_c(64, 16, 8, 2)],
+    ("dq", 256): [_c(32, 16, 8, 2, "ptr")],
+    ("dkdv", 256): [_c(64, 16, 4, 2)],
 }
 DENSE_FWD = [_c(128, 128, 8, 3), _c(128, 64, 8, 3, "ptr"), _c(128, 64, 8, 2, "tma", 128)]
 
@@ -155,7 +161,7 @@ def main():
     ap.add_argument("--dot", nargs="+", choices=tl_lowering.FLOAT32_DOTS,
                     help="with --float32: these product precisions, each with its tile list (exact products, "
                          "'ieee': the list's first config; 'tf32': the list and TF32_SWEEP)")
-    ap.add_argument("--float32", type=int, nargs="*", choices=(64, 128), metavar="D",
+    ap.add_argument("--float32", type=int, nargs="*", choices=(64, 128, 256), metavar="D",
                     help="float32's tile lists against the 16-bit ones it took before, at these head_dims "
                          "(64 128 if none)")
     args = ap.parse_args()

@@ -1625,12 +1625,15 @@ def test_gpu_float32_first_tile_candidates(head_dim, tma, poisoned, monkeypatch)
 @cuda
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("mode,causal", [("grouped", True), ("all", False)])
-def test_gpu_float32_tf32_products(head_dim, mode, causal, matmul_precision, poisoned, monkeypatch):
+@pytest.mark.parametrize("tma", [True, False])
+def test_gpu_float32_tf32_products(head_dim, mode, causal, tma, matmul_precision, poisoned, monkeypatch):
     """Where torch's setting allows TF32 for float32 matmuls, float32 runs its products on the TF32 tensor cores with
-    its own tile lists (the first of each with autotuning off): against the reference at TF32's tolerance (conftest),
-    and not the exact products' result (which would mean the setting was not followed)."""
+    its own tile lists (the first of each with autotuning off), with tensor descriptors allowed and not (pointer
+    loads): against the reference at TF32's tolerance (conftest), and not the exact products' result (which would
+    mean the setting was not followed)."""
     from dilated_compiler.runtime.cache import lowered
     monkeypatch.setenv("DILATED_COMPILER_AUTOTUNE", "0")
+    monkeypatch.setattr(poisoned, "USE_TMA", tma)
     spec = _gpu_spec("offsets", mode, causal)
     q, k, v = make_qkv(1, 700, 3, head_dim, dtype=torch.float32, device="cuda", requires_grad=True)
     matmul_precision("tf32")
