@@ -336,6 +336,28 @@ def check_against_reference(attn, spec, q, k, v, key_padding_mask=None, check_gr
         assert_close(a, e, dtype, f"grad {name}", grad=True, terms=t)
 
 
+def assert_eager_path_matches_op(attn, q, k, v, key_padding_mask=None):
+    """The module's plain eager call (runtime.op.EagerAttention, no custom-op dispatch) against the custom op
+    ``dilated_compiler::attention`` itself, on copies of q, k, v: out, lse and the gradients of q, k, v (from random
+    gradients of out and lse) are bitwise equal, and each call took the path it should."""
+    from dilated_compiler.runtime import op
+    from dilated_compiler.runtime.module import resolve_backend
+    results = []
+    for eager in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        if eager:
+            out, lse = attn(*leaves, key_padding_mask=key_padding_mask, return_lse=True)
+        else:
+            out, lse, _ = op.attention(*leaves, key_padding_mask, attn.spec_key,
+                                       resolve_backend(attn.backend, q.device))
+        assert (type(out.grad_fn).__name__ == "EagerAttentionBackward") == eager, type(out.grad_fn)
+        dout, dlse = upstream_gradients(out, lse)
+        torch.autograd.backward([out, lse], [dout.to(out.device, out.dtype), dlse.to(lse.device, lse.dtype)])
+        results.append([out.detach(), lse.detach(), *(t.grad for t in leaves)])
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), f"{name}: eager path and custom op differ"
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

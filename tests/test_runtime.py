@@ -14,7 +14,7 @@ from dilated_compiler.lowering import BackendError
 from dilated_compiler.planner import PlanError
 from dilated_compiler.runtime import module as rt_module
 from dilated_compiler.runtime import op as ops
-from conftest import make_qkv
+from conftest import assert_eager_path_matches_op, make_qkv
 
 SPEC = AttentionSpec((Branch(8, 1), Branch(16, 2)))
 
@@ -358,6 +358,53 @@ def test_saved_module_runs_in_a_new_process(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     err, shape = run.stdout.split(" ", 1)
     assert float(err) < 1e-12 and shape.strip() == "(1, 16, 8)", run.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_eager_path_matches_the_custom_op(mode, dtype):
+    """Plain eager calls take runtime.op.EagerAttention, which skips the custom op's dispatch (its host time): the
+    same plan, so bitwise the custom op's out, lse and gradients, with grouped-query heads and key padding."""
+    offset = 1 if mode == "grouped" else None   # "all" mode takes each head's offset from the head
+    spec = AttentionSpec((Branch(8, 1), Branch(16, 2), Branch(12, 3, offset=offset)), head_assignment=mode,
+                         causal=True)
+    attn = compile_attention(spec, backend="torch")
+    q, k, v = make_qkv(2, 30, 4, 8, dtype=dtype, kv_heads=2)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, 5:9] = True
+    for m in (None, mask):
+        assert_eager_path_matches_op(attn, q, k, v, m)
+
+
+def test_custom_op_wherever_operators_are_watched():
+    """The eager path is for plain calls only: under a dispatch mode (FakeTensorMode here), a functorch transform,
+    torch.compile, or with a tensor subclass the module calls the custom op, which such tools see as one operator."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    attn = compile_attention(SPEC, backend="torch")
+    q, k, v = make_qkv(1, 32, 2, 8)
+    assert ops.eager_ok(q, k, v, None) and ops.eager_ok(torch.nn.Parameter(q))
+    mode = FakeTensorMode()
+    fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+    with mode:
+        assert not ops.eager_ok(fq, fk, fv, None)
+        out = attn(fq, fk, fv)   # the op's fake implementation: no real kernels on fake tensors
+    assert type(out).__name__ == "FakeTensor" and out.shape == q.shape
+    seen = []
+    torch.func.vmap(lambda x: seen.append(ops.eager_ok(x)) or x)(q)
+    assert seen == [False]
+
+    class Marked(torch.Tensor):
+        pass
+    assert not ops.eager_ok(q.as_subclass(Marked))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v), backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), attn(q, k, v), rtol=0, atol=0)
+    targets = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.dilated_compiler.attention.default in targets, targets
 
 
 def test_second_order_gradients_are_an_error():

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, Phase, example, given, settings, strategies 
 
 from dilated_compiler import AttentionSpec, Branch, compile_attention, reference
 from dilated_compiler.lowering import BackendError, triton_available, triton_unavailable_reason
-from conftest import (assert_close, assert_lse_close, attention_cases, check_against_reference, cuda, gluon_cases,
-                      gluon_kernels_for, make_qkv, poison_uninitialized, record_gluon_calls, rounding_terms, run_case,
-                      score_roundoff, splits_kv_heads)
+from conftest import (assert_close, assert_eager_path_matches_op, assert_lse_close, attention_cases,
+                      check_against_reference, cuda, gluon_cases, gluon_kernels_for, make_qkv, poison_uninitialized,
+                      record_gluon_calls, rounding_terms, run_case, score_roundoff, splits_kv_heads)
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason=f"triton unavailable: {triton_unavailable_reason()}")
 
@@ -1461,6 +1461,23 @@ def test_gpu_gluon_kernels(dtype, N, batch, causal, head_dim, poisoned, monkeypa
     check_against_reference(attn, spec, q, k, v)
     expected = [(batch, N, 8, head_dim)] if N % 2048 == 0 else []
     assert calls == {"fwd": expected, "dq": expected, "dkdv": expected}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_gpu_eager_path_matches_the_custom_op(mode, poisoned, monkeypatch):
+    """On CUDA the module's plain eager call (runtime.op.EagerAttention) and the custom op launch the same kernels
+    (the Hopper ones where they run): bitwise equal out, lse and gradients."""
+    calls = record_gluon_calls(poisoned, monkeypatch)
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2), Branch(1024, 4), Branch(2048, 8)), head_assignment=mode)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = make_qkv(1, 4096, 8, 128, dtype=torch.bfloat16, device="cuda")
+    assert_eager_path_matches_op(attn, q, k, v)
+    import triton
+    from dilated_compiler.lowering.triton import gluon_hopper
+    if torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
+        assert len(calls["fwd"]) == 2 and len(calls["dq"]) == 2 and len(calls["dkdv"]) == 2
 
 
 @pytest.mark.gpu

@@ -66,7 +66,10 @@ class CompiledAttention(nn.Module):
                 return_lse: bool = False):
         check_inputs(self.spec, q, k, v, key_padding_mask)
         backend = resolve_backend(self.backend, q.device)
-        out, lse, _ = _op.attention(q, k, v, key_padding_mask, self.spec_key, backend)
+        if _op.eager_ok(q, k, v, key_padding_mask):
+            out, lse, _ = _op.EagerAttention.apply(q, k, v, key_padding_mask, self.spec_key, backend)
+        else:
+            out, lse, _ = _op.attention(q, k, v, key_padding_mask, self.spec_key, backend)
         return (out, lse) if return_lse else out
 
     # ---- for people --------------------------------------------------------------------------------------

@@ -2,6 +2,13 @@
 
 One op for every spec and backend: the spec travels as its key (a string), so torch.compile sees a single
 opaque op with a fake implementation and autograd, traced with no graph break.
+
+Plain eager calls (:func:`eager_ok`) take :class:`EagerAttention` instead: the same lowered plan, forward and
+backward, through a ``torch.autograd.Function`` with no custom-op dispatch. On an H100's host (four-branch grouped,
+N = 16K, benchmarks/results/H100-triton.md, stop 39) the custom op's dispatch and autograd wrapping cost a fwd+bwd
+step about 0.47 ms of Python (1.166 ms against 0.693), longer than the kernels' own time at that size. Whatever
+sees operators (torch.compile and export, tracing, dispatch modes such as FakeTensorMode, functorch transforms,
+tensor subclasses) gets the custom op, as before.
 """
 
 from __future__ import annotations
@@ -13,13 +20,17 @@ import torch
 from ..lowering.base import aux_dtype, aux_shape
 from .cache import lowered, spec_for
 
-__all__ = ["attention", "attention_backward"]
+__all__ = ["attention", "attention_backward", "EagerAttention", "eager_ok"]
 
 
 @torch.library.custom_op("dilated_compiler::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
               spec_key: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dilated attention per the spec registered under ``spec_key``. Returns (out, lse, aux)."""
+    return _forward(q, k, v, key_padding_mask, spec_key, backend)
+
+
+def _forward(q, k, v, key_padding_mask, spec_key, backend):
     plan = lowered(spec_key, backend, q.shape, k.shape[2], q.dtype, q.device)
     out, lse, aux = plan.forward(q, k, v, key_padding_mask)
     return out, lse, aux
@@ -48,11 +59,12 @@ def _attention_backward_fake(dout, dlse, q, k, v, out, lse, aux, key_padding_mas
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, direct=False):
+    """``direct``: EagerAttention's (its backward may run the plan itself)."""
     q, k, v, key_padding_mask, spec_key, backend = inputs
     out, lse, aux = output
     ctx.save_for_backward(q, k, v, out, lse, aux, key_padding_mask)
-    ctx.spec_key, ctx.backend = spec_key, backend
+    ctx.spec_key, ctx.backend, ctx.direct = spec_key, backend, direct
     ctx.set_materialize_grads(False)
 
 
@@ -60,8 +72,14 @@ def _backward(ctx, dout, dlse, daux):
     q, k, v, out, lse, aux, key_padding_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask, ctx.spec_key,
-                                    ctx.backend)
+    if ctx.direct and not torch.is_grad_enabled():
+        # EagerAttention's first-order backward: the plan itself. Under create_graph the custom op runs, so that a
+        # gradient of the gradients meets _double_backward's error
+        plan = lowered(ctx.spec_key, ctx.backend, q.shape, k.shape[2], q.dtype, q.device)
+        dq, dk, dv = plan.backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask)
+    else:
+        dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask, ctx.spec_key,
+                                        ctx.backend)
     return dq, dk, dv, None, None, None
 
 
@@ -77,3 +95,31 @@ def _double_backward(ctx, ddq, ddk, ddv):
 
 
 attention_backward.register_autograd(_double_backward)
+
+
+class EagerAttention(torch.autograd.Function):
+    """:func:`attention` for plain eager calls (see the module docstring): the same plan, forward and backward, as a
+    ``torch.autograd.Function``. ``EagerAttention.apply(q, k, v, key_padding_mask, spec_key, backend)`` returns
+    (out, lse, aux) as the op does."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, spec_key, backend):
+        # forward(ctx, ...), not forward + setup_context: with setup_context, Function.apply binds the arguments
+        # through inspect.signature on every call (host time); functorch, which needs setup_context, takes the op
+        output = _forward(q, k, v, key_padding_mask, spec_key, backend)
+        _setup_context(ctx, (q, k, v, key_padding_mask, spec_key, backend), output, direct=True)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse, daux):
+        return _backward(ctx, dout, dlse, daux)
+
+
+def eager_ok(*tensors) -> bool:
+    """Whether a call with these tensors (None allowed) may take :class:`EagerAttention`: not under torch.compile,
+    export or tracing, no dispatch mode or functorch transform active, and every tensor a plain ``torch.Tensor``."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 from dilated_compiler import AttentionSpec, Branch, compile_attention  # noqa: E402
 from dilated_compiler.lowering.triton import lowering as triton_lowering  # noqa: E402
-from conftest import assert_close, attention_cases, check_against_reference, make_qkv, run_case  # noqa: E402
+from conftest import (assert_close, assert_eager_path_matches_op, attention_cases, check_against_reference,  # noqa: E402
+                      make_qkv, run_case)
 
 
 @pytest.fixture(autouse=True, params=["tma", "pointers"])
@@ -74,6 +75,17 @@ def test_branch_mixes(name, mode, causal, seq):
     attn = compile_attention(spec, backend="triton")
     q, k, v = make_qkv(1, seq, 3, 16, dtype=torch.float32, requires_grad=True, seed=seq)
     check_against_reference(attn, spec, q, k, v)
+
+
+@pytest.mark.parametrize("mode", ["grouped", "all"])
+def test_eager_path_matches_the_custom_op(mode):
+    """The module's plain eager call (runtime.op.EagerAttention) and the custom op run the same kernels: bitwise
+    equal out, lse and gradients (conftest.assert_eager_path_matches_op)."""
+    attn = compile_attention(_spec("three-branch", mode, True), backend="triton")
+    q, k, v = make_qkv(2, 45, 4, 16, dtype=torch.float32, kv_heads=2)
+    mask = torch.zeros(2, 45, dtype=torch.bool)
+    mask[0, 30:] = True
+    assert_eager_path_matches_op(attn, q, k, v, mask)
 
 
 @pytest.mark.parametrize("mode", ["grouped", "all"])
