@@ -5,10 +5,10 @@ opaque op with a fake implementation and autograd, traced with no graph break.
 
 Plain eager calls (:func:`eager_ok`) take :class:`EagerAttention` instead: the same lowered plan, forward and
 backward, through a ``torch.autograd.Function`` with no custom-op dispatch. On an H100's host (four-branch grouped,
-N = 16K, benchmarks/results/H100-triton.md, stop 39) the custom op's dispatch and autograd wrapping cost a fwd+bwd
-step about 0.47 ms of Python (1.166 ms against 0.693), longer than the kernels' own time at that size. Whatever
-sees operators (torch.compile and export, tracing, dispatch modes such as FakeTensorMode, functorch transforms,
-tensor subclasses) gets the custom op, as before.
+bf16, benchmarks/eager_path.py; benchmarks/results/H100-triton.md, stop 39) the custom op's dispatch and autograd
+wrapping cost a fwd+bwd step 0.13-0.28 ms of Python (0.94-1.07 ms against 0.74-0.83), and where the host bounds
+the step, the step: 8K 0.887 -> 0.553 ms. Whatever sees operators (torch.compile and export, tracing, dispatch
+modes such as FakeTensorMode, functorch transforms, tensor subclasses) gets the custom op, as before.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ __all__ = ["attention", "attention_backward", "EagerAttention", "eager_ok"]
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
               spec_key: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dilated attention per the spec registered under ``spec_key``. Returns (out, lse, aux)."""
-    return _forward(q, k, v, key_padding_mask, spec_key, backend)
-
-
-def _forward(q, k, v, key_padding_mask, spec_key, backend):
-    plan = lowered(spec_key, backend, q.shape, k.shape[2], q.dtype, q.device)
-    out, lse, aux = plan.forward(q, k, v, key_padding_mask)
+    out, lse, aux = _plan(q, k, spec_key, backend).forward(q, k, v, key_padding_mask)
     return out, lse, aux
+
+
+def _plan(q, k, spec_key, backend):
+    return lowered(spec_key, backend, q.shape, k.shape[2], q.dtype, q.device)
 
 
 @attention.register_fake
@@ -49,8 +48,7 @@ def attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torc
                        v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, aux: torch.Tensor,
                        key_padding_mask: Optional[torch.Tensor], spec_key: str,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = lowered(spec_key, backend, q.shape, k.shape[2], q.dtype, q.device)
-    dq, dk, dv = plan.backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask)
+    dq, dk, dv = _plan(q, k, spec_key, backend).backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask)
     return dq, dk, dv
 
 
@@ -59,12 +57,12 @@ def _attention_backward_fake(dout, dlse, q, k, v, out, lse, aux, key_padding_mas
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output, direct=False):
-    """``direct``: EagerAttention's (its backward may run the plan itself)."""
+def _setup_context(ctx, inputs, output, plan=None):
+    """``plan``: EagerAttention's, whose backward runs it directly."""
     q, k, v, key_padding_mask, spec_key, backend = inputs
     out, lse, aux = output
     ctx.save_for_backward(q, k, v, out, lse, aux, key_padding_mask)
-    ctx.spec_key, ctx.backend, ctx.direct = spec_key, backend, direct
+    ctx.spec_key, ctx.backend, ctx.plan = spec_key, backend, plan
     ctx.set_materialize_grads(False)
 
 
@@ -72,11 +70,10 @@ def _backward(ctx, dout, dlse, daux):
     q, k, v, out, lse, aux, key_padding_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    if ctx.direct and not torch.is_grad_enabled():
-        # EagerAttention's first-order backward: the plan itself. Under create_graph the custom op runs, so that a
-        # gradient of the gradients meets _double_backward's error
-        plan = lowered(ctx.spec_key, ctx.backend, q.shape, k.shape[2], q.dtype, q.device)
-        dq, dk, dv = plan.backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask)
+    if ctx.plan is not None and not torch.is_grad_enabled():
+        # EagerAttention's first-order backward: its forward's plan itself. Under create_graph the custom op runs,
+        # so that a gradient of the gradients meets _double_backward's error
+        dq, dk, dv = ctx.plan.backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask)
     else:
         dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask, ctx.spec_key,
                                         ctx.backend)
@@ -106,8 +103,9 @@ class EagerAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, key_padding_mask, spec_key, backend):
         # forward(ctx, ...), not forward + setup_context: with setup_context, Function.apply binds the arguments
         # through inspect.signature on every call (host time); functorch, which needs setup_context, takes the op
-        output = _forward(q, k, v, key_padding_mask, spec_key, backend)
-        _setup_context(ctx, (q, k, v, key_padding_mask, spec_key, backend), output, direct=True)
+        plan = _plan(q, k, spec_key, backend)
+        output = plan.forward(q, k, v, key_padding_mask)
+        _setup_context(ctx, (q, k, v, key_padding_mask, spec_key, backend), output, plan)
         return output
 
     @staticmethod
@@ -118,7 +116,7 @@ class EagerAttention(torch.autograd.Function):
 def eager_ok(*tensors) -> bool:
     """Whether a call with these tensors (None allowed) may take :class:`EagerAttention`: not under torch.compile,
     export or tracing, no dispatch mode or functorch transform active, and every tensor a plain ``torch.Tensor``."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
