@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..lowering.base import aux_dtype, aux_shape
+from ..lowering.base import aux_dtype, aux_shape, float32_products
 from .cache import lowered, spec_for
 
 __all__ = ["attention", "attention_backward", "EagerAttention", "eager_ok"]
@@ -70,10 +70,15 @@ def _backward(ctx, dout, dlse, daux):
     q, k, v, out, lse, aux, key_padding_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    if ctx.plan is not None and not torch.is_grad_enabled():
+    plan = ctx.plan
+    if plan is not None and getattr(plan, "dot_precision", None) not in (None, float32_products()):
+        # torch's float32 setting changed since the forward: the backward follows the setting it runs under, as
+        # torch's own matmuls and the custom op's backward do, so it takes the plan compiled for that setting
+        plan = None
+    if plan is not None and not torch.is_grad_enabled():
         # EagerAttention's first-order backward: its forward's plan itself. Under create_graph the custom op runs,
         # so that a gradient of the gradients meets _double_backward's error
-        dq, dk, dv = ctx.plan.backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask)
+        dq, dk, dv = plan.backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask)
     else:
         dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, aux, key_padding_mask, ctx.spec_key,
                                         ctx.backend)
@@ -97,7 +102,8 @@ attention_backward.register_autograd(_double_backward)
 class EagerAttention(torch.autograd.Function):
     """:func:`attention` for plain eager calls (see the module docstring): the same plan, forward and backward, as a
     ``torch.autograd.Function``. ``EagerAttention.apply(q, k, v, key_padding_mask, spec_key, backend)`` returns
-    (out, lse, aux) as the op does."""
+    (out, lse, aux) as the op does. Its backward reuses its forward's plan unless torch's float32 matmul setting
+    changed in between; then, like the op's backward, it takes the plan for the setting it runs under."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, spec_key, backend):

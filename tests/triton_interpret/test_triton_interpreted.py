@@ -88,6 +88,45 @@ def test_eager_path_matches_the_custom_op(mode):
     assert_eager_path_matches_op(attn, q, k, v, mask)
 
 
+def test_backward_follows_the_float32_setting_it_runs_under(load_path):
+    """Should torch's float32 matmul setting change between a forward and its backward, the backward runs under the
+    setting of its own time (as torch's matmuls do), on the eager path and through the custom op alike: both take
+    the plan compiled for that setting, and their gradients are bitwise equal."""
+    from dilated_compiler.runtime import op
+    from conftest import upstream_gradients
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    attn = compile_attention(_spec("three-branch", "grouped", False), backend="triton")
+    q, k, v = make_qkv(1, 40, 3, 16, dtype=torch.float32)
+    ran = []
+    real_backward = triton_lowering.TritonLowering.backward
+
+    def recording(self, *args):
+        ran.append(self.dot_precision)
+        return real_backward(self, *args)
+    grads = []
+    try:
+        for eager in (True, False):
+            matmul.fp32_precision = "ieee"
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            if eager:
+                out, lse = attn(*leaves, return_lse=True)
+            else:
+                out, lse, _ = op.attention(*leaves, None, attn.spec_key, "triton")
+            assert (type(out.grad_fn).__name__ == "EagerAttentionBackward") == eager
+            dout, dlse = upstream_gradients(out, lse)
+            matmul.fp32_precision = "tf32"
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(triton_lowering.TritonLowering, "backward", recording)
+                torch.autograd.backward([out, lse], [dout.to(out.dtype), dlse.to(lse.dtype)])
+            grads.append([t.grad for t in leaves])
+    finally:
+        matmul.fp32_precision = before
+    assert ran == ["tf32", "tf32"]
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
+        assert torch.equal(a, b), f"{name}: eager path and custom op differ"
+
+
 @pytest.mark.parametrize("mode", ["grouped", "all"])
 def test_gqa_and_key_padding(mode):
     spec = AttentionSpec((Branch(8, 1), Branch(16, 4)), head_assignment=mode, causal=mode == "all")
