@@ -6,14 +6,22 @@ compare measurements made a few seconds apart.
 Why: one bench_triton run gives one number per case, and on the H100 the same fwd+bwd read 3.56 and 3.81 ms in one
 run (benchmarks/results/H100-triton.md, stop 12); the target is 3.55 ms. This prints every round and the median.
 
-    PYTHONPATH=. python benchmarks/target_rounds.py [--rounds 7]
+    PYTHONPATH=. python benchmarks/target_rounds.py [--rounds 7] [--idle SECONDS] [--rotate]
+
+On the H100 the step is held by the 700 W power limit: a GPU that has been busy for seconds runs it at a lower SM
+clock than one that was idle (stop 36: 3.39 ms of kernels cool, 3.79 hot), so a form's time depends on what ran
+before it. ``--idle S`` leaves the GPU idle S seconds before each form's measurement (every form starts from the
+same state), ``--rotate`` changes the forms' order every round (no form always follows the same one). The GPU's
+temperature and SM clock (nvidia-smi) are printed as each form starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,9 +34,21 @@ from dilated_compiler import build_plan, compile_attention  # noqa: E402
 N, D = 65536, 128
 
 
+def gpu_state() -> str:
+    """The GPU's temperature and SM clock now (nvidia-smi), or "" where nvidia-smi is missing."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=temperature.gpu,clocks.sm", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.split("\n")[0].split(",")
+        return f"{out[0].strip()} C {out[1].strip()} MHz"
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return ""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--idle", type=float, default=0.0, help="seconds the GPU idles before each form's measurement")
+    ap.add_argument("--rotate", action="store_true", help="change the forms' order every round")
     args = ap.parse_args()
     spec = bt.spec_for(bt.FOUR, "grouped", False)
     plan = build_plan(spec, N, bt.H, D)
@@ -40,20 +60,26 @@ def main():
         "pregathered": lambda: bt.time_pregathered(spec, N, D, torch.bfloat16),
     }
     times = {(f, p): [] for f in forms for p in flops}
+    names = list(forms)
     for i in range(args.rounds):
-        row = {}
-        for form, fn in forms.items():
-            fwd, fb = fn()
+        row, states = {}, {}
+        order = names[i % len(names):] + names[:i % len(names)] if args.rotate else names
+        for form in order:
+            torch.cuda.synchronize()
+            time.sleep(args.idle)
+            states[form] = gpu_state()
+            fwd, fb = forms[form]()
             times[(form, "fwd")].append(fwd)
             times[(form, "fwd+bwd")].append(fb)
             row[form] = (fwd, fb)
             torch.cuda.empty_cache()
         t = row["triton"]
-        print(f"round {i}: " + "; ".join(f"{f} {a:.3f} / {b:.3f} ms" for f, (a, b) in row.items())
+        print(f"round {i}: " + "; ".join(f"{f} {row[f][0]:.3f} / {row[f][1]:.3f} ms ({states[f]})" for f in order)
               + f"; fwd+bwd naive/triton {row['naive'][1] / t[1]:.2f}x, pregathered/triton "
               f"{row['pregathered'][1] / t[1]:.2f}x", flush=True)
     print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={bt.H}, D={D}; {args.rounds} rounds, "
-          "the three forms in turn within each")
+          f"the three forms in turn within each ({'order rotated each round' if args.rotate else 'same order'}; "
+          f"{args.idle:g} s idle before each form)")
     print("| pass | form | median ms | min | max | TFLOP/s (median) | median ratio form/triton | rounds |")
     print("|---|---|---|---|---|---|---|---|")
     for p in flops:

@@ -71,7 +71,8 @@ def _backward(ctx, dout, dlse, daux):
     if dout is None:
         dout = torch.zeros_like(out)
     plan = ctx.plan
-    if plan is not None and getattr(plan, "dot_precision", None) not in (None, float32_products()):
+    precision = getattr(plan, "dot_precision", None)   # None: no float32 products (or no plan)
+    if precision is not None and precision != float32_products():
         # torch's float32 setting changed since the forward: the backward follows the setting it runs under, as
         # torch's own matmuls and the custom op's backward do, so it takes the plan compiled for that setting
         plan = None
