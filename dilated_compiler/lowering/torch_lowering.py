@@ -151,7 +151,8 @@ class TorchLowering:
         if dtype not in _DTYPES:
             raise BackendError(f"backend 'torch' supports dtypes {[str(d) for d in _DTYPES]}; got {dtype}")
         if device.type == "cuda" and dtype == torch.float64:
-            raise BackendError("backend 'torch' on CUDA supports float16, bfloat16 and float32; got float64")
+            raise BackendError("backend 'torch' on CUDA supports float16, bfloat16 and float32; got float64 "
+                               "(float64 runs on CPU)")
         self.plan = plan
         self.scale = softmax_scale(plan)
         self.causal = plan.spec.causal

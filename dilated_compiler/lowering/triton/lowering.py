@@ -141,7 +141,8 @@ class TritonLowering:
             raise BackendError(f"backend 'triton' runs on CUDA devices (or CPU under TRITON_INTERPRET=1); "
                                f"got {device.type!r}")
         if dtype not in _DTYPES:
-            raise BackendError(f"backend 'triton' supports dtypes {[str(d) for d in _DTYPES]}; got {dtype}")
+            hint = " (float64 runs on CPU, with backend 'torch')" if dtype == torch.float64 else ""
+            raise BackendError(f"backend 'triton' supports dtypes {[str(d) for d in _DTYPES]}; got {dtype}{hint}")
         D = int(plan.head_dim)
         if D > _MAX_HEAD_DIM:
             raise BackendError(f"backend 'triton' supports head_dim up to {_MAX_HEAD_DIM}; got {D}")
