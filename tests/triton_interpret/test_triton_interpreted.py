@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 from dilated_compiler import AttentionSpec, Branch, compile_attention  # noqa: E402
 from dilated_compiler.lowering.triton import lowering as triton_lowering  # noqa: E402
 from conftest import (assert_close, assert_eager_path_matches_op, attention_cases, check_against_reference,  # noqa: E402
-                      make_qkv, run_case)
+                      make_qkv, run_case, upstream_gradients)
 
 
 @pytest.fixture(autouse=True, params=["tma", "pointers"])
@@ -93,7 +93,6 @@ def test_backward_follows_the_float32_setting_it_runs_under(load_path):
     setting of its own time (as torch's matmuls do), on the eager path and through the custom op alike: both take
     the plan compiled for that setting, and their gradients are bitwise equal."""
     from dilated_compiler.runtime import op
-    from conftest import upstream_gradients
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
     attn = compile_attention(_spec("three-branch", "grouped", False), backend="triton")
