@@ -7,6 +7,7 @@ Why: one bench_triton run gives one number per case, and on the H100 the same fw
 run (benchmarks/results/H100-triton.md, stop 12); the target is 3.55 ms. This prints every round and the median.
 
     PYTHONPATH=. python benchmarks/target_rounds.py [--rounds 7] [--idle SECONDS] [--rotate]
+    PYTHONPATH=. python benchmarks/target_rounds.py --sustained HEAT MEASURE [--rounds 7]
 
 On the H100 the step is held by the 700 W power limit: a GPU that has been busy for seconds runs it at a lower SM
 clock than one that was idle (stop 36: 3.39 ms of kernels cool, 3.79 hot), so a form's time depends on what ran
@@ -14,6 +15,11 @@ before it. ``--idle S`` leaves the GPU idle S seconds before each form's measure
 same state), ``--rotate`` changes the forms' order every round (no form always follows the same one). The GPU's
 temperature and SM clock (nvidia-smi) are printed as each form starts. The last table sets the issue's targets
 against the medians of this project and of the pre-gathered SDPA, the baseline the targets were taken from.
+
+``--sustained HEAT MEASURE`` times fwd+bwd as a training loop runs it: each form's step runs HEAT seconds untimed
+(the GPU reaches the power limit's steady clock), then MEASURE seconds of steps back to back are timed with CUDA
+events; the forms' order rotates every round. From a cool GPU (``--idle``) do_bench's 60 ms read in two modes at stop
+41 (about 3.41 ms when the power limit did not set in within them, about 3.7 ms when it did); this has one.
 """
 
 from __future__ import annotations
@@ -45,11 +51,35 @@ def gpu_state() -> str:
         return ""
 
 
+def sustained_ms(step, heat: float, measure: float) -> tuple[float, str]:
+    """ms per step of ``step`` run back to back for about ``measure`` seconds, after ``heat`` seconds of it untimed;
+    and the GPU's state (temperature, SM clock) read while the timed steps still run."""
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < heat:
+        step()
+        n += 1
+        if n % 8 == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    count = max(1, round(measure / ((time.perf_counter() - t0) / n)))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(count):
+        step()
+    end.record()
+    state = gpu_state()   # the host is ahead of the GPU: this reads the clock under the timed steps
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / count, state
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--idle", type=float, default=0.0, help="seconds the GPU idles before each form's measurement")
     ap.add_argument("--rotate", action="store_true", help="change the forms' order every round")
+    ap.add_argument("--sustained", type=float, nargs=2, metavar=("HEAT", "MEASURE"),
+                    help="fwd+bwd only, as a training loop runs it: each form's step HEAT seconds untimed (to the "
+                         "power limit's steady clock), then MEASURE seconds of steps back to back (CUDA events)")
     args = ap.parse_args()
     spec = bt.spec_for(bt.FOUR, "grouped", False)
     plan = build_plan(spec, N, bt.H, D)
@@ -60,6 +90,8 @@ def main():
         "naive": lambda: bt.time_naive(spec, N, D, torch.bfloat16),
         "pregathered": lambda: bt.time_pregathered(spec, N, D, torch.bfloat16),
     }
+    if args.sustained:
+        return sustained_rounds(spec, attn, args)
     times = {(f, p): [] for f in forms for p in flops}
     names = list(forms)
     for i in range(args.rounds):
@@ -92,6 +124,43 @@ def main():
             print(f"| {p} | {form} | {med:.3f} | {min(ts):.3f} | {max(ts):.3f} | {flops[p] / med / 1e9:.0f} | "
                   f"{rat:.3f}x | {', '.join(f'{t:.3f}' for t in ts)} |")
     print_targets(times)
+
+
+def sustained_rounds(spec, attn, args) -> None:
+    """``--sustained``: the three forms' fwd+bwd steps (bench_triton's), each round in rotated order, each form
+    heated then timed back to back (:func:`sustained_ms`)."""
+    q, k, v = bt.inputs(N, D, torch.bfloat16)
+    dout = torch.randn_like(q)
+    tensors, douts = bt.pregathered_inputs(spec, N, D, torch.bfloat16)
+
+    def pregathered():
+        return [torch.nn.functional.scaled_dot_product_attention(*t, is_causal=spec.causal) for t in tensors]
+    steps = {
+        "triton": bt.fwd_bwd(lambda: attn(q, k, v), (q, k, v), dout),
+        "naive": bt.fwd_bwd(lambda: bt.naive_attention(q, k, v, spec), (q, k, v), dout),
+        "pregathered": bt.fwd_bwd(pregathered, [x for t in tensors for x in t], douts),
+    }
+    for step in steps.values():
+        step()  # compile and tune outside the timing
+    names = list(steps)
+    times = {f: [] for f in names}
+    for i in range(args.rounds):
+        order = names[i % len(names):] + names[:i % len(names)]
+        states = {}
+        for f in order:
+            ms, states[f] = sustained_ms(steps[f], *args.sustained)
+            times[f].append(ms)
+        print(f"round {i}: " + "; ".join(f"{f} {times[f][-1]:.3f} ms ({states[f]})" for f in order), flush=True)
+    print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={bt.H}, D={D}; fwd+bwd sustained "
+          f"({args.sustained[0]:g} s of steps untimed, then {args.sustained[1]:g} s timed back to back, per form); "
+          f"{args.rounds} rounds, order rotated")
+    print("| form | median ms | min | max | median ratio form/triton | rounds |")
+    print("|---|---|---|---|---|---|")
+    for f in names:
+        ts = times[f]
+        rat = statistics.median(a / b for a, b in zip(ts, times["triton"]))
+        print(f"| {f} | {statistics.median(ts):.3f} | {min(ts):.3f} | {max(ts):.3f} | {rat:.3f}x | "
+              f"{', '.join(f'{t:.3f}' for t in ts)} |")
 
 
 # the issue's targets for this case (H100, bf16): fwd and fwd+bwd times, and fwd+bwd's ratio to the naive path. The

@@ -15,6 +15,12 @@ Case: four-branch grouped N = 64K, bf16, 16 heads, D = 128, batch 1, not causal 
     DILATED_COMPILER_AUTOTUNE=0 PYTHONPATH=. python benchmarks/experiments/power_ab.py \\
         --experiment gluon_dq_regs_experiment --forms 0,1,2 [--rounds 9] [--idle 5]
 
+``--sustained HEAT MEASURE`` times instead what a training loop sees: each form's step runs HEAT seconds untimed,
+which brings the GPU to the power limit's steady clock, then MEASURE seconds of steps back to back are timed with
+CUDA events (no cache flush between steps). At stop 41 the cool measurements (``--idle``) came out in two modes,
+about 3.41 ms or about 3.7 ms for the same form, as the power limit did or did not set in within do_bench's 60 ms;
+the sustained figure has one mode.
+
 The timing is the lowering's forward and backward (``TritonLowering.forward`` / ``backward``), not the module's
 step: the forms differ only inside the kernels, and the module's Python is the same for all of them.
 """
@@ -32,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from target_rounds import gpu_state  # noqa: E402
+from target_rounds import gpu_state, sustained_ms  # noqa: E402
 
 from dilated_compiler import AttentionSpec, Branch, build_plan  # noqa: E402
 from dilated_compiler.lowering.triton import lowering as tl_lowering  # noqa: E402
@@ -48,6 +54,9 @@ def main():
                                                    "always timed)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--idle", type=float, default=5.0, help="seconds the GPU idles before each form's measurement")
+    ap.add_argument("--sustained", type=float, nargs=2, metavar=("HEAT", "MEASURE"),
+                    help="instead of do_bench from a cool GPU: run each form's step HEAT seconds untimed (to the "
+                         "power limit's steady clock), then time MEASURE seconds of steps back to back (CUDA events)")
     args = ap.parse_args()
     exp = importlib.import_module(args.experiment)
     forms = [exp.FORMS[int(i)] for i in args.forms.split(",")]
@@ -86,6 +95,10 @@ def main():
         states = {}
         for f in order:
             torch.cuda.synchronize()
+            if args.sustained:
+                ms, states[f] = sustained_ms(steps[f], *args.sustained)
+                times[f].append(ms)
+                continue
             time.sleep(args.idle)
             states[f] = gpu_state()
             # bench_triton.bench's settings, as the target rounds use
@@ -93,8 +106,10 @@ def main():
         print(f"round {i}: " + "; ".join(f"[{forms.index(f)}] {times[f][-1]:.3f} ms ({states[f]})" for f in order),
               flush=True)
     base_ts = times[forms[0]]
+    how = (f"{args.sustained[0]:g} s of steps untimed, then {args.sustained[1]:g} s timed, per form" if args.sustained
+           else f"{args.idle:g} s idle before each form")
     print(f"\n{torch.cuda.get_device_name()}: {args.experiment}, four-branch grouped N=64K, bf16, H={H}, D={D}, "
-          f"fwd+bwd of the lowering; {args.rounds} rounds, order rotated, {args.idle:g} s idle before each form")
+          f"fwd+bwd of the lowering; {args.rounds} rounds, order rotated, {how}")
     print("| form | median ms | min | max | median of the rounds' ratios lowering/form | rounds the form is faster |"
           " rounds |")
     print("|---|---|---|---|---|---|---|")
