@@ -17,9 +17,10 @@ temperature and SM clock (nvidia-smi) are printed as each form starts. The last 
 against the medians of this project and of the pre-gathered SDPA, the baseline the targets were taken from.
 
 ``--sustained HEAT MEASURE`` times fwd+bwd as a training loop runs it: each form's step runs HEAT seconds untimed
-(the GPU reaches the power limit's steady clock), then MEASURE seconds of steps back to back are timed with CUDA
-events; the forms' order rotates every round. From a cool GPU (``--idle``) do_bench's 60 ms read in two modes at stop
-41 (about 3.41 ms when the power limit did not set in within them, about 3.7 ms when it did); this has one.
+(meant to bring the GPU to the power limit's steady clock), then MEASURE seconds of steps back to back are timed
+with CUDA events; the forms' order rotates every round. From a cool GPU (``--idle``) do_bench's 60 ms read in two
+modes at stop 41 (about 3.41 ms when the power limit did not set in within them, about 3.7 ms when it did); this is
+meant to read the steady clock only. Not yet run on a GPU (written at stop 41, when no GPU time was left).
 """
 
 from __future__ import annotations
