@@ -16,7 +16,7 @@ Case: four-branch grouped N = 64K, bf16, 16 heads, D = 128, batch 1, not causal 
         --experiment gluon_dq_regs_experiment --forms 0,1,2 [--rounds 9] [--idle 5]
 
 ``--sustained HEAT MEASURE`` times instead what a training loop sees: each form's step runs HEAT seconds untimed,
-which brings the GPU to the power limit's steady clock, then MEASURE seconds of steps back to back are timed with
+meant to bring the GPU to the power limit's steady clock, then MEASURE seconds of steps back to back are timed with
 CUDA events (no cache flush between steps). At stop 41 the cool measurements (``--idle``) came out in two modes,
 about 3.41 ms or about 3.7 ms for the same form, as the power limit did or did not set in within do_bench's 60 ms;
 the sustained figure is meant to have one. ``--sustained`` has not yet run on a GPU (written at stop 41).
