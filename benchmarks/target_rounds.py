@@ -52,6 +52,11 @@ def gpu_state() -> str:
         return ""
 
 
+def rotated(names: list, i: int) -> list:
+    """``names`` in round ``i``'s order: started ``i`` places on, so that no form always follows the same one."""
+    return names[i % len(names):] + names[:i % len(names)]
+
+
 def sustained_ms(step, heat: float, measure: float) -> tuple[float, str]:
     """ms per step of ``step`` run back to back for about ``measure`` seconds, after ``heat`` seconds of it untimed;
     and the GPU's state (temperature, SM clock) read while the timed steps still run."""
@@ -97,7 +102,7 @@ def main():
     names = list(forms)
     for i in range(args.rounds):
         row, states = {}, {}
-        order = names[i % len(names):] + names[:i % len(names)] if args.rotate else names
+        order = rotated(names, i) if args.rotate else names
         for form in order:
             torch.cuda.synchronize()
             time.sleep(args.idle)
@@ -146,7 +151,7 @@ def sustained_rounds(spec, attn, args) -> None:
     names = list(steps)
     times = {f: [] for f in names}
     for i in range(args.rounds):
-        order = names[i % len(names):] + names[:i % len(names)]
+        order = rotated(names, i)
         states = {}
         for f in order:
             ms, states[f] = sustained_ms(steps[f], *args.sustained)

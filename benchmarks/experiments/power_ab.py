@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from target_rounds import gpu_state, sustained_ms  # noqa: E402
+from target_rounds import gpu_state, rotated, sustained_ms  # noqa: E402
 
 from dilated_compiler import AttentionSpec, Branch, build_plan  # noqa: E402
 from dilated_compiler.lowering.triton import lowering as tl_lowering  # noqa: E402
@@ -91,7 +91,7 @@ def main():
         step()  # compile outside the timing
     times = {f: [] for f in forms}
     for i in range(args.rounds):
-        order = forms[i % len(forms):] + forms[:i % len(forms)]
+        order = rotated(forms, i)
         states = {}
         for f in order:
             torch.cuda.synchronize()
