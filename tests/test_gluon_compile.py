@@ -30,7 +30,7 @@ if not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
                 allow_module_level=True)
 
 from dilated_compiler.lowering.triton.gluon_compile import (  # noqa: E402
-    MAX_SHARED, compile_sm90, launch_constexprs, summarize)
+    MAX_SHARED, compile_sm90, launch_constexprs, operand_overwrites, sass, summarize)
 from dilated_compiler.lowering.triton.lowering import TritonLowering  # noqa: E402
 
 
@@ -154,6 +154,7 @@ def _check(compiled):
     assert sass.hgmma > 0, "no warpgroup matrix instructions"
     assert sass.spills_in_steps == 0, f"{sass.spills_in_steps} spill instructions among a step's matrix instructions"
     assert sass.serialized is None, f"ptxas serialises the matrix instructions: {sass.serialized}"
+    assert not sass.overwrites, f"A-operand registers rewritten between two products: {sass.overwrites[:4]}"
 
 
 @pytest.mark.parametrize("dtype,head_dim,dot", [(torch.float32, d, dot) for dot in ("ieee", "tf32")
@@ -162,13 +163,14 @@ def test_tl_tile_candidates_fit_in_shared_memory(dtype, head_dim, dot):
     """Every tile config the autotuner may try for this dtype, head_dim and float32 product precision
     (autotune.candidates; float32's own, exact or TF32) fits a block's shared memory on sm_90, through tensor
     descriptors and through pointer loads (a TMA config runs so where the inputs are not 16-byte aligned). The
-    16-bit D = 128 configs did not fit at float32."""
+    16-bit D = 128 configs did not fit at float32. And no loop rewrites a product's A-operand registers before
+    another product reads them (operand_overwrites, as _check refuses for the Gluon kernels)."""
     from dilated_compiler.lowering.triton import autotune
     spec = AttentionSpec((Branch(256, 1), Branch(512, 2)), causal=True)
     low = TritonLowering(build_plan(spec, 1024, 4, head_dim), torch.device("cpu"), dtype, float32_dot=dot)
     flags = {"fwd": dict(MERGE=False), "dq": dict(ATOMIC=False, HAS_DLSE=True), "dkdv": dict(ATOMIC=False)}
     kernels = {"fwd": "dilated_fwd", "dq": "dilated_bwd_dq", "dkdv": "dilated_bwd_dkdv"}
-    over, n = [], 0
+    over, overwrites, n = [], [], 0
     for pass_name, kernel in kernels.items():
         for cfg in autotune.candidates(pass_name, head_dim, dtype.itemsize, low.dot_precision):
             own, partner = ("BLOCK_N", "BLOCK_M") if pass_name == "dkdv" else ("BLOCK_M", "BLOCK_N")
@@ -176,12 +178,13 @@ def test_tl_tile_candidates_fit_in_shared_memory(dtype, head_dim, dot):
                 consts = dict(HEAD_DIM=head_dim, BLOCK_D=low.block_d, GQA=1, CAUSAL=True, HAS_KPM=False, TMA=tma,
                               ZFILL=True, **{own: cfg.block, partner: cfg.partner}, **flags[pass_name],
                               **cfg.launch_options())
-                shared = compile_sm90(getattr(low.kernels, kernel), consts, str(dtype).replace("torch.float", "fp")
-                                      ).metadata.shared
+                compiled = compile_sm90(getattr(low.kernels, kernel), consts, str(dtype).replace("torch.float", "fp"))
                 n += 1
-                if shared > MAX_SHARED:
-                    over.append(f"{kernel} {cfg} {'TMA' if tma else 'pointers'}: {shared} B")
+                if compiled.metadata.shared > MAX_SHARED:
+                    over.append(f"{kernel} {cfg} {'TMA' if tma else 'pointers'}: {compiled.metadata.shared} B")
+                overwrites += [f"{kernel} {cfg}: {w}" for w in operand_overwrites(sass(compiled))]
     assert n >= 6 and not over, f"over {MAX_SHARED} B of shared memory: {over}"
+    assert not overwrites, f"A-operand registers rewritten between two products: {overwrites[:4]}"
 
 
 EXPERIMENTS = ["gluon_bwd_experiment", "gluon_bwd_tile_experiment", "gluon_causal_experiment", "gluon_dkdv_experiment",
@@ -237,6 +240,47 @@ def test_serialized_matrix_instructions_are_reported():
         found[form] = summarize(compile_sm90(low.gluon_kernels.gluon_bwd_dq, consts)).serialized
     assert found[exp.FORMS[0]] is None and found[exp.FORMS[1]] is None, found
     assert found[exp.FORMS[2]] is not None and "register" in found[exp.FORMS[2]], found
+
+
+def _loop(body: str, tail: str = "") -> str:
+    lines = ["        /*0000*/                   MOV R1, c[0x0][0x28] ;", ".L_x_5:"]
+    lines += [f"        /*{16 * (i + 1):04x}*/                   {ins} ;" for i, ins in enumerate(body.split("|"))]
+    lines += [f"        /*{16 * (len(lines) + 1):04x}*/               @P0 BRA `(.L_x_5) ;"]
+    return "\n".join(lines + tail.split("|")) if tail else "\n".join(lines)
+
+
+def test_operand_overwrites_on_hand_written_sass():
+    """operand_overwrites reports a register a loop's product reads as its A operand, then rewritten, then read by
+    another product of the same pass; not one written before its first read (the pass's own value), nor one
+    carried to the next pass on purpose (written after its only read), nor a branch back over an EXIT (ptxas's
+    out-of-line wait loops)."""
+    read = "HGMMA.64x64x16.F32 R24, R120, gdesc[UR8], RZ, !UPT"
+    again = "HGMMA.64x64x16.F32 R88, R120, gdesc[UR12].tnspB, R88, gsb0"
+    write = "F2FP.F16.F32.PACK_AB R121, R46, R49"
+    found = operand_overwrites(_loop("|".join([read, "WARPGROUP.DEPBAR.LE gsb0, 0x0", write, again])))
+    assert len(found) == 1 and found[0].startswith("R121 in the loop at .L_x_5"), found
+    assert operand_overwrites(_loop("|".join(["LDSM.16.M88.4 R120, [R23+UR4]", read, write, again]))) == []
+    assert operand_overwrites(_loop("|".join([read, write]))) == []
+    assert operand_overwrites(_loop("|".join([read, write, "EXIT", again]))) == []
+
+
+def test_overwritten_operands_are_reported():
+    """summarize reports (and _check refuses) the dq kernel whose Q and dO stay in registers over the key loop
+    without being named in the products' waits (gluon_dq_regs_experiment.py, forms 1 and 4): at stop 42 ptxas gave
+    dS the registers of dO there, and dq came out wrong on the GPU (causal, head_dim 64). The lowering's dq kernel
+    and the form that names them in the waits (``deps``) are not reported."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "gluon_dq_regs_experiment.py"
+    spec = importlib.util.spec_from_file_location("gluon_dq_regs_experiment", path)
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    plan = build_plan(AttentionSpec(exp.TEST_BRANCHES, causal=True), 4096, 8, 64)
+    consts = launch_constexprs("gluon_bwd_dq", 64, True)
+    found = {}
+    for form in (exp.FORMS[0], exp.FORMS[1], exp.FORMS[5]):
+        low = exp.variant(TritonLowering(plan, torch.device("cpu"), torch.float16), form)
+        found[form] = summarize(compile_sm90(low.gluon_kernels.gluon_bwd_dq, consts, "fp16")).overwrites
+    assert found[exp.FORMS[0]] == () and found[exp.FORMS[5]] == (), found
+    assert len(found[exp.FORMS[1]]) >= 16, found   # dO's 16 registers, in each consumer's loop
 
 
 def _fingerprints_script():

@@ -1,7 +1,9 @@
 """Compile the Gluon kernels (:mod:`.gluon_hopper`) and the generated tl kernels for sm_90a without a GPU and
 summarise their SASS: shared memory, warpgroup matrix instructions, local-memory spills inside and outside a
-step's matrix instructions, and whether ptxas serialises the matrix instructions; or give the SASS itself, to show
-that a change to a kernel's source leaves the machine code as it was (``scripts/sass_fingerprints.py``).
+step's matrix instructions, whether ptxas serialises the matrix instructions, and registers a loop's matrix
+instructions read as an A operand that the loop rewrites before another product reads them (a wrong result, not a
+slow one: :func:`operand_overwrites`); or give the SASS itself, to show that a change to a kernel's source leaves
+the machine code as it was (``scripts/sass_fingerprints.py``).
 
 For checks, not for running: ``tests/test_gluon_compile.py``, the experiment scripts' ``--check-compile`` and
 ``scripts/sass_fingerprints.py``.
@@ -18,8 +20,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["MAX_SHARED", "SassSummary", "compile_sm90", "launch_constexprs", "sass", "summarize",
-           "wgmma_serialized"]
+__all__ = ["MAX_SHARED", "SassSummary", "compile_sm90", "launch_constexprs", "operand_overwrites", "sass",
+           "summarize", "wgmma_serialized"]
 
 MAX_SHARED = 232448  # bytes of shared memory a block may use on compute capability 9.0
 # the kernels' non-tensor parameters by name; other non-constexpr parameters are strides (int64) where named
@@ -40,11 +42,13 @@ class SassSummary:
     spills_in_steps: int    # local loads/stores between two matrix instructions with no branch between them
     spills_elsewhere: int
     serialized: str | None = None  # ptxas's reason for serialising the matrix instructions, if it does
+    overwrites: tuple[str, ...] = ()  # operand_overwrites: A-operand registers rewritten between two products
 
     def __str__(self) -> str:
         return (f"shared {self.shared} B, HGMMA {self.hgmma}, spill instructions among a step's HGMMAs "
                 f"{self.spills_in_steps}, elsewhere {self.spills_elsewhere}"
-                + (f"; SERIALIZED by ptxas: {self.serialized}" if self.serialized else ""))
+                + (f"; SERIALIZED by ptxas: {self.serialized}" if self.serialized else "")
+                + (f"; A OPERAND OVERWRITTEN: {self.overwrites[0]}" if self.overwrites else ""))
 
 
 def compile_sm90(fn, constexprs: dict, dtype: str = "bf16", pointers: dict | None = None, ints: dict | None = None,
@@ -117,9 +121,68 @@ def wgmma_serialized(compiled) -> str | None:
     return None
 
 
+_INSTR = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)\s*(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
+
+
+def _written(op: str, operands: str) -> range:
+    """The registers an instruction writes: its first operand where that is a register (stores, branches and
+    barriers have none), over the width its opcode says."""
+    m = re.match(r"R(\d+)\b", operands)
+    if not m or op.startswith(("ST", "RED", "BRA", "BAR", "SYNCS", "HGMMA", "WARPGROUP")):
+        return range(0)
+    n = 4 if (".128" in op or (op.startswith("LDSM") and op.endswith(".4"))) else \
+        2 if (".64" in op or ".WIDE" in op or (op.startswith("LDSM") and op.endswith(".2"))) else 1
+    return range(int(m.group(1)), int(m.group(1)) + n)
+
+
+def operand_overwrites(sass_text: str) -> list[str]:
+    """Registers that a loop's warpgroup matrix instructions read as their A operand, that an instruction of the
+    loop then rewrites, and that a later matrix instruction of the same pass reads again. The first read comes
+    before any write in the pass, so its value is the one the previous pass left: the rewritten one. ptxas 12.8
+    (triton 3.6) allocates so for a loop-invariant A operand whose products the source does not keep alive
+    (``warpgroup_mma_wait``'s ``deps``): at stop 42 dO, held in registers over the dq kernel's key loop, shared
+    its registers with dS, and dq came out wrong (causal, head_dim 64). A value carried from one pass to the next
+    on purpose (P of the forward, issued at the top of the next pass) is written after its only read, so it is
+    not reported. Each finding names the loop's label and the addresses of the read, the write and the second
+    read."""
+    lines = sass_text.splitlines()
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := _LABEL.match(ln.strip()))}
+    found = []
+    for end, ln in enumerate(lines):
+        m = _BRANCH.search(ln)
+        if not m or labels.get(m.group(1), end) >= end:
+            continue   # not a branch back to an earlier label: not a loop
+        if any(re.search(r"\b(EXIT|RET)\b", body) for body in lines[labels[m.group(1)]:end]):
+            continue   # ptxas's out-of-line wait loops branch back over whole partitions: not a loop body
+        state = {}     # register -> (address of its first A-operand read, address of the write after it)
+        for body in lines[labels[m.group(1)]:end + 1]:
+            ins = _INSTR.search(body)
+            if not ins:
+                continue
+            addr, op, operands = ins.groups()
+            if op.startswith("HGMMA"):
+                a = re.match(r"R\d+\s*,\s*R(\d+)\b", operands)
+                for r in range(int(a.group(1)), int(a.group(1)) + 4) if a else ():
+                    if r not in state:
+                        state[r] = (addr, None)
+                    elif state[r][0] and state[r][1]:
+                        found.append(f"R{r} in the loop at {m.group(1)}: read by a product at 0x{state[r][0]}, "
+                                     f"rewritten at 0x{state[r][1]}, read again at 0x{addr}")
+                        state[r] = (None, None)
+                continue
+            for r in _written(op, operands):
+                if r not in state:
+                    state[r] = (None, addr)   # written before any read: this pass's own value
+                elif state[r][0] and not state[r][1]:
+                    state[r] = (state[r][0], addr)
+    return found
+
+
 def summarize(compiled) -> SassSummary:
-    """Shared memory, matrix instructions and spills of a compiled kernel, and whether ptxas serialises its matrix
-    instructions."""
+    """Shared memory, matrix instructions and spills of a compiled kernel, whether ptxas serialises its matrix
+    instructions, and A-operand registers rewritten between two products of a loop (:func:`operand_overwrites`)."""
     text = sass(compiled)
     # one letter per instruction of interest: M a matrix instruction, S a local load or store (a spill), B a
     # branch; a spill between two matrix instructions with no branch between them sits inside a step
@@ -127,7 +190,7 @@ def summarize(compiled) -> SassSummary:
                     for ln in text.splitlines() if "HGMMA" in ln or "STL" in ln or "LDL" in ln or "BRA" in ln)
     in_steps = sum(run.count("S") for run in re.findall(r"M[MS]*M", marks))
     return SassSummary(compiled.metadata.shared, marks.count("M"), in_steps, marks.count("S") - in_steps,
-                       wgmma_serialized(compiled))
+                       wgmma_serialized(compiled), tuple(operand_overwrites(text)))
 
 
 def launch_constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool = False) -> dict:
