@@ -46,7 +46,9 @@ without a GPU; the compile check now refuses it). Two more forms (indices into F
   alive while the product is unfinished): ptxas keeps dO apart and copies it into the operand registers each
   step; no overwrite found.
 ``--check-equal REPEATS`` compares forms 1, 4 and 5 with the lowering on the failing case, REPEATS times each.
-Not yet run on a GPU; form 5's speed is not measured.
+Not yet run on a GPU; form 5's speed is not measured. The same check on form 3 (four-branch N = 64K, bf16):
+its dk/dv kernel with K in registers has the overwrite at causal D = 64 (32 registers) and not at D = 128 not
+causal; its forward with Q in registers has none at either.
 """
 
 from __future__ import annotations
