@@ -111,21 +111,22 @@ DKDV_PATCHES = [
      "            mbarrier.wait(kv_ready, (it if PHASED else i) & 1)\n            k_reg = k_half.load(sop_l)\n"),
     ("st_tok = warpgroup_mma(k_half, q_t.permute((1, 0)),", "st_tok = warpgroup_mma(k_reg, q_t.permute((1, 0)),"),
 ]
-# each form adds its patches to the one before
 # the dq consumer's Q and dO in registers, their buffer handed back after the key loop as in the lowering (stop 42:
-# the form above, which hands it back before the loop, gave wrong dq for causal head_dim 64 in the GPU tests)
+# form 1 hands it back before the loop and gave wrong dq for causal head_dim 64 on the GPU; this form compiles to
+# the same register overwrite, so the early hand-back was not the cause)
 LATE_PATCHES = [PATCHES[0],
                 (PATCHES[1][0], PATCHES[1][1].replace("            mbarrier.arrive(t_empty, count=1)\n", "")),
                 PATCHES[2], PATCHES[3]]
 
 # the form of PATCHES with Q and dO named in the waits of the products that read them (``deps``: kept alive while
-# the product is unfinished; without it the registers are free once the last product of a tile is issued)
+# the product is unfinished); without it ptxas gives dS the registers of dO (gluon_compile.operand_overwrites)
 DEPS_PATCHES = [*PATCHES,
                 ("                s = warpgroup_mma_wait(1, deps=(s_tok, ))\n",
                  "                s, q_reg = warpgroup_mma_wait(1, deps=(s_tok, q_reg))\n"),
                 ("                dp = warpgroup_mma_wait(0, deps=(dp_tok, ))\n",
                  "                dp, do_reg = warpgroup_mma_wait(0, deps=(dp_tok, do_reg))\n")]
 
+# forms 1 to 3 each add their patches to the one before; forms 4 and 5 are form 1's dq kernel changed
 FORMS = ("operands from shared memory (the lowering)", "dq: Q, dO in registers", "... and fwd: Q in registers",
          "... and dk/dv: K in registers", "dq: Q, dO in registers, buffer back after the loop",
          "dq: Q, dO in registers, kept alive by the waits")
@@ -170,7 +171,7 @@ TEST_CASES = [(64, True, torch.float16)]   # test_gpu_gluon_kernels' failing cas
 def check_equal(repeats: int) -> None:
     """The dq forms (not the forward's or dk/dv's) against the lowering on the GPU tests' spec, each case run
     ``repeats`` times: whether out, lse, dq, dk and dv are bitwise equal to the lowering's, and dq's largest
-    difference (a race shows as a difference that comes and goes)."""
+    difference (a fault that depends on timing shows as a difference that comes and goes)."""
     dev = torch.device("cuda", torch.cuda.current_device())
     for head_dim, causal, dtype in TEST_CASES:
         plan = build_plan(AttentionSpec(TEST_BRANCHES, causal=causal), 4096, 8, head_dim)
