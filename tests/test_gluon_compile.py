@@ -242,11 +242,12 @@ def test_serialized_matrix_instructions_are_reported():
     assert found[exp.FORMS[2]] is not None and "register" in found[exp.FORMS[2]], found
 
 
-def _loop(body: str, tail: str = "") -> str:
+def _loop(body: str) -> str:
+    """SASS of a loop at .L_x_5 over ``body``'s instructions (separated by "|"), branching back at its end."""
     lines = ["        /*0000*/                   MOV R1, c[0x0][0x28] ;", ".L_x_5:"]
     lines += [f"        /*{16 * (i + 1):04x}*/                   {ins} ;" for i, ins in enumerate(body.split("|"))]
     lines += [f"        /*{16 * (len(lines) + 1):04x}*/               @P0 BRA `(.L_x_5) ;"]
-    return "\n".join(lines + tail.split("|")) if tail else "\n".join(lines)
+    return "\n".join(lines)
 
 
 def test_operand_overwrites_on_hand_written_sass():

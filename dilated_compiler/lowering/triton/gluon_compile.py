@@ -152,12 +152,13 @@ def operand_overwrites(sass_text: str) -> list[str]:
     found = []
     for end, ln in enumerate(lines):
         m = _BRANCH.search(ln)
-        if not m or labels.get(m.group(1), end) >= end:
+        start = labels.get(m.group(1), end) if m else end
+        if start >= end:
             continue   # not a branch back to an earlier label: not a loop
-        if any(re.search(r"\b(EXIT|RET)\b", body) for body in lines[labels[m.group(1)]:end]):
+        if any(re.search(r"\b(EXIT|RET)\b", body) for body in lines[start:end]):
             continue   # ptxas's out-of-line wait loops branch back over whole partitions: not a loop body
         state = {}     # register -> (address of its first A-operand read, address of the write after it)
-        for body in lines[labels[m.group(1)]:end + 1]:
+        for body in lines[start:end + 1]:
             ins = _INSTR.search(body)
             if not ins:
                 continue
