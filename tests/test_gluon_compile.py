@@ -193,6 +193,15 @@ EXPERIMENTS = ["gluon_bwd_experiment", "gluon_bwd_tile_experiment", "gluon_causa
                "gluon_offs32_experiment", "gluon_pingpong_experiment", "gluon_q2_experiment", "gluon_red_experiment"]
 
 
+def _load(relpath: str):
+    """The module at ``relpath`` from the repository's root (a script of benchmarks/ or scripts/, not a package)."""
+    path = Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("script", EXPERIMENTS)
 def test_experiment_kernels_compile(script):
     """The experiment scripts in benchmarks/experiments/ that carry their own kernels or launch constexprs still
@@ -228,10 +237,7 @@ def test_serialized_matrix_instructions_are_reported():
     """summarize names ptxas's reason where it serialises the matrix instructions, which _check refuses: stop 9's
     PIPE form of the dq kernel (rebuilt in gluon_dq_skew_experiment.py; measured 45% slower) is serialised, the
     lowering's dq kernel and the experiment's skewed form are not."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "gluon_dq_skew_experiment.py"
-    spec = importlib.util.spec_from_file_location("gluon_dq_skew_experiment", path)
-    exp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exp)
+    exp = _load("benchmarks/experiments/gluon_dq_skew_experiment.py")
     consts = launch_constexprs("gluon_bwd_dq", 128, False)
     found = {}
     for form in exp.FORMS:
@@ -270,10 +276,7 @@ def test_overwritten_operands_are_reported():
     without being named in the products' waits (gluon_dq_regs_experiment.py, forms 1 and 4): at stop 42 ptxas gave
     dS the registers of dO there, and dq came out wrong on the GPU (causal, head_dim 64). The lowering's dq kernel
     and the form that names them in the waits (``deps``) are not reported."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "gluon_dq_regs_experiment.py"
-    spec = importlib.util.spec_from_file_location("gluon_dq_regs_experiment", path)
-    exp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exp)
+    exp = _load("benchmarks/experiments/gluon_dq_regs_experiment.py")
     plan = build_plan(AttentionSpec(exp.TEST_BRANCHES, causal=True), 4096, 8, 64)
     consts = launch_constexprs("gluon_bwd_dq", 64, True)
     found = {}
@@ -285,11 +288,8 @@ def test_overwritten_operands_are_reported():
 
 
 def _fingerprints_script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "sass_fingerprints.py"
-    spec = importlib.util.spec_from_file_location("sass_fingerprints", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return path, module
+    module = _load("scripts/sass_fingerprints.py")
+    return Path(module.__file__), module
 
 
 def test_instruction_multiset_ignores_register_numbers_addresses_and_order():
