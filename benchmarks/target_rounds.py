@@ -16,12 +16,13 @@ same state), ``--rotate`` changes the forms' order every round (no form always f
 temperature and SM clock (nvidia-smi) are printed as each form starts. The last table sets the issue's targets
 against the medians of this project and of the pre-gathered SDPA, the baseline the targets were taken from.
 
-``--sustained HEAT MEASURE`` times fwd+bwd as a training loop runs it: each form's step runs HEAT seconds untimed
-(meant to bring the GPU to the power limit's steady clock), then MEASURE seconds of steps back to back are timed
-with CUDA events; the forms' order rotates every round. From a cool GPU (``--idle``) do_bench's 60 ms read in two
-modes at stop 41 (about 3.41 ms when the power limit did not set in within them, about 3.7 ms when it did); this is
-meant to read the steady clock only. At stop 42 (H100, 10 s heat, 3 s timed) the rounds spread by under 1%:
-this project 3.873 ms, pre-gathered 3.791, naive 9.645 (benchmarks/results/H100-triton.md).
+``--sustained HEAT MEASURE`` times fwd and fwd+bwd as a training loop runs them: each form's step of each pass
+runs HEAT seconds untimed (meant to bring the GPU to the power limit's steady clock), then MEASURE seconds of steps
+back to back are timed with CUDA events; the order rotates every round. From a cool GPU (``--idle``) do_bench's
+60 ms read in two modes at stop 41 (about 3.41 ms when the power limit did not set in within them, about 3.7 ms
+when it did); this is meant to read the steady clock only. At stop 42 (H100, 10 s heat, 3 s timed, fwd+bwd only)
+the rounds spread by under 1%: this project 3.873 ms, pre-gathered 3.791, naive 9.645
+(benchmarks/results/H100-triton.md).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def main():
     ap.add_argument("--idle", type=float, default=0.0, help="seconds the GPU idles before each form's measurement")
     ap.add_argument("--rotate", action="store_true", help="change the forms' order every round")
     ap.add_argument("--sustained", type=float, nargs=2, metavar=("HEAT", "MEASURE"),
-                    help="fwd+bwd only, as a training loop runs it: each form's step HEAT seconds untimed (to the "
+                    help="as a training loop runs it: each form's fwd and fwd+bwd step HEAT seconds untimed (to the "
                          "power limit's steady clock), then MEASURE seconds of steps back to back (CUDA events)")
     args = ap.parse_args()
     spec = bt.spec_for(bt.FOUR, "grouped", False)
@@ -134,40 +135,51 @@ def main():
 
 
 def sustained_rounds(spec, attn, args) -> None:
-    """``--sustained``: the three forms' fwd+bwd steps (bench_triton's), each round in rotated order, each form
-    heated then timed back to back (:func:`sustained_ms`)."""
+    """``--sustained``: the three forms' fwd (under no_grad) and fwd+bwd steps (bench_triton's), each round in
+    rotated order, each (form, pass) heated then timed back to back (:func:`sustained_ms`); then the targets."""
     q, k, v = bt.inputs(N, D, torch.bfloat16)
     dout = torch.randn_like(q)
     tensors, douts = bt.pregathered_inputs(spec, N, D, torch.bfloat16)
 
     def pregathered():
         return [torch.nn.functional.scaled_dot_product_attention(*t, is_causal=spec.causal) for t in tensors]
-    steps = {
-        "triton": bt.fwd_bwd(lambda: attn(q, k, v), (q, k, v), dout),
-        "naive": bt.fwd_bwd(lambda: bt.naive_attention(q, k, v, spec), (q, k, v), dout),
-        "pregathered": bt.fwd_bwd(pregathered, [x for t in tensors for x in t], douts),
-    }
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+    fwds = {"triton": lambda: attn(q, k, v), "naive": lambda: bt.naive_attention(q, k, v, spec),
+            "pregathered": pregathered}
+    leaves = {"triton": (q, k, v), "naive": (q, k, v), "pregathered": [x for t in tensors for x in t]}
+    grads = {"triton": dout, "naive": dout, "pregathered": douts}
+    steps = {}
+    for f, fn in fwds.items():
+        steps[(f, "fwd")] = no_grad(fn)
+        steps[(f, "fwd+bwd")] = bt.fwd_bwd(fn, leaves[f], grads[f])
     for step in steps.values():
         step()  # compile and tune outside the timing
     names = list(steps)
-    times = {f: [] for f in names}
+    times = {key: [] for key in names}
     for i in range(args.rounds):
-        order = rotated(names, i)
         states = {}
-        for f in order:
-            ms, states[f] = sustained_ms(steps[f], *args.sustained)
-            times[f].append(ms)
-        print(f"round {i}: " + "; ".join(f"{f} {times[f][-1]:.3f} ms ({states[f]})" for f in order), flush=True)
-    print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={bt.H}, D={D}; fwd+bwd sustained "
-          f"({args.sustained[0]:g} s of steps untimed, then {args.sustained[1]:g} s timed back to back, per form); "
-          f"{args.rounds} rounds, order rotated")
-    print("| form | median ms | min | max | median ratio form/triton | rounds |")
-    print("|---|---|---|---|---|---|")
-    for f in names:
-        ts = times[f]
-        rat = statistics.median(a / b for a, b in zip(ts, times["triton"]))
-        print(f"| {f} | {statistics.median(ts):.3f} | {min(ts):.3f} | {max(ts):.3f} | {rat:.3f}x | "
-              f"{', '.join(f'{t:.3f}' for t in ts)} |")
+        for key in rotated(names, i):
+            ms, states[key] = sustained_ms(steps[key], *args.sustained)
+            times[key].append(ms)
+        print(f"round {i}: " + "; ".join(f"{f} {p} {times[(f, p)][-1]:.3f} ms ({states[(f, p)]})"
+                                        for f, p in rotated(names, i)), flush=True)
+    print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={bt.H}, D={D}; sustained "
+          f"({args.sustained[0]:g} s of steps untimed, then {args.sustained[1]:g} s timed back to back, per form and "
+          f"pass); {args.rounds} rounds, order rotated")
+    print("| pass | form | median ms | min | max | median ratio form/triton | rounds |")
+    print("|---|---|---|---|---|---|---|")
+    for p in ("fwd", "fwd+bwd"):
+        for f in fwds:
+            ts = times[(f, p)]
+            rat = statistics.median(a / b for a, b in zip(ts, times[("triton", p)]))
+            print(f"| {p} | {f} | {statistics.median(ts):.3f} | {min(ts):.3f} | {max(ts):.3f} | {rat:.3f}x | "
+                  f"{', '.join(f'{t:.3f}' for t in ts)} |")
+    print_targets(times)
 
 
 # the issue's targets for this case (H100, bf16): fwd and fwd+bwd times, and fwd+bwd's ratio to the naive path. The

@@ -1,0 +1,128 @@
+"""Probe (timing only; its "unwritten" form gives wrong results by design): what does writing the zero rows cost
+the main case's step at the power limit's steady clock?
+
+In grouped mode a head of a branch with dilation r attends from and to one row in r; out, dq, dk and dv are zero
+in the other rows, and the kernels write those zeros (the zero fill: TMA stores of a zero tile). For the four-branch
+pattern at 64K that is 142 MB per tensor, 570 MB a fwd+bwd step. SDPA over pre-gathered segments, the baseline of
+the issue's targets, writes compact per-branch outputs and no zeros. The "unwritten" form runs the same step with
+the zero fill off and the outputs taken from ``torch.empty`` (no memset either): the lowering's ``_zfill`` answers
+False and its ``torch.zeros``/``torch.zeros_like`` become ``torch.empty``/``torch.empty_like`` while the step runs.
+Before timing it checks that the selected rows are bitwise the lowering's and counts the unselected ones left
+unwritten (NaN from a block the allocator handed back).
+
+    PYTHONPATH=. python benchmarks/experiments/zero_rows_probe.py [--rounds 3] [--heat 8] [--measure 3]
+
+H100 (stop 44, 3 rounds, 8 s heat, 3 s timed): fwd 0.940 -> 0.923 ms (pre-gathered 0.918), fwd+bwd 3.924 -> 3.846
+(pre-gathered 3.842). With the zeros unwritten the step is as fast as the pre-gathered SDPA; the zeros are the
+whole of the 2% between them (benchmarks/results/H100-triton.md, "Stop 44").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_triton as bt  # noqa: E402
+import target_rounds as tr  # noqa: E402
+
+from dilated_compiler import compile_attention  # noqa: E402
+from dilated_compiler.lowering.triton import lowering as L  # noqa: E402
+
+
+class _NoZeros:
+    """The lowering module's ``torch`` while the zeros are left unwritten: torch, with empty for zeros."""
+    zeros, zeros_like = staticmethod(torch.empty), staticmethod(torch.empty_like)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def zeros_unwritten():
+    zfill, real = L.TritonLowering._zfill, L.torch
+    L.TritonLowering._zfill = lambda self, *args: False
+    L.torch = _NoZeros()
+    try:
+        yield
+    finally:
+        L.TritonLowering._zfill, L.torch = zfill, real
+
+
+def check(attn, q, k, v) -> None:
+    with torch.no_grad():
+        ref = attn(q, k, v)
+        sel = ref != 0
+        torch.full_like(q, float("nan"))  # freed at once: a block of NaN in the allocator's cache for the next output
+        with zeros_unwritten():
+            out = attn(q, k, v)
+    assert torch.equal(out[sel], ref[sel]), "the selected rows differ from the lowering's"
+    print(f"unwritten form: selected rows bitwise the lowering's; of {int((~sel).sum())} unselected elements "
+          f"{int(out[~sel].isnan().sum())} hold the NaN left in the reused block", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--heat", type=float, default=8.0)
+    ap.add_argument("--measure", type=float, default=3.0)
+    args = ap.parse_args()
+    N, D = tr.N, tr.D
+    spec = bt.spec_for(bt.FOUR, "grouped", False)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = bt.inputs(N, D, torch.bfloat16)
+    dout = torch.randn_like(q)
+    tensors, douts = bt.pregathered_inputs(spec, N, D, torch.bfloat16)
+    check(attn, q, k, v)
+
+    def pregathered():
+        return [torch.nn.functional.scaled_dot_product_attention(*t) for t in tensors]
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
+    def unwritten(fn):
+        def run():
+            with zeros_unwritten():
+                fn()
+        return run
+
+    fwd_bwd = bt.fwd_bwd(lambda: attn(q, k, v), (q, k, v), dout)
+    steps = {
+        ("lowering", "fwd"): no_grad(lambda: attn(q, k, v)),
+        ("unwritten", "fwd"): unwritten(no_grad(lambda: attn(q, k, v))),
+        ("pregathered", "fwd"): no_grad(pregathered),
+        ("lowering", "fwd+bwd"): fwd_bwd,
+        ("unwritten", "fwd+bwd"): unwritten(fwd_bwd),
+        ("pregathered", "fwd+bwd"): bt.fwd_bwd(pregathered, [x for t in tensors for x in t], douts),
+    }
+    for step in steps.values():
+        step()  # compile outside the timing
+    names = list(steps)
+    times = {key: [] for key in names}
+    for i in range(args.rounds):
+        for key in tr.rotated(names, i):
+            ms, state = tr.sustained_ms(steps[key], args.heat, args.measure)
+            times[key].append(ms)
+            print(f"round {i}: {key[0]} {key[1]} {ms:.3f} ms ({state})", flush=True)
+    print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={bt.H}, D={D}; sustained "
+          f"({args.heat:g} s untimed, {args.measure:g} s timed per form and pass), {args.rounds} rounds, rotated")
+    print("| pass | form | median ms | median ratio form/lowering | rounds |")
+    print("|---|---|---|---|---|")
+    for p in ("fwd", "fwd+bwd"):
+        for f in ("lowering", "unwritten", "pregathered"):
+            ts = times[(f, p)]
+            rat = statistics.median(a / b for a, b in zip(ts, times[("lowering", p)]))
+            print(f"| {p} | {f} | {statistics.median(ts):.3f} | {rat:.3f}x | {', '.join(f'{t:.3f}' for t in ts)} |")
+
+
+if __name__ == "__main__":
+    main()
