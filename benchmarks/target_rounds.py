@@ -134,6 +134,14 @@ def main():
     print_targets(times)
 
 
+def no_grad_step(fn):
+    """``fn`` as a forward step: called under no_grad, its result dropped."""
+    def run():
+        with torch.no_grad():
+            fn()
+    return run
+
+
 def sustained_rounds(spec, attn, args) -> None:
     """``--sustained``: the three forms' fwd (under no_grad) and fwd+bwd steps (bench_triton's), each round in
     rotated order, each (form, pass) heated then timed back to back (:func:`sustained_ms`); then the targets."""
@@ -144,18 +152,13 @@ def sustained_rounds(spec, attn, args) -> None:
     def pregathered():
         return [torch.nn.functional.scaled_dot_product_attention(*t, is_causal=spec.causal) for t in tensors]
 
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
     fwds = {"triton": lambda: attn(q, k, v), "naive": lambda: bt.naive_attention(q, k, v, spec),
             "pregathered": pregathered}
     leaves = {"triton": (q, k, v), "naive": (q, k, v), "pregathered": [x for t in tensors for x in t]}
     grads = {"triton": dout, "naive": dout, "pregathered": douts}
     steps = {}
     for f, fn in fwds.items():
-        steps[(f, "fwd")] = no_grad(fn)
+        steps[(f, "fwd")] = no_grad_step(fn)
         steps[(f, "fwd+bwd")] = bt.fwd_bwd(fn, leaves[f], grads[f])
     for step in steps.values():
         step()  # compile and tune outside the timing

@@ -83,12 +83,6 @@ def main():
     def pregathered():
         return [torch.nn.functional.scaled_dot_product_attention(*t) for t in tensors]
 
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-
     def unwritten(fn):
         def run():
             with zeros_unwritten():
@@ -97,9 +91,9 @@ def main():
 
     fwd_bwd = bt.fwd_bwd(lambda: attn(q, k, v), (q, k, v), dout)
     steps = {
-        ("lowering", "fwd"): no_grad(lambda: attn(q, k, v)),
-        ("unwritten", "fwd"): unwritten(no_grad(lambda: attn(q, k, v))),
-        ("pregathered", "fwd"): no_grad(pregathered),
+        ("lowering", "fwd"): tr.no_grad_step(lambda: attn(q, k, v)),
+        ("unwritten", "fwd"): unwritten(tr.no_grad_step(lambda: attn(q, k, v))),
+        ("pregathered", "fwd"): tr.no_grad_step(pregathered),
         ("lowering", "fwd+bwd"): fwd_bwd,
         ("unwritten", "fwd+bwd"): unwritten(fwd_bwd),
         ("pregathered", "fwd+bwd"): bt.fwd_bwd(pregathered, [x for t in tensors for x in t], douts),
