@@ -12,9 +12,9 @@ unwritten (NaN from a block the allocator handed back).
 
     PYTHONPATH=. python benchmarks/experiments/zero_rows_probe.py [--rounds 3] [--heat 8] [--measure 3]
 
-H100 (stop 44, 3 rounds, 8 s heat, 3 s timed): fwd 0.940 -> 0.923 ms (pre-gathered 0.918), fwd+bwd 3.924 -> 3.846
-(pre-gathered 3.842). With the zeros unwritten the step is as fast as the pre-gathered SDPA; the zeros are the
-whole of the 2% between them (benchmarks/results/H100-triton.md, "Stop 44").
+Two H100s (stop 44, 3 rounds, 8 s heat, 3 s timed): fwd+bwd 3.924 -> 3.846 ms (pre-gathered 3.842) and 3.858 ->
+3.783 (pre-gathered 3.765); fwd 0.940 -> 0.923 (0.918) and 0.922 -> 0.908 (0.904). The zeros are 80-95% of the
+2% between the step and the pre-gathered SDPA (benchmarks/results/H100-triton.md, "Stop 44").
 """
 
 from __future__ import annotations
