@@ -142,6 +142,34 @@ def no_grad_step(fn):
     return run
 
 
+def sustained_times(steps: dict, heat: float, measure: float, rounds: int) -> dict:
+    """Each step of ``steps`` ({(form, pass): step}) called once untimed (compiling, tuning), then timed
+    ``rounds`` times by :func:`sustained_ms`, in rotated order each round; {(form, pass): [ms per round]}."""
+    for step in steps.values():
+        step()
+    names = list(steps)
+    times = {key: [] for key in names}
+    for i in range(rounds):
+        for form, p in rotated(names, i):
+            ms, state = sustained_ms(steps[(form, p)], heat, measure)
+            times[(form, p)].append(ms)
+            print(f"round {i}: {form} {p} {ms:.3f} ms ({state})", flush=True)
+    return times
+
+
+def print_sustained(times: dict, forms: list, base: str) -> None:
+    """:func:`sustained_times`' figures as a table: per pass and form the median, min, max, the median of the
+    rounds' ratios to form ``base``, and every round."""
+    print(f"| pass | form | median ms | min | max | median ratio form/{base} | rounds |")
+    print("|---|---|---|---|---|---|---|")
+    for p in ("fwd", "fwd+bwd"):
+        for f in forms:
+            ts = times[(f, p)]
+            rat = statistics.median(a / b for a, b in zip(ts, times[(base, p)]))
+            print(f"| {p} | {f} | {statistics.median(ts):.3f} | {min(ts):.3f} | {max(ts):.3f} | {rat:.3f}x | "
+                  f"{', '.join(f'{t:.3f}' for t in ts)} |")
+
+
 def sustained_rounds(spec, attn, args) -> None:
     """``--sustained``: the three forms' fwd (under no_grad) and fwd+bwd steps (bench_triton's), each round in
     rotated order, each (form, pass) heated then timed back to back (:func:`sustained_ms`); then the targets."""
@@ -160,28 +188,11 @@ def sustained_rounds(spec, attn, args) -> None:
     for f, fn in fwds.items():
         steps[(f, "fwd")] = no_grad_step(fn)
         steps[(f, "fwd+bwd")] = bt.fwd_bwd(fn, leaves[f], grads[f])
-    for step in steps.values():
-        step()  # compile and tune outside the timing
-    names = list(steps)
-    times = {key: [] for key in names}
-    for i in range(args.rounds):
-        states = {}
-        for key in rotated(names, i):
-            ms, states[key] = sustained_ms(steps[key], *args.sustained)
-            times[key].append(ms)
-        print(f"round {i}: " + "; ".join(f"{f} {p} {times[(f, p)][-1]:.3f} ms ({states[(f, p)]})"
-                                        for f, p in rotated(names, i)), flush=True)
+    times = sustained_times(steps, *args.sustained, args.rounds)
     print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={bt.H}, D={D}; sustained "
           f"({args.sustained[0]:g} s of steps untimed, then {args.sustained[1]:g} s timed back to back, per form and "
           f"pass); {args.rounds} rounds, order rotated")
-    print("| pass | form | median ms | min | max | median ratio form/triton | rounds |")
-    print("|---|---|---|---|---|---|---|")
-    for p in ("fwd", "fwd+bwd"):
-        for f in fwds:
-            ts = times[(f, p)]
-            rat = statistics.median(a / b for a, b in zip(ts, times[("triton", p)]))
-            print(f"| {p} | {f} | {statistics.median(ts):.3f} | {min(ts):.3f} | {max(ts):.3f} | {rat:.3f}x | "
-                  f"{', '.join(f'{t:.3f}' for t in ts)} |")
+    print_sustained(times, list(fwds), "triton")
     print_targets(times)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 from pathlib import Path
 
@@ -98,25 +97,10 @@ def main():
         ("unwritten", "fwd+bwd"): unwritten(fwd_bwd),
         ("pregathered", "fwd+bwd"): bt.fwd_bwd(pregathered, [x for t in tensors for x in t], douts),
     }
-    for step in steps.values():
-        step()  # compile outside the timing
-    names = list(steps)
-    times = {key: [] for key in names}
-    for i in range(args.rounds):
-        for key in tr.rotated(names, i):
-            ms, state = tr.sustained_ms(steps[key], args.heat, args.measure)
-            times[key].append(ms)
-            print(f"round {i}: {key[0]} {key[1]} {ms:.3f} ms ({state})", flush=True)
+    times = tr.sustained_times(steps, args.heat, args.measure, args.rounds)
     print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={bt.H}, D={D}; sustained "
           f"({args.heat:g} s untimed, {args.measure:g} s timed per form and pass), {args.rounds} rounds, rotated")
-    print("| pass | form | median ms | median ratio form/lowering | rounds |")
-    print("|---|---|---|---|---|")
-    for p in ("fwd", "fwd+bwd"):
-        for f in ("lowering", "unwritten", "pregathered"):
-            ts = times[(f, p)]
-            rat = statistics.median(a / b for a, b in zip(ts, times[("lowering", p)]))
-            print(f"| {p} | {f} | {statistics.median(ts):.3f} | {rat:.3f}x | {', '.join(f'{t:.3f}' for t in ts)} |")
-
+    tr.print_sustained(times, ["lowering", "unwritten", "pregathered"], "lowering")
 
 if __name__ == "__main__":
     main()
