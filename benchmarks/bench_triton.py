@@ -157,13 +157,17 @@ def pregathered_inputs(spec, N, D, dtype):
     return tensors, [torch.randn_like(t[0]) for t in tensors]
 
 
+def pregathered_forward(tensors, causal=False):
+    """The pre-gathered form's forward: public SDPA on each branch's (q, k, v) of :func:`pregathered_inputs`."""
+    def fwd():
+        return [F.scaled_dot_product_attention(*t, is_causal=causal) for t in tensors]
+    return fwd
+
+
 def time_pregathered(spec, N, D, dtype):
     """SDPA per branch over contiguous (segments, heads, rows, D) tensors made beforehand."""
     tensors, douts = pregathered_inputs(spec, N, D, dtype)
-
-    def fwd():
-        return [F.scaled_dot_product_attention(*t, is_causal=spec.causal) for t in tensors]
-
+    fwd = pregathered_forward(tensors, spec.causal)
     with torch.no_grad():
         f = bench(fwd)
     return f, bench(fwd_bwd(fwd, [x for t in tensors for x in t], douts))

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_triton as bt  # noqa: E402
@@ -44,9 +43,7 @@ def main():
             with torch.no_grad():
                 attn(q, k, v)
         tensors, douts = bt.pregathered_inputs(spec, N, 128, torch.bfloat16)
-
-        def sdpa():
-            return [F.scaled_dot_product_attention(*t) for t in tensors]
+        sdpa = bt.pregathered_forward(tensors)
 
         def sdpa_fwd():
             with torch.no_grad():

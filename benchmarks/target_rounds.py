@@ -177,11 +177,8 @@ def sustained_rounds(spec, attn, args) -> None:
     dout = torch.randn_like(q)
     tensors, douts = bt.pregathered_inputs(spec, N, D, torch.bfloat16)
 
-    def pregathered():
-        return [torch.nn.functional.scaled_dot_product_attention(*t, is_causal=spec.causal) for t in tensors]
-
     fwds = {"triton": lambda: attn(q, k, v), "naive": lambda: bt.naive_attention(q, k, v, spec),
-            "pregathered": pregathered}
+            "pregathered": bt.pregathered_forward(tensors, spec.causal)}
     leaves = {"triton": (q, k, v), "naive": (q, k, v), "pregathered": [x for t in tensors for x in t]}
     grads = {"triton": dout, "naive": dout, "pregathered": douts}
     steps = {}
