@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import statistics
 import sys
 from pathlib import Path
 
@@ -45,6 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_triton as bt  # noqa: E402
 import target_rounds as tr  # noqa: E402
+from compressible_memory_probe import ms  # noqa: E402
+from zero_rows_probe import zeros_unwritten  # noqa: E402
 
 from dilated_compiler import compile_attention  # noqa: E402
 from dilated_compiler.lowering.triton import lowering as L  # noqa: E402
@@ -130,24 +131,17 @@ class _Torch:
         return getattr(torch, name)
 
 
-class _Empty:
-    """The lowering module's ``torch`` in the unwritten form: zeros are empty."""
-    zeros, zeros_like = staticmethod(torch.empty), staticmethod(torch.empty_like)
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
 @contextlib.contextmanager
-def patched(module_torch, memsets=None):
+def patched(module_torch, memsets):
+    """The memset form while it runs: zero fill off, the lowering's ``torch`` replaced by ``module_torch``, and the
+    op's forward and backward waiting for ``memsets``' stream before they return."""
     T = L.TritonLowering
     zfill, real, fwd, bwd = T._zfill, L.torch, T._forward, T._backward
 
     def joined(fn):
         def run(*a, **kw):
             res = fn(*a, **kw)
-            if memsets is not None:
-                memsets.join()
+            memsets.join()
             return res
         return run
     T._zfill, L.torch, T._forward, T._backward = (lambda self, *a: False), module_torch, joined(fwd), joined(bwd)
@@ -155,20 +149,6 @@ def patched(module_torch, memsets=None):
         yield
     finally:
         T._zfill, L.torch, T._forward, T._backward = zfill, real, fwd, bwd
-
-
-def ms(fn, reps=20) -> float:
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
 
 
 def overlap(memsets, like: torch.Tensor, calls) -> None:
@@ -259,19 +239,22 @@ def main():
     fwd_bwd = bt.fwd_bwd(lambda: attn(q, k, v), (q, k, v), dout)
     ms_torch = _Torch(memsets, q.shape, None)
 
-    def form(fn, module_torch, ms_=None):
+    def form(fn, context):
         def run():
-            with patched(module_torch, ms_):
+            with context():
                 fn()
         return run
+
+    def memset_form():
+        return patched(ms_torch, memsets)
     steps = {
         ("lowering", "fwd"): fwd,
-        ("unwritten", "fwd"): form(fwd, _Empty()),
-        ("memset", "fwd"): form(fwd, ms_torch, memsets),
+        ("unwritten", "fwd"): form(fwd, zeros_unwritten),
+        ("memset", "fwd"): form(fwd, memset_form),
         ("pregathered", "fwd"): tr.no_grad_step(pregathered),
         ("lowering", "fwd+bwd"): fwd_bwd,
-        ("unwritten", "fwd+bwd"): form(fwd_bwd, _Empty()),
-        ("memset", "fwd+bwd"): form(fwd_bwd, ms_torch, memsets),
+        ("unwritten", "fwd+bwd"): form(fwd_bwd, zeros_unwritten),
+        ("memset", "fwd+bwd"): form(fwd_bwd, memset_form),
         ("pregathered", "fwd+bwd"): bt.fwd_bwd(pregathered, [x for t in tensors for x in t], douts),
     }
     times = tr.sustained_times(steps, args.heat, args.measure, args.rounds)
