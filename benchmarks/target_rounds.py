@@ -157,6 +157,54 @@ def sustained_times(steps: dict, heat: float, measure: float, rounds: int) -> di
     return times
 
 
+def sustained_args(heat: float) -> argparse.Namespace:
+    """The command line of the experiments' probes of the step: --rounds, --heat (default ``heat``), --measure."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--heat", type=float, default=heat)
+    ap.add_argument("--measure", type=float, default=3.0)
+    return ap.parse_args()
+
+
+def main_case():
+    """The main case as the probes run it: (spec, module with backend "triton", q, k, v, dout); bf16, q, k and v
+    needing gradients."""
+    spec = bt.spec_for(bt.FOUR, "grouped", False)
+    attn = compile_attention(spec, backend="triton")
+    q, k, v = bt.inputs(N, D, torch.bfloat16)
+    return spec, attn, q, k, v, torch.randn_like(q)
+
+
+def sustained_forms(case, forms: dict, args) -> dict:
+    """A probe's comparison: the main case's fwd and fwd+bwd steps (``case``: :func:`main_case`) as the lowering
+    runs them, run inside each of ``forms`` ({name: a callable returning a context manager}), and the pre-gathered
+    SDPA's, timed by :func:`sustained_times` (``args``: :func:`sustained_args`) and printed against the lowering."""
+    spec, attn, q, k, v, dout = case
+    tensors, douts = bt.pregathered_inputs(spec, N, D, torch.bfloat16)
+    pregathered = bt.pregathered_forward(tensors)
+    lowering = {"fwd": no_grad_step(lambda: attn(q, k, v)),
+                "fwd+bwd": bt.fwd_bwd(lambda: attn(q, k, v), (q, k, v), dout)}
+    baseline = {"fwd": no_grad_step(pregathered),
+                "fwd+bwd": bt.fwd_bwd(pregathered, [x for t in tensors for x in t], douts)}
+
+    def inside(context, step):
+        def run():
+            with context():
+                step()
+        return run
+    steps = {}
+    for p in ("fwd", "fwd+bwd"):
+        steps[("lowering", p)] = lowering[p]
+        for name, context in forms.items():
+            steps[(name, p)] = inside(context, lowering[p])
+        steps[("pregathered", p)] = baseline[p]
+    times = sustained_times(steps, args.heat, args.measure, args.rounds)
+    print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={bt.H}, D={D}; sustained "
+          f"({args.heat:g} s untimed, {args.measure:g} s timed per form and pass), {args.rounds} rounds, rotated")
+    print_sustained(times, ["lowering", *forms, "pregathered"], "lowering")
+    return times
+
+
 def print_sustained(times: dict, forms: list, base: str) -> None:
     """:func:`sustained_times`' figures as a table: per pass and form the median, min, max, the median of the
     rounds' ratios to form ``base``, and every round."""

@@ -27,7 +27,7 @@ tensors from a ring the probe kept references to: AccumulateGrad then copies eac
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import ctypes
 import statistics
 import sys
@@ -36,10 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench_triton as bt  # noqa: E402
 import target_rounds as tr  # noqa: E402
 
-from dilated_compiler import compile_attention  # noqa: E402
 from dilated_compiler.lowering.triton import lowering as L  # noqa: E402
 
 _ATTR_VMM, _ATTR_COMPRESSION = 102, 107  # CU_DEVICE_ATTRIBUTE_{VIRTUAL_MEMORY_MANAGEMENT,GENERIC_COMPRESSION}_SUPPORTED
@@ -163,15 +161,15 @@ def pool_alloc(pool):
     return alloc
 
 
-def with_alloc(alloc, fn):
-    def run():
-        real = L._uninitialized
-        L._uninitialized = alloc
-        try:
-            fn()
-        finally:
-            L._uninitialized = real
-    return run
+@contextlib.contextmanager
+def allocating(alloc):
+    """The lowering's ``_uninitialized`` (out, dq, dk and dv) replaced by ``alloc`` while it runs."""
+    real = L._uninitialized
+    L._uninitialized = alloc
+    try:
+        yield
+    finally:
+        L._uninitialized = real
 
 
 def compressible_pool(drv):
@@ -198,11 +196,7 @@ def compressible_pool(drv):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--heat", type=float, default=6.0)
-    ap.add_argument("--measure", type=float, default=3.0)
-    args = ap.parse_args()
+    args = tr.sustained_args(heat=6.0)
     torch.cuda.init()
     torch.empty(1, device="cuda")
     drv = Driver(torch.cuda.current_device())
@@ -213,11 +207,8 @@ def main():
         print("the device offers no compressible memory: nothing to measure")
         return
 
-    N, D = tr.N, tr.D
-    spec = bt.spec_for(bt.FOUR, "grouped", False)
-    attn = compile_attention(spec, backend="triton")
-    q, k, v = bt.inputs(N, D, torch.bfloat16)
-    dout = torch.randn_like(q)
+    case = tr.main_case()
+    _, attn, q, k, v, dout = case
     with torch.no_grad():
         ref_out = attn(q, k, v)
     bandwidth(drv, ref_out)
@@ -233,7 +224,8 @@ def main():
             out = attn(q, k, v)
             res["out"] = out.clone()
             res["grads"] = [g.clone() for g in torch.autograd.grad(out, (q, k, v), dout)]
-        (with_alloc(alloc, run) if alloc else run)()
+        with allocating(alloc) if alloc else contextlib.nullcontext():
+            run()
         return res
     ref, got = grads(None), grads(alloc_comp)
     assert torch.equal(ref["out"], got["out"]), "out differs in compressible memory"
@@ -241,24 +233,8 @@ def main():
     print(f"compressible form: out, dq, dk, dv bitwise the lowering's; pool allocations so far {compressible_pool.log}")
     del ref, got
 
-    tensors, douts = bt.pregathered_inputs(spec, N, D, torch.bfloat16)
-    pregathered = bt.pregathered_forward(tensors)
-    fwd = tr.no_grad_step(lambda: attn(q, k, v))
-    fwd_bwd = bt.fwd_bwd(lambda: attn(q, k, v), (q, k, v), dout)
-    steps = {
-        ("lowering", "fwd"): fwd,
-        ("pool-plain", "fwd"): with_alloc(alloc_plain, fwd),
-        ("pool-comp", "fwd"): with_alloc(alloc_comp, fwd),
-        ("pregathered", "fwd"): tr.no_grad_step(pregathered),
-        ("lowering", "fwd+bwd"): fwd_bwd,
-        ("pool-plain", "fwd+bwd"): with_alloc(alloc_plain, fwd_bwd),
-        ("pool-comp", "fwd+bwd"): with_alloc(alloc_comp, fwd_bwd),
-        ("pregathered", "fwd+bwd"): bt.fwd_bwd(pregathered, [x for t in tensors for x in t], douts),
-    }
-    times = tr.sustained_times(steps, args.heat, args.measure, args.rounds)
-    print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={bt.H}, D={D}; sustained "
-          f"({args.heat:g} s untimed, {args.measure:g} s timed per form and pass), {args.rounds} rounds, rotated")
-    tr.print_sustained(times, ["lowering", "pool-plain", "pool-comp", "pregathered"], "lowering")
+    tr.sustained_forms(case, {"pool-plain": lambda: allocating(alloc_plain),
+                              "pool-comp": lambda: allocating(alloc_comp)}, args)
     print(f"compressible pool: segments made (MiB, compression granted) {compressible_pool.log}")
 
 

@@ -32,7 +32,6 @@ has one (the command above: about 5 minutes on an H100).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import sys
@@ -55,7 +54,6 @@ def memsets_for(zero: np.ndarray, row_bytes: int, heads: int) -> list[tuple[int,
     """The zero rows ``zero`` ((N, H) bool: token n of head h is zero) of a (1, N, H, D) tensor as 2D memsets
     (offset bytes, pitch bytes, width bytes, height): heads with the same column side by side are one group; a
     group's stride is the least gap between its selected tokens, and each residue's runs of zero tokens one memset."""
-    N = zero.shape[0]
     calls, h = [], 0
     while h < heads:
         h1 = h + 1
@@ -200,16 +198,10 @@ def check_cpu() -> None:
 def main():
     if "--check-cpu" in sys.argv:
         return check_cpu()
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--heat", type=float, default=6.0)
-    ap.add_argument("--measure", type=float, default=3.0)
-    args = ap.parse_args()
+    args = tr.sustained_args(heat=6.0)
+    case = tr.main_case()
+    _, attn, q, k, v, dout = case
     N, D = tr.N, tr.D
-    spec = bt.spec_for(bt.FOUR, "grouped", False)
-    attn = compile_attention(spec, backend="triton")
-    q, k, v = bt.inputs(N, D, torch.bfloat16)
-    dout = torch.randn_like(q)
 
     def result():
         out = attn(q, k, v)
@@ -233,34 +225,8 @@ def main():
     print("memset form (its tensors filled with NaN first): out, dq, dk, dv bitwise the lowering's", flush=True)
     del ref, got
 
-    tensors, douts = bt.pregathered_inputs(spec, N, D, torch.bfloat16)
-    pregathered = bt.pregathered_forward(tensors)
-    fwd = tr.no_grad_step(lambda: attn(q, k, v))
-    fwd_bwd = bt.fwd_bwd(lambda: attn(q, k, v), (q, k, v), dout)
     ms_torch = _Torch(memsets, q.shape, None)
-
-    def form(fn, context):
-        def run():
-            with context():
-                fn()
-        return run
-
-    def memset_form():
-        return patched(ms_torch, memsets)
-    steps = {
-        ("lowering", "fwd"): fwd,
-        ("unwritten", "fwd"): form(fwd, zeros_unwritten),
-        ("memset", "fwd"): form(fwd, memset_form),
-        ("pregathered", "fwd"): tr.no_grad_step(pregathered),
-        ("lowering", "fwd+bwd"): fwd_bwd,
-        ("unwritten", "fwd+bwd"): form(fwd_bwd, zeros_unwritten),
-        ("memset", "fwd+bwd"): form(fwd_bwd, memset_form),
-        ("pregathered", "fwd+bwd"): bt.fwd_bwd(pregathered, [x for t in tensors for x in t], douts),
-    }
-    times = tr.sustained_times(steps, args.heat, args.measure, args.rounds)
-    print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={bt.H}, D={D}; sustained "
-          f"({args.heat:g} s untimed, {args.measure:g} s timed per form and pass), {args.rounds} rounds, rotated")
-    tr.print_sustained(times, ["lowering", "unwritten", "memset", "pregathered"], "lowering")
+    tr.sustained_forms(case, {"unwritten": zeros_unwritten, "memset": lambda: patched(ms_torch, memsets)}, args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Two H100s (stop 44, 3 rounds, 8 s heat, 3 s timed): fwd+bwd 3.924 -> 3.846 ms (p
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -27,10 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench_triton as bt  # noqa: E402
 import target_rounds as tr  # noqa: E402
 
-from dilated_compiler import compile_attention  # noqa: E402
 from dilated_compiler.lowering.triton import lowering as L  # noqa: E402
 
 
@@ -66,40 +63,12 @@ def check(attn, q, k, v) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--heat", type=float, default=8.0)
-    ap.add_argument("--measure", type=float, default=3.0)
-    args = ap.parse_args()
-    N, D = tr.N, tr.D
-    spec = bt.spec_for(bt.FOUR, "grouped", False)
-    attn = compile_attention(spec, backend="triton")
-    q, k, v = bt.inputs(N, D, torch.bfloat16)
-    dout = torch.randn_like(q)
-    tensors, douts = bt.pregathered_inputs(spec, N, D, torch.bfloat16)
+    args = tr.sustained_args(heat=8.0)
+    case = tr.main_case()
+    _, attn, q, k, v, _ = case
     check(attn, q, k, v)
+    tr.sustained_forms(case, {"unwritten": zeros_unwritten}, args)
 
-    pregathered = bt.pregathered_forward(tensors)
-
-    def unwritten(fn):
-        def run():
-            with zeros_unwritten():
-                fn()
-        return run
-
-    fwd_bwd = bt.fwd_bwd(lambda: attn(q, k, v), (q, k, v), dout)
-    steps = {
-        ("lowering", "fwd"): tr.no_grad_step(lambda: attn(q, k, v)),
-        ("unwritten", "fwd"): unwritten(tr.no_grad_step(lambda: attn(q, k, v))),
-        ("pregathered", "fwd"): tr.no_grad_step(pregathered),
-        ("lowering", "fwd+bwd"): fwd_bwd,
-        ("unwritten", "fwd+bwd"): unwritten(fwd_bwd),
-        ("pregathered", "fwd+bwd"): bt.fwd_bwd(pregathered, [x for t in tensors for x in t], douts),
-    }
-    times = tr.sustained_times(steps, args.heat, args.measure, args.rounds)
-    print(f"\n{torch.cuda.get_device_name()}: four-branch grouped N=64K, bf16, H={bt.H}, D={D}; sustained "
-          f"({args.heat:g} s untimed, {args.measure:g} s timed per form and pass), {args.rounds} rounds, rotated")
-    tr.print_sustained(times, ["lowering", "unwritten", "pregathered"], "lowering")
 
 if __name__ == "__main__":
     main()
