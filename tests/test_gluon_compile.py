@@ -87,10 +87,10 @@ def test_gluon_bwd_gqa_compiles_without_spills(kernel, gqa, acc, causal, head_di
     consts = {**launch_constexprs(kernel, head_dim, causal, True), "GQA": gqa}
     pointers = {}
     if acc == "split":
-        consts.update(ACC=1, ZFILL=False, PHASED=True, SPLIT=True)
+        consts.update(ACC=1, ZFILL=False, PHASED=True, SPLIT=True, OVERLAP=False)
         pointers = {"DK": "*fp32", "DV": "*fp32"}
     elif acc:
-        consts.update(ACC=acc, ZFILL=False, PHASED=True)
+        consts.update(ACC=acc, ZFILL=False, PHASED=True, OVERLAP=False)
         pointers = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
     _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, pointers=pointers))
 
@@ -133,7 +133,8 @@ def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal, ac
     """"all" mode's backward form (ACC, PHASED: one launch over the branches in phases, adding into float32 dq, dk,
     dv, or in the first phase storing: ACC 2; with a last phase writing the results in the inputs' dtype: ACC 3
     and 4; no zero fill), which the lowering runs where gluon_hopper.ALL_MODE_BACKWARD is set."""
-    consts = {**launch_constexprs(kernel, head_dim, causal, True), "ACC": acc, "ZFILL": False, "PHASED": True}
+    consts = {**launch_constexprs(kernel, head_dim, causal, True), "ACC": acc, "ZFILL": False, "PHASED": True,
+              "OVERLAP": False}
     fp32 = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
     _check(compile_sm90(getattr(_kernels(head_dim, causal), kernel), consts, "bf16", fp32, strides=strides))
 
@@ -143,7 +144,8 @@ def test_gluon_backward_acc_compiles_without_spills(kernel, head_dim, causal, ac
 def test_gluon_backward_one_phase_compiles(kernel, acc):
     """"all" mode with one branch: a phased backward of one phase (NPH = 1), one tile (T = 1), B = H = 1, with the
     runtime's specialisation of arguments equal to 1 (triton 3.6 fails to compile ACC 2 with NPH the constant 1)."""
-    consts = {**launch_constexprs(kernel, 64, False, False), "ACC": acc, "ZFILL": False, "PHASED": True}
+    consts = {**launch_constexprs(kernel, 64, False, False), "ACC": acc, "ZFILL": False, "PHASED": True,
+              "OVERLAP": False}
     fp32 = {"DQ": "*fp32"} if kernel == "gluon_bwd_dq" else {"DK": "*fp32", "DV": "*fp32"}
     _check(compile_sm90(getattr(_kernels(64, False), kernel), consts, "bf16", fp32, ints=dict(NPH=1, T=1, B=1, H=1)))
 

@@ -175,6 +175,7 @@ def _record_gluon_launches(low, monkeypatch, tl_calls):
             def __getitem__(self, grid):
                 def launch(*a, **kw):
                     kw.pop("launch_cooperative_grid", None)
+                    kw.pop("launch_pdl", None)
                     launches.append((name, inspect.signature(kernel.fn).bind(*a, **kw)))
                 return launch
         rec = Recorder()
@@ -227,6 +228,7 @@ def test_gluon_gqa_wiring_without_gpu(monkeypatch):
         assert a["GQA"] == 3 and a["K"] is k and a["V"] is v and a["H"] == H
         assert a["stride_b"] == N * H * D and a["stride_kb"] == N * Hkv * D
     assert a2["DK"] is dk and a2["DV"] is dv and dk.shape == dv.shape == k.shape
+    assert a1["OVERLAP"] is a2["OVERLAP"] is True and a1["BAR"] is a2["BAR"]   # [Note: overlap]
     table = kv_tile_table(low.plan, gluon_hopper.BWD_BLOCK, gluon_hopper.BWD_STEP, 3)
     assert sorted(set(table[:, 0].tolist())) == [0, 3]   # the first query head of each kv head
     heads = kv_tile_heads(low.plan, table, 3)
@@ -235,6 +237,7 @@ def test_gluon_gqa_wiring_without_gpu(monkeypatch):
     assert a2["ZFILL"] is True   # the kv heads' tiles cover every row of dK and dV
     text = low.source()
     assert "gluon_bwd_dq and gluon_bwd_dkdv run instead of dilated_bwd_dq and dilated_bwd_dkdv" in text
+    assert "gluon_bwd_dkdv starts on the SMs that gluon_bwd_dq's last wave leaves idle" in text
 
     # three kv heads of 6 query heads: kv head 1 (query heads 2, 3) spans both branches, so dK and dV of its rows add
     # over tiles of two branches: dk/dv runs a phase per branch (SPLIT), adding into float32, then cast
@@ -250,6 +253,7 @@ def test_gluon_gqa_wiring_without_gpu(monkeypatch):
     a1, a2 = (b.arguments for _, b in launches)
     assert a1["GQA"] == a2["GQA"] == 2 and a1["PHASED"] is False and a1["DQ"] is dq
     assert a2["PHASED"] is True and a2["ACC"] == 1 and a2["SPLIT"] is True and a2["NPH"] == 2
+    assert "OVERLAP" not in a1 and "OVERLAP" not in a2   # a phased dk/dv launch overlaps nothing
     assert a2["HEAD_END"].tolist() == [3, 6, 0, 0] and a2["ZFILL"] is False
     assert a2["DK"].dtype == torch.float32 and a2["DK"].shape == k.shape and dk.dtype == torch.bfloat16
     # the phases: branch 0's tiles (kv heads 0 and 1: first query heads 0 and 2), then branch 1's (kv heads 1, 2:
@@ -331,7 +335,7 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                options = {k: kwargs.pop(k) for k in ("launch_cooperative_grid",) if k in kwargs}
+                options = {k: kwargs.pop(k) for k in ("launch_cooperative_grid", "launch_pdl") if k in kwargs}
                 bound = inspect.signature(self.kernel.fn).bind(*args, **kwargs)
                 bound.arguments["launch options"] = options
                 launches.append((self.name, grid, bound))
@@ -387,8 +391,21 @@ def test_gluon_launch_wiring_without_gpu(monkeypatch):
         assert math.isclose(a["sm_scale"], D ** -0.5, rel_tol=1e-6)
         assert a["HEAD_DIM"] == D and a["ZFILL"] is True and a["CONSUMER_REGS"] == regs and a["STAGES"] == stages
         assert a["CAUSAL"] is False and a["ACC"] == 0 and a["PHASED"] is False and a["NPH"] == 1
-        assert a["launch options"] == {}
+        assert a["OVERLAP"] is True
     assert (a1["BLOCK_M"], a1["BLOCK_N"]) == (a2["BLOCK_N"], a2["BLOCK_M"]) == (128, 64)
+    # [Note: overlap]: dk/dv is launched to overlap dq's last wave, waiting on a zeroed counter for the arrivals of
+    # dq's 2 consumers per program (5 programs per batch index here)
+    assert a1["launch options"] == {} and a2["launch options"] == {"launch_pdl": True}
+    assert a1["BAR"] is a2["BAR"] and a1["BAR"].dtype == torch.int32 and a1["BAR"].tolist() == [0]
+    assert a2["DQ_ARRIVALS"] == 2 * 5 * B
+    # with the overlap off, the two launches run one after the other
+    monkeypatch.setattr(gluon_hopper, "BWD_OVERLAP", False)
+    launches.clear()
+    low.backward(dout, dlse, q, k, v, out, lse, aux)
+    (_, _, b1), (_, _, b2) = launches
+    assert "OVERLAP" not in b1.arguments and "OVERLAP" not in b2.arguments
+    assert b2.arguments["launch options"] == {}
+    monkeypatch.setattr(gluon_hopper, "BWD_OVERLAP", True)
     launches.clear()
     low.backward(dout, None, q, k, v, out, lse, aux)
     assert launches[0][2].arguments["HAS_DLSE"] is False
@@ -1400,6 +1417,37 @@ def test_tensor_descriptors_need_16_byte_rows(monkeypatch):
     assert not low._tma(x)
 
 
+def test_scratch_kept_until_the_block_ends():
+    """[Note: overlap]: Triton's scratch allocations (the Gluon kernels' tensor descriptors) made while dk/dv may
+    overlap dq stay referenced until both are launched, through whatever allocator was set; the allocator is
+    restored after the block, also when the block raises."""
+    import gc
+    import weakref
+    allocation = pytest.importorskip("triton.runtime._allocation")
+    from dilated_compiler.lowering.triton import lowering as triton_lowering
+    made = []
+
+    def users(size, alignment, stream):
+        made.append((size, alignment))
+        return torch.empty(size, dtype=torch.int8)
+    token = allocation._allocator.set(users)
+    try:
+        with triton_lowering._scratch_kept() as kept:
+            assert kept
+            ref = weakref.ref(allocation._allocator.get()(256, 128, None))
+            gc.collect()
+            assert ref() is not None, "a scratch buffer was freed inside the block"
+        gc.collect()
+        assert ref() is None, "a scratch buffer outlived the block"
+        assert made == [(256, 128)] and allocation._allocator.get() is users
+        with pytest.raises(RuntimeError, match="inside"):
+            with triton_lowering._scratch_kept():
+                raise RuntimeError("inside")
+        assert allocation._allocator.get() is users
+    finally:
+        allocation._allocator.reset(token)
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------------
 
 GPU_PATTERNS = {
@@ -1461,6 +1509,47 @@ def test_gpu_gluon_kernels(dtype, N, batch, causal, head_dim, poisoned, monkeypa
     check_against_reference(attn, spec, q, k, v)
     expected = [(batch, N, 8, head_dim)] if N % 2048 == 0 else []
     assert calls == {"fwd": expected, "dq": expected, "dkdv": expected}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("causal,dtype,head_dim,batch,kv_heads,dlse", [
+    (False, torch.bfloat16, 128, 1, None, False), (True, torch.bfloat16, 128, 2, None, True),
+    (False, torch.float16, 64, 2, 8, True), (True, torch.float16, 64, 1, 4, False)])
+def test_gpu_overlapped_backward(causal, dtype, head_dim, batch, kv_heads, dlse, poisoned, monkeypatch):
+    """[Note: overlap]: in grouped mode gluon_bwd_dkdv is launched to overlap gluon_bwd_dq's last wave (480 tiles a
+    pass here: 3.6 waves on 132 SMs), waiting on a counter for every delta. Its gradients are bitwise those of the
+    two launches one after the other (gluon_hopper.BWD_OVERLAP off), and the module's match the reference; the
+    grouped-query case (a kv head's query heads in one branch) overlaps too. Outputs start as NaN."""
+    import triton
+    from dilated_compiler.lowering.triton import gluon_hopper
+    from dilated_compiler.lowering.triton.lowering import TritonLowering
+    from dilated_compiler.planner import build_plan
+    if torch.cuda.get_device_capability() != (9, 0) or not triton.__version__.startswith(gluon_hopper.CHECKED_TRITON):
+        pytest.skip("the Gluon kernels run on compute capability 9.0 with the checked triton only")
+    overlaps = []
+    launch = poisoned.TritonLowering._launch_gluon_dkdv
+    monkeypatch.setattr(poisoned.TritonLowering, "_launch_gluon_dkdv",
+                        lambda self, *a, **kw: overlaps.append(kw.get("overlap") is not None) or launch(self, *a, **kw))
+    spec = AttentionSpec((Branch(256, 1), Branch(512, 2, offset=1), Branch(1024, 4), Branch(2048, 8)), causal=causal)
+    N, H = 8192, 16
+    low = TritonLowering(build_plan(spec, N, H, head_dim, kv_heads=kv_heads), torch.device("cuda"), dtype)
+    q, k, v = make_qkv(batch, N, H, head_dim, dtype=dtype, device="cuda", kv_heads=kv_heads)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dout = torch.randn(q.shape, dtype=dtype, device="cuda", generator=g)
+    out, lse, aux = low.forward(q, k, v)
+    dl = torch.randn(lse.shape, device="cuda", generator=g) if dlse else None
+    grads = {}
+    for on in (False, True):
+        monkeypatch.setattr(gluon_hopper, "BWD_OVERLAP", on)
+        grads[on] = low.backward(dout, dl, q, k, v, out, lse, aux)
+        torch.cuda.synchronize()
+    assert overlaps == [False, True]
+    for name, a, b in zip(("dq", "dk", "dv"), grads[True], grads[False]):
+        assert torch.equal(a, b), f"{name} differs between the overlapped and the serial launches"
+    attn = compile_attention(spec, backend="triton")
+    check_against_reference(attn, spec, *(t.requires_grad_() for t in (q, k, v)))
+    assert overlaps == [False, True, True]
 
 
 @pytest.mark.gpu

@@ -30,6 +30,7 @@ _SCALARS = {"T": "i32", "B": "i32", "N": "i32", "H": "i32", "qk_scale": "fp32", 
             "stride_b": "i64", "stride_og": "i64", "stride_lg": "i64", "stride_lb": "i32", "stride_lh": "i32",
             "stride_ld": "i32", "TABLE": "*i32", "RB": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32",
             "LD": "*fp32", "PHASES": "*i32", "NPH": "i32", "BAR": "*i32", "SEL": "*u8", "HEAD_END": "*i32",
+            "DQ_ARRIVALS": "i32",
             # the tl kernels' (generator.py), besides those above
             "KPM": "*u8", "AUX": "*fp32", "R": "i32"}
 _OPTIONS = ("num_warps", "num_stages", "maxnreg")  # compiler options among the launch arguments
@@ -196,7 +197,8 @@ def summarize(compiled) -> SassSummary:
 
 def launch_constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool = False) -> dict:
     """The constexprs the lowering launches Gluon ``kernel`` (gluon_fwd, gluon_bwd_dq, gluon_bwd_dkdv) with, in
-    grouped mode (zero fill on; "all" mode changes MERGE, ACC, ZFILL and PHASED)."""
+    grouped mode (zero fill on, the backward's launches overlapping as ``gluon_hopper.BWD_OVERLAP`` says; "all" mode
+    changes MERGE, ACC, ZFILL and PHASED, and overlaps nothing)."""
     from . import gluon_hopper as g
     if kernel == "gluon_fwd":
         return dict(HEAD_DIM=head_dim, BLOCK_M=g.BLOCK_M, BLOCK_N=g.BLOCK_N, STAGES=g.FWD_STAGES[head_dim],
@@ -204,8 +206,9 @@ def launch_constexprs(kernel: str, head_dim: int, causal: bool, has_dlse: bool =
     if kernel == "gluon_bwd_dq":
         return dict(HEAD_DIM=head_dim, BLOCK_M=g.BWD_BLOCK, BLOCK_N=g.BWD_STEP, STAGES=g.DQ_STAGES[head_dim],
                     ZFILL=True, HAS_DLSE=has_dlse, CAUSAL=causal, CONSUMER_REGS=g.DQ_CONSUMER_REGS, num_warps=4,
-                    ACC=0, PHASED=False)
+                    ACC=0, PHASED=False, OVERLAP=g.BWD_OVERLAP)
     if kernel == "gluon_bwd_dkdv":
         return dict(HEAD_DIM=head_dim, BLOCK_N=g.BWD_BLOCK, BLOCK_M=g.BWD_STEP, STAGES=g.DKDV_STAGES[head_dim],
-                    ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, ACC=0, PHASED=False)
+                    ZFILL=True, CAUSAL=causal, CONSUMER_REGS=g.DKDV_CONSUMER_REGS, num_warps=4, ACC=0, PHASED=False,
+                    OVERLAP=g.BWD_OVERLAP)
     raise ValueError(f"unknown Gluon kernel {kernel!r}; allowed: gluon_fwd, gluon_bwd_dq, gluon_bwd_dkdv")

@@ -19,7 +19,9 @@ and then ``gluon_bwd_dkdv`` (persistent over 128-row key tiles, each consumer ow
 query rows at a time with transposed products, as FA3 does). With grouped-query attention a dk/dv tile belongs to
 a kv head and walks, one after another, the query heads that read its rows (the lowering's table, from
 ``tables.kv_tile_table``), so dK and dV are each written once, as without it; where grouped mode splits a kv head's
-query heads between branches, the dk/dv launch runs a phase per branch adding into float32 buffers (SPLIT).
+query heads between branches, the dk/dv launch runs a phase per branch adding into float32 buffers (SPLIT). Otherwise
+in grouped mode the dk/dv launch starts on the SMs that the dq launch's last wave leaves idle (programmatic dependent
+launch, waiting on a counter for dq's delta: [Note: overlap]; :data:`BWD_OVERLAP`).
 
 In "all" mode (every head in every branch) the forward writes each branch's out and lse (MERGE) for the
 lowering's ``dilated_merge``. That mode's backward runs each backward kernel once, over every branch's tiles in
@@ -72,6 +74,10 @@ ALL_MODE_FINAL_PHASE = True
 # (four-branch N = 64K, bf16, 16 query heads, D = 128; benchmarks/experiments/gluon_gqa_bwd_experiment.py), fwd+bwd
 # with 2 kv heads 5.114 -> 3.767 ms, 1 kv head 5.076 -> 3.692; causal 3.455 -> 2.509, 3.410 -> 2.344
 SPLIT_BACKWARD = True
+# grouped mode's backward: gluon_bwd_dkdv launched with programmatic dependent launch, its programs starting on the SMs
+# that gluon_bwd_dq's last wave leaves idle ([Note: overlap] in the kernels; the lowering's _scratch_kept). Off: dk/dv
+# starts once dq has ended. benchmarks/experiments/bwd_overlap_experiment.py times both
+BWD_OVERLAP = True
 
 
 def spec_reason(spec, *, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> str | None:
@@ -342,6 +348,21 @@ def _grid_wait(BAR, target):
     n = gl.atomic_add(BAR, 0, sem="acquire")
     while n < target:
         n = gl.atomic_add(BAR, 0, sem="acquire")
+
+
+@gluon.jit
+def _launch_dependents(x):
+    # [Note: overlap] programmatic dependent launch: the next launch in the stream, if launched with launch_pdl,
+    # may take the SMs this grid frees from now on. It orders no memory: dk/dv waits for delta on BAR
+    return gl.inline_asm_elementwise("griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;", "=r,r", [x],
+                                     dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _wait_prerequisite(x):
+    # [Note: overlap] until the grid this one overlaps (dq) has completed and its writes are visible
+    return gl.inline_asm_elementwise("griddepcontrol.wait;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=gl.int32,
+                                     is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -643,6 +664,13 @@ def gluon_fwd(Q, K, V, OUT, LSE, TABLE, RB, T, B, N, H, qk_scale, stride_b, stri
 #                     arrives after its last write of a phase). Only the writes wait: a program computes its first
 #                     tile of the next phase meanwhile. The spin-waits need every program resident: the lowering
 #                     launches PHASED grids cooperatively (launch_cooperative_grid), at most one program per SM
+#   OVERLAP           [Note: overlap] grouped mode, not PHASED: dk/dv starts on the SMs that dq's last wave leaves
+#                     idle. dq signals launch_dependents as it starts; each dq consumer, once it has stored the
+#                     delta of its last tile, arrives on BAR (a zeroed counter); the lowering launches dk/dv with
+#                     launch_pdl, and each dk/dv program waits until DQ_ARRIVALS (2 per dq program) have arrived
+#                     before its warps start, and for dq's whole grid (griddepcontrol.wait) before it ends, so
+#                     that anything after dk/dv in the stream also comes after dq. No dq program waits on dk/dv,
+#                     and every dq program is running before any dk/dv program can start, so the wait ends
 
 
 @gluon.jit
@@ -686,7 +714,7 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, DQF, SEL, N, OUT, LSE, DELTA, DLSE, TAB
                  qk_scale, sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem, dq_smem,
                  t_ready, t_empty, kv_ready, kv_empty, WG: gl.constexpr, HEAD_DIM: gl.constexpr, HALF: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_DLSE: gl.constexpr, CAUSAL: gl.constexpr,
-                 ACC: gl.constexpr, PHASED: gl.constexpr):
+                 ACC: gl.constexpr, PHASED: gl.constexpr, OVERLAP: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     # S, dP: (HALF queries, BLOCK_N keys); dQ: (HALF queries, HEAD_DIM)
     s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -735,6 +763,9 @@ def _dq_consumer(dq0, dq1, dq2, dq3, DQ, DQF, SEL, N, OUT, LSE, DELTA, DLSE, TAB
             if HAS_DLSE:
                 delta = delta - gl.load(DLSE + offs)
             gl.store(DELTA + offs, delta)
+            if OVERLAP:
+                if i == n_mine - 1:
+                    _grid_arrive(BAR)
             dq = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=acc_l)
             for j in range(n_k):
                 g = c + j
@@ -777,8 +808,11 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
                  stride_b, stride_lb, stride_lh, stride_kb, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, HAS_DLSE: gl.constexpr,
                  CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr,
-                 PHASED: gl.constexpr, DQF=None, SEL=None, GQA: gl.constexpr = 1):
-    # DQF, SEL: ACC 3 and 4 only (_final_rows). GQA > 1: K and V have H // GQA heads, batch stride stride_kb
+                 PHASED: gl.constexpr, DQF=None, SEL=None, GQA: gl.constexpr = 1, OVERLAP: gl.constexpr = False):
+    # DQF, SEL: ACC 3 and 4 only (_final_rows). GQA > 1: K and V have H // GQA heads, batch stride stride_kb.
+    # OVERLAP: [Note: overlap]
+    if OVERLAP:
+        _launch_dependents(T)
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -815,11 +849,11 @@ def gluon_bwd_dq(Q, K, V, DO, OUT, DQ, LSE, DELTA, DLSE, TABLE, RB, T, B, N, H, 
         (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, DQF, SEL, N, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH,
                         BAR, qk_scale, sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem,
                         dq_smem, t_ready, t_empty, kv_ready, kv_empty, 0, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE,
-                        CAUSAL, ACC, PHASED)),
+                        CAUSAL, ACC, PHASED, OVERLAP)),
         (_dq_consumer, (dq0, dq1, dq2, dq3, DQ, DQF, SEL, N, OUT, LSE, DELTA, DLSE, TABLE, RB, T, B, H, PHASES, NPH,
                         BAR, qk_scale, sm_scale, stride_b, stride_lb, stride_lh, q_smem, do_smem, k_smem, v_smem,
                         dq_smem, t_ready, t_empty, kv_ready, kv_empty, 1, HEAD_DIM, HALF, BLOCK_N, STAGES, HAS_DLSE,
-                        CAUSAL, ACC, PHASED)),
+                        CAUSAL, ACC, PHASED, OVERLAP)),
         (_dq_producer, (q0, q1, q2, q3, do0, do1, do2, do3, k0, k1, k2, k3, v0, v1, v2, v3, dq0, dq1, dq2, dq3, TABLE,
                         RB, T, B, H, PHASES, NPH, q_smem, do_smem, k_smem, v_smem, z_smem, t_ready, t_empty, kv_ready,
                         kv_empty, BLOCK_N, STAGES, ZFILL, CAUSAL, PHASED, GQA)),
@@ -1013,13 +1047,14 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, PHASES, NPH, 
                    stride_ld, stride_lb, stride_lh, stride_kb, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                    BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ZFILL: gl.constexpr, CAUSAL: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr, ACC: gl.constexpr, PHASED: gl.constexpr,
-                   DKF=None, DVF=None, SEL=None, GQA: gl.constexpr = 1, HEAD_END=None, SPLIT: gl.constexpr = False):
+                   DKF=None, DVF=None, SEL=None, GQA: gl.constexpr = 1, HEAD_END=None, SPLIT: gl.constexpr = False,
+                   DQ_ARRIVALS=0, OVERLAP: gl.constexpr = False):
     # LD: lse at LD[b, h, n], delta at LD[stride_ld + b, h, n] (one (2, B, H, N) buffer). DKF, DVF, SEL: ACC 3
     # and 4 only (_final_rows). GQA > 1: K, V, DK, DV (and DKF, DVF, SEL) have H // GQA heads, batch stride
     # stride_kb, and TABLE is the lowering's key table for it (a row per key tile of a kv head and a set of its
     # query heads, _query_heads; its head column the set's first query head). SPLIT (grouped mode, PHASED, ACC 1):
     # a kv head's query heads span branches, a phase per branch adds each branch's share; HEAD_END[branch] is
-    # the end of the branch's query heads
+    # the end of the branch's query heads. OVERLAP: [Note: overlap], DQ_ARRIVALS the dq consumers' arrivals on BAR
     dtype: gl.constexpr = Q.dtype.element_ty
     HALF: gl.constexpr = BLOCK_N // 2
     q0, q1, q2, q3 = _branch_descs(Q, RB, B, N, H, stride_b, BLOCK_M, HEAD_DIM)
@@ -1060,6 +1095,8 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, PHASES, NPH, 
     for st in gl.static_range(STAGES):
         mbarrier.init(qd_ready.index(st), count=2 + 4 * 32)
         mbarrier.init(qd_empty.index(st), count=2)
+    if OVERLAP:
+        _grid_wait(BAR, DQ_ARRIVALS)   # every delta written and visible; the producer's copies come after this
     gl.warp_specialize([
         (_dkdv_consumer, (dk0, dk1, dk2, dk3, dv0, dv1, dv2, dv3, DK, DV, DKF, DVF, SEL, N, skb, TABLE, RB, T,
                           B, H, PHASES, NPH, BAR, qk_scale, sm_scale, k_smem, v_smem, q_smem, do_smem, ld_smem,
@@ -1074,4 +1111,6 @@ def gluon_bwd_dkdv(Q, K, V, DO, DK, DV, LD, TABLE, RB, T, B, N, H, PHASES, NPH, 
                           v_smem, q_smem, do_smem, ld_smem, z_smem, kv_ready, kv_empty, qd_ready, qd_empty, BLOCK_M,
                           HALF, STAGES, ZFILL, CAUSAL, PHASED, GQA, HEAD_END, SPLIT)),
     ], [4, 4], [CONSUMER_REGS, 512 - 2 * CONSUMER_REGS])
+    if OVERLAP:
+        _wait_prerequisite(T)
 '''

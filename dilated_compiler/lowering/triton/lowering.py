@@ -102,6 +102,32 @@ def _ensure_allocator() -> None:
     triton.set_allocator(_scratch)
 
 
+@contextlib.contextmanager
+def _scratch_kept():
+    """Yields whether Triton's scratch allocations made inside the block (the Gluon kernels' tensor descriptors, read
+    by their copies for as long as the kernel runs) stay referenced until the block ends. Where a launch may overlap
+    the one before it ([Note: overlap]), the caching allocator must not hand that launch's scratch to the next one
+    in the stream before both have run. Yields False (nothing kept) where Triton has no allocator hook."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+    except ImportError:
+        yield False
+        return
+    inner = _allocator.get()
+    inner = _scratch if isinstance(inner, NullAllocator) else inner
+    kept = []
+
+    def keep(size: int, alignment: int, stream):
+        buf = inner(size, alignment, stream)
+        kept.append(buf)
+        return buf
+    token = _allocator.set(keep)
+    try:
+        yield True
+    finally:
+        _allocator.reset(token)
+
+
 @functools.lru_cache(maxsize=None)
 def _tma_supported(device: torch.device) -> bool:
     if device.type == "cpu":
@@ -348,35 +374,49 @@ class TritonLowering:
                 {"launch_cooperative_grid": True})
 
     def _launch_gluon_dq(self, q, k, v, dout, out, dq, lse, delta, dlse, zfill,
-                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, phased=None, dq_final=None):
+                         consumer_regs=gluon_hopper.DQ_CONSUMER_REGS, stages=None, phased=None, dq_final=None,
+                         overlap=None) -> int:
         """``phased`` given ("all" mode, :meth:`_all_mode_phases`): one launch over every branch's tiles, a phase
         per branch in its order, into ``dq`` (float32) as its ACC says; ACC 3 and 4 write the results to
-        ``dq_final``."""
+        ``dq_final``. ``overlap`` (grouped mode only): a zeroed int32 counter on which the launch lets a dk/dv
+        launch overlap its last wave ([Note: overlap]). Returns the arrivals that dk/dv waits for on the counter
+        (0 where nothing was launched)."""
         table, grid, dilations, phases, nph, bar, acc, sel, options = self._backward_launch("q", q, phased)
         if acc >= 3:
             options = {**options, "DQF": dq_final, "SEL": sel}
+        if overlap is not None:
+            if phased is not None:
+                raise ValueError("overlap is for grouped mode's launches, not phased ones")
+            bar, options = overlap, {**options, "OVERLAP": True}
         if table.shape[0] == 0:
-            return
+            return 0
         B, N, H, D = q.shape
-        return self.gluon_kernels.gluon_bwd_dq[grid](
+        self.gluon_kernels.gluon_bwd_dq[grid](
             q, k, v, dout, out, dq, lse, delta, dlse if dlse is not None else lse, table, dilations, table.shape[0],
             B, N, H, phases, nph, bar, self.scale * math.log2(math.e), self.scale, q.stride(0), lse.stride(0),
             lse.stride(1), k.stride(0), HEAD_DIM=D, BLOCK_M=gluon_hopper.BWD_BLOCK, BLOCK_N=gluon_hopper.BWD_STEP,
             STAGES=stages or gluon_hopper.DQ_STAGES[D], ZFILL=zfill,
             HAS_DLSE=dlse is not None, CAUSAL=self.causal, CONSUMER_REGS=consumer_regs, num_warps=4,
             ACC=acc, PHASED=phased is not None, GQA=self.gqa, **options)
+        return 2 * grid[0] * grid[1]  # each program's two consumers
 
     def _launch_gluon_dkdv(self, q, k, v, dout, dk, dv, ld, zfill, consumer_regs=gluon_hopper.DKDV_CONSUMER_REGS,
-                           stages=None, phased=None, dk_final=None, dv_final=None):
+                           stages=None, phased=None, dk_final=None, dv_final=None, overlap=None):
         """``ld``: lse and delta in one (2, B, H, N) buffer. ``phased``: as for :meth:`_launch_gluon_dq`, into
         ``dk`` and ``dv`` (and ``dk_final``, ``dv_final``); in grouped mode where a kv head's query heads span
         branches (:meth:`_split_groups`), a phase per branch adding into float32 ``dk`` and ``dv`` (ACC 1, SPLIT).
-        Tiles of kv heads (:func:`kv_tile_table`)."""
+        Tiles of kv heads (:func:`kv_tile_table`). ``overlap`` (grouped mode only): (counter, arrivals) from the dq
+        launch just before, which this one overlaps ([Note: overlap])."""
         table, grid, dilations, phases, nph, bar, acc, sel, options = self._backward_launch("kv", q, phased)
         if acc >= 3:
             options = {**options, "DKF": dk_final, "DVF": dv_final, "SEL": sel}
         if phased is not None and self._split_groups():
             options = {**options, "HEAD_END": self._head_ends(q.device), "SPLIT": True}
+        if overlap is not None:
+            if phased is not None:
+                raise ValueError("overlap is for grouped mode's launches, not phased ones")
+            bar, arrivals = overlap
+            options = {**options, "OVERLAP": True, "DQ_ARRIVALS": arrivals, "launch_pdl": True}
         if table.shape[0] == 0:
             return
         B, N, H, D = q.shape
@@ -607,8 +647,8 @@ class TritonLowering:
             # written in full where the tiles' spans cover every row (zero fill), else into zeros
             zfill_q = self._zfill("q", _GLUON_BWD_TILES, q.device)
             dq = (_uninitialized if zfill_q else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)
-            self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, zfill_q)
             if self._split_groups():
+                self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, zfill_q)
                 # a kv head's query heads in several branches: a phase per branch adds its share into float32
                 dk, dv = (torch.zeros(k.shape, dtype=torch.float32, device=q.device) for _ in range(2))
                 order = [(i, False) for i in range(self.spec.num_branches)]
@@ -617,7 +657,15 @@ class TritonLowering:
             zfill_kv = self._zfill("kv", _GLUON_BWD_TILES, q.device)
             dk = (_uninitialized if zfill_kv else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
             dv = (_uninitialized if zfill_kv else torch.zeros)(k.shape, dtype=k.dtype, device=q.device)
-            self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, zfill_kv)
+            with _scratch_kept() as kept:
+                # [Note: overlap] dk/dv starts on the SMs that dq's last wave leaves idle: the two launches follow
+                # each other in the stream, with nothing between them
+                counter = (torch.zeros(1, dtype=torch.int32, device=q.device)
+                           if kept and gluon_hopper.BWD_OVERLAP else None)
+                arrivals = self._launch_gluon_dq(q, k, v, dout, out, dq, ld[0], ld[1], dlse, zfill_q,
+                                                 overlap=counter)
+                self._launch_gluon_dkdv(q, k, v, dout, dk, dv, ld, zfill_kv,
+                                        overlap=(counter, arrivals) if counter is not None and arrivals else None)
             return dq, dk, dv
         delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
         atomic_q = self.merge
@@ -689,6 +737,9 @@ class TritonLowering:
                     backward = (f"; the backward runs dilated_bwd_dq and dilated_bwd_dkdv "
                                 f"({whole_groups_reason(self.plan, self.gqa)}, and gluon_bwd_dkdv's phased form for "
                                 "that is off: gluon_hopper.SPLIT_BACKWARD)")
+                elif gluon_hopper.BWD_OVERLAP:
+                    backward += ("; gluon_bwd_dkdv starts on the SMs that gluon_bwd_dq's last wave leaves idle "
+                                 "(programmatic dependent launch, waiting for dq's delta: [Note: overlap])")
             lines.append(f"#   on a Hopper GPU (compute capability 9.0, triton {gluon_hopper.CHECKED_TRITON[0]}x), "
                          f"when N is a multiple of every dilation, every segment's selected rows a multiple of "
                          f"{gluon_hopper.BLOCK_N}, q, k and v start on 16 bytes and no key padding mask is given, "
