@@ -5,7 +5,8 @@
 #
 #   bash scripts/gpu_tests.sh PART [pytest args...]    PART: gluon | random | main | long | all
 #
-# gluon:  the Hopper (Gluon) kernels: grouped, "all" mode's phased backward, grouped-query forward (about 4 minutes, H200)
+# gluon:  the Hopper (Gluon) kernels: grouped, the overlapped backward, "all" mode's phased backward, grouped-query
+#         attention (about 4 minutes, H200)
 # random: hypothesis over random specs (tl and Gluon kernels), head_dims, every autotuning candidate, autotuning on
 # main:   the rest of the Triton lowering's GPU tests, the torch lowering on CUDA, the nn layer on "auto"
 # long:   a tensor past 2^31 elements, CUDA-graph capture, torch.compile
@@ -16,7 +17,7 @@ PY=${PYTHON:-python}
 LIMIT=${LIMIT:-560}
 part=${1:?"PART: gluon | random | main | long | all"}
 shift
-gluon="gluon_kernels or gluon_all_mode_backward or gluon_gqa"
+gluon="gluon_kernels or gluon_all_mode_backward or gluon_gqa or overlapped"
 random="random or head_dims or every_tile_candidate or autotune_on"
 long="past_int32 or cuda_graph or torch_compile"
 case "$part" in

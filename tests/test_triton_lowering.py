@@ -1519,8 +1519,11 @@ def test_gpu_gluon_kernels(dtype, N, batch, causal, head_dim, poisoned, monkeypa
 def test_gpu_overlapped_backward(causal, dtype, head_dim, batch, kv_heads, dlse, poisoned, monkeypatch):
     """[Note: overlap]: in grouped mode gluon_bwd_dkdv is launched to overlap gluon_bwd_dq's last wave (480 tiles a
     pass here: 3.6 waves on 132 SMs), waiting on a counter for every delta. Its gradients are bitwise those of the
-    two launches one after the other (gluon_hopper.BWD_OVERLAP off), and the module's match the reference; the
-    grouped-query case (a kv head's query heads in one branch) overlaps too. Outputs start as NaN."""
+    two launches one after the other (gluon_hopper.BWD_OVERLAP off); the grouped-query case (a kv head's query heads
+    in one branch) overlaps too. Outputs start as NaN. Against the reference: the Gluon tests above and below run
+    the overlapped backward (on by default) at N = 4096, where dq's grid is below the SM count and the dk/dv
+    programs start at once and wait on the counter; a float64 reference at this size takes about 40 s a case on a
+    GPU machine's host (stop 49)."""
     import triton
     from dilated_compiler.lowering.triton import gluon_hopper
     from dilated_compiler.lowering.triton.lowering import TritonLowering
@@ -1546,10 +1549,8 @@ def test_gpu_overlapped_backward(causal, dtype, head_dim, batch, kv_heads, dlse,
         torch.cuda.synchronize()
     assert overlaps == [False, True]
     for name, a, b in zip(("dq", "dk", "dv"), grads[True], grads[False]):
+        assert not a.isnan().any(), f"{name}: rows left unwritten"
         assert torch.equal(a, b), f"{name} differs between the overlapped and the serial launches"
-    attn = compile_attention(spec, backend="triton")
-    check_against_reference(attn, spec, *(t.requires_grad_() for t in (q, k, v)))
-    assert overlaps == [False, True, True]
 
 
 @pytest.mark.gpu

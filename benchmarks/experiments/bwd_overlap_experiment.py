@@ -21,6 +21,19 @@ form's median and the median of the rounds' ratios serial / lowering (above 1: t
 
 ``power_ab.py --experiment bwd_overlap_experiment --forms 0,1`` times the forms' 64K step as the target rounds do
 (from a cool GPU, or ``--sustained``).
+
+Answer (stop 49, H100, 4 rounds; benchmarks/results/H100-triton.md): yes, adopted (``BWD_OVERLAP`` on). The gradients
+were bitwise equal in all four cases, and the overlapped backward was faster in every round of every case:
+
+| N | causal | bwd: overlapped | serial | ratio | fwd+bwd: overlapped | serial | ratio |
+|---|---|---|---|---|---|---|---|
+| 16384 | no | 0.753 ms | 0.804 | 1.068x | 1.017 ms | 1.058 | 1.034x |
+| 16384 | yes | 0.471 | 0.496 | 1.052x | 0.641 | 0.668 | 1.039x |
+| 65536 | no | 2.824 | 2.906 | 1.027x | 3.734 | 3.983 | 1.057x |
+| 65536 | yes | 1.711 | 1.733 | 1.008x | 2.295 | 2.339 | 1.019x |
+
+The 64K fwd+bwd ratio is the noisiest (the serial form's rounds spread 3.78-4.25 ms); its backward's 82 us is about
+twice the estimate of one dq tile time (41 us), as the launch gap between the two kernels goes too.
 """
 
 from __future__ import annotations
