@@ -32,8 +32,8 @@ were bitwise equal in all four cases, and the overlapped backward was faster in 
 | 65536 | no | 2.824 | 2.906 | 1.027x | 3.734 | 3.983 | 1.057x |
 | 65536 | yes | 1.711 | 1.733 | 1.008x | 2.295 | 2.339 | 1.019x |
 
-The 64K fwd+bwd ratio is the noisiest (the serial form's rounds spread 3.78-4.25 ms); its backward's 82 us is about
-twice the estimate of one dq tile time (41 us), as the launch gap between the two kernels goes too.
+The 64K fwd+bwd ratio is the noisiest (the serial form's rounds spread 3.78-4.25 ms). The 64K backward's 82 us is
+about twice the estimate of one dq tile time (41 us); where the rest comes from was not measured.
 """
 
 from __future__ import annotations
